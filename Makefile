@@ -1,0 +1,57 @@
+# ClassLens: the two commands are `make run` and `make test` (see README.md).
+# Both create .venv and install what they need on a machine with only Python.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Everything from one pip command, under one constraints file that pins torch
+# (ENVIRONMENT.md: an unpinned torch pulls a multi-GB CUDA build).
+EXTRAS ?= api,worker,dev
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+DEBIAN_PACKAGES := redis-server dataset-fashion-mnist
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: run test lint typecheck pytest system-deps demo-models samples clean
+
+run: $(VENV)/.installed
+	$(BIN)/classlens models list
+	$(BIN)/classlens models verify
+
+test: system-deps $(VENV)/.installed lint pytest
+
+pytest: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e ".[$(EXTRAS)]"
+	touch $@
+
+# Debian packages the tests need: installed when we are root with apt-get,
+# otherwise a clear message of what to install (and the tests fail loudly).
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	test -f $(FASHION_MNIST) || missing="$$missing dataset-fashion-mnist"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else \
+		echo "missing Debian packages:$$missing; install them with: sudo apt-get install$$missing" >&2; exit 1; \
+	fi
+
+# Retrain the bundled demo models (about 45 minutes on 2 CPU cores; see README).
+demo-models: system-deps $(VENV)/.installed
+	$(BIN)/python -m model_store.recipes.fashion_mnist
+
+samples: system-deps $(VENV)/.installed
+	$(BIN)/python -m model_store.recipes.fashion_mnist --samples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""Checksums of model artifacts: nothing is loaded unless its size and sha256 match.
+
+Size is compared first (free) so a truncated or swapped file fails fast; the
+sha256 is streamed in 1 MiB blocks so large weights do not sit in memory twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from model_store.manifest import Artifact
+
+_BLOCK = 1 << 20
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing or differs from its manifest entry."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(path: Path, file_format: str, **details: object) -> Artifact:
+    """An :class:`Artifact` entry for a file as it is now (for writing manifests)."""
+    return Artifact(
+        file=path.name, format=file_format, sha256=sha256_of(path), size=path.stat().st_size, details=details
+    )
+
+
+def verified_path(folder: Path, artifact: Artifact) -> Path:
+    """Return the artifact's path after checking it; raise :class:`ArtifactError` if it differs."""
+    path = folder / artifact.file
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact missing")
+    size = path.stat().st_size
+    if size != artifact.size:
+        raise ArtifactError(f"{path}: size {size} bytes, manifest says {artifact.size}; refusing to load it")
+    digest = sha256_of(path)
+    if digest != artifact.sha256:
+        raise ArtifactError(f"{path}: sha256 {digest}, manifest says {artifact.sha256}; refusing to load it")
+    return path

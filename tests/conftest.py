@@ -1,0 +1,28 @@
+"""Shared fixtures. Importing :mod:`worker` applies the torchvision compatibility step before timm."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import worker  # noqa: F401  (torchvision compatibility before any timm import)
+from model_store.catalog import BUNDLED_ROOT, Catalog
+
+DEMO_MODELS = ("fmnist-vit", "fmnist-resnet")
+
+
+@pytest.fixture
+def store_copy(tmp_path: Path) -> Path:
+    """A writable copy of the bundled model store."""
+    root = tmp_path / "store"
+    shutil.copytree(BUNDLED_ROOT, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundled_catalog() -> Catalog:
+    catalog = Catalog([BUNDLED_ROOT])
+    assert not catalog.errors, catalog.errors
+    return catalog

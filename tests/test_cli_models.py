@@ -1,0 +1,161 @@
+"""The `classlens models ...` commands, run through the real click entry point."""
+
+import json
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from classlens.cli import main
+from model_store.catalog import Catalog
+from worker.model_loader import load_model
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """Invoke the CLI with an isolated data dir (so `models add` never touches the bundled store)."""
+    monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CLASSLENS_MODEL_DIRS", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_list_show_verify_bundled(run):
+    listed = run("models", "list")
+    assert listed.exit_code == 0 and "fmnist-vit@1" in listed.output and "fmnist-resnet@1" in listed.output
+    rows = json.loads(run("models", "list", "--json").output)
+    assert {row["name"] for row in rows} >= {"fmnist-vit", "fmnist-resnet"}
+    shown = json.loads(run("models", "show", "fmnist-vit").output)
+    assert shown["label_names"][9] == "Ankle boot" and shown["input"]["channels"] == 1
+    verified = run("models", "verify")
+    assert verified.exit_code == 0 and "ok      fmnist-vit@1" in verified.output
+
+
+def test_show_unknown_model_is_a_clear_error(run):
+    result = run("models", "show", "nope")
+    assert result.exit_code == 1 and "unknown model 'nope'" in result.output
+
+
+def test_verify_fails_on_a_tampered_copy(run, store_copy, monkeypatch):
+    weights = store_copy / "fmnist-resnet" / "1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv("CLASSLENS_MODEL_DIRS", str(store_copy))
+    result = run("models", "verify", "fmnist-resnet")
+    assert result.exit_code == 1
+    assert "FAILED  fmnist-resnet@1" in result.output and "sha256" in result.output
+
+
+def _user_checkpoint(tmp_path, suffix=".safetensors", num_classes=3):
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=num_classes
+    ).eval()
+    weights = tmp_path / f"user{suffix}"
+    if suffix == ".safetensors":
+        save_file(model.state_dict(), str(weights))
+    else:
+        torch.save({"model": model.state_dict()}, weights)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    return model, weights, labels
+
+
+ADD_ARGS = (
+    "--architecture",
+    "vit_tiny_patch16_224",
+    "--input-size",
+    "32x32",
+    "--model-args",
+    '{"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 3}',
+)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_add_round_trip(run, tmp_path, suffix):
+    model, weights, labels = _user_checkpoint(tmp_path, suffix)
+    result = run(
+        "models",
+        "add",
+        "--name",
+        "pets",
+        "--version",
+        "3",
+        "--weights",
+        weights,
+        "--labels",
+        labels,
+        *ADD_ARGS,
+        "--data",
+        "our photos",
+        "--licence",
+        "proprietary",
+    )
+    assert result.exit_code == 0, result.output
+    assert "registered pets@3" in result.output
+
+    listed = {row["name"]: row for row in json.loads(run("models", "list", "--json").output)}
+    assert listed["pets"]["classes"] == 3 and listed["pets"]["input"] == "32x32 RGB"
+    assert run("models", "verify", "pets").exit_code == 0
+
+    entry = Catalog([tmp_path / "data" / "models"]).resolve("pets@3")
+    assert entry.labels() == ["cat", "dog", "bird"]
+    assert entry.manifest.provenance.licence == "proprietary"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_model(entry)(x), model(x), atol=1e-6)
+
+
+def test_add_refuses_weights_that_do_not_fit_and_writes_nothing(run, tmp_path):
+    _, weights, labels = _user_checkpoint(tmp_path)
+    args = (
+        "--architecture",
+        "vit_tiny_patch16_224",
+        "--input-size",
+        "32x32",
+        "--model-args",
+        '{"img_size": 32, "patch_size": 8, "depth": 3, "num_classes": 3}',
+    )
+    result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *args)
+    assert result.exit_code == 1
+    assert "weights do not fit" in result.output and "nothing was registered" in result.output
+    assert not (tmp_path / "data" / "models" / "pets").exists() or not any(
+        (tmp_path / "data" / "models" / "pets").iterdir()
+    )
+
+
+def test_add_refuses_a_label_count_that_differs_from_the_head(run, tmp_path):
+    _, weights, labels = _user_checkpoint(tmp_path)
+    labels.write_text("cat\ndog\n")
+    result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS)
+    assert result.exit_code == 1 and "3 classes but 2 labels" in result.output
+
+
+def test_add_refuses_an_existing_version_unless_overwrite(run, tmp_path):
+    _, weights, labels = _user_checkpoint(tmp_path)
+    base = ("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS)
+    assert run(*base).exit_code == 0
+    again = run(*base)
+    assert again.exit_code == 1 and "exists" in again.output
+    assert run(*base, "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--input-size", "big"), "is not HEIGHTxWIDTH"),
+        (("--mean", "a,b,c"), "not a comma-separated list"),
+        (("--model-args", "{nope"), "not JSON"),
+        (("--mean", "0.5"), "need 3 value"),
+    ],
+)
+def test_add_bad_options_are_clear(run, tmp_path, extra, message):
+    _, weights, labels = _user_checkpoint(tmp_path)
+    result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS, *extra)
+    assert result.exit_code != 0 and message in result.output
