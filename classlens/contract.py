@@ -1,0 +1,90 @@
+"""The contract between the lens (worker) and its callers (CLI, API, audits).
+
+Torch-free, so the API process can validate and serve results without the
+worker's dependencies. Maps are grid-sized lists of floats rounded to
+:data:`MAP_DECIMALS` decimals: a 14x14 map is about 1.5 kB of JSON; hidden
+states never leave the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAP_DECIMALS = 4
+MapKind = Literal["identifiability", "logit", "probability"]
+NormMode = Literal["fresh", "cached"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExplainRequest(_Frozen):
+    """What to explain about one image; the same parameters serve the CLI and the API."""
+
+    targets: list[int | str] | None = Field(
+        default=None, description="Class indices or label names; default: the top-k predictions."
+    )
+    top_k: int = Field(default=3, ge=1, le=20, description="Predictions to explain when no targets are given.")
+    layers: list[int] | None = Field(
+        default=None, description="Layers for projection maps (0 = embedding, L = last block); default: [L]."
+    )
+    map_kind: MapKind = "identifiability"
+    sublayers: bool = Field(default=True, description="Also rank the attention and MLP outputs of every block.")
+    gradient_map: bool = Field(default=False, description="Also compute the gradient relevance map (a backward pass).")
+    norm: NormMode = Field(default="fresh", description="Final-norm statistics: the paper's fresh, or cached.")
+    bias: bool = Field(default=True, description="Include the head bias in the projection.")
+
+
+class ModelRef(_Frozen):
+    name: str
+    version: str
+    weights_sha256: str
+
+
+class ClassScore(_Frozen):
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+class StreamStats(_Frozen):
+    """Per layer, for one target class, over one stream (residual, attention or MLP outputs)."""
+
+    prefix_ranks: dict[str, list[int]] = Field(description="Rank of the class at each prefix token, per layer.")
+    image_identifiability: list[float] = Field(description="Mean identifiability 1 - rank/C over image tokens.")
+    image_top1_share: list[float] = Field(description="Share of image tokens where the class is top-1.")
+
+
+class TargetExplanation(_Frozen):
+    index: int
+    label: str
+    probability: float
+    logit: float
+    rank: int = Field(description="Rank of the class in the model's output (0 = predicted).")
+    emergence_layer: int | None = Field(
+        description="First layer from which the class stays top-1 at the pooled representation; null if never."
+    )
+    pooled_ranks: list[int] = Field(description="Rank at the pooled representation per layer 0..L.")
+    residual: StreamStats = Field(description="Residual stream x_0..x_L (L + 1 entries; 0 = embedding).")
+    attention: StreamStats | None = Field(default=None, description="Attention outputs a_1..a_L (L entries).")
+    mlp: StreamStats | None = Field(default=None, description="MLP outputs m_1..m_L (L entries).")
+    projection_maps: dict[str, list[list[float]]] = Field(description="Layer (as a string) -> h x w map.")
+    gradient_map: list[list[float]] | None = None
+
+
+class Explanation(_Frozen):
+    model: ModelRef
+    norm: NormMode
+    bias: bool
+    map_kind: MapKind
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    prefix_tokens: list[str]
+    layers: int = Field(description="Number of blocks L; layer 0 is the embedding.")
+    pooling: Literal["token", "avg"]
+    prediction: list[ClassScore]
+    targets: list[TargetExplanation]

@@ -1,0 +1,187 @@
+"""One explain call: a single traced forward pass, every projection, ranks and maps.
+
+The single entry point that the CLI, the API's workers, audits and the benchmark
+call. All streams (``x_0..x_L``, ``a_1..a_L``, ``m_1..m_L``) at all tokens are
+projected with one matrix product, then every requested target is ranked from
+that one set of logits: more targets cost comparisons, not forward passes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from classlens.contract import (
+    MAP_DECIMALS,
+    ClassScore,
+    ExplainRequest,
+    Explanation,
+    ModelRef,
+    StreamStats,
+    TargetExplanation,
+)
+from worker.lens.gradient import gradient_relevance
+from worker.lens.projection import ClassProjection, ProjectionSettings
+from worker.lens.ranks import class_rank, emergence_layer, identifiability
+from worker.lens.vit import ViTSpec, inspect_vit, trace
+
+
+class ExplainError(ValueError):
+    """A request the lens cannot honour (unknown class, layer out of range, wrong image shape)."""
+
+
+def resolve_targets(targets: Sequence[int | str], labels: Sequence[str]) -> list[int]:
+    """Class indices from indices or label names (case-insensitive), with a clear error for the rest."""
+    by_name = {label.casefold(): index for index, label in enumerate(labels)}
+    resolved = []
+    for target in targets:
+        if isinstance(target, bool):
+            raise ExplainError(f"target {target!r} is neither a class index nor a label")
+        if isinstance(target, int):
+            if not 0 <= target < len(labels):
+                raise ExplainError(f"class index {target} is out of range: the model has classes 0..{len(labels) - 1}")
+            resolved.append(target)
+            continue
+        index = by_name.get(target.casefold())
+        if index is None:
+            close = difflib.get_close_matches(target, labels, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ExplainError(f"unknown class {target!r}{hint}")
+        resolved.append(index)
+    if len(set(resolved)) != len(resolved):
+        raise ExplainError("targets repeat a class")
+    return resolved
+
+
+def check_layers(layers: Sequence[int], depth: int) -> list[int]:
+    bad = [layer for layer in layers if not 0 <= layer <= depth]
+    if bad:
+        raise ExplainError(f"layer {bad[0]} is out of range: layers are 0 (embedding) to {depth} (last block)")
+    return sorted(set(layers))
+
+
+def check_images(images: torch.Tensor, model: VisionTransformer) -> None:
+    expected = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected):
+        raise ExplainError(
+            f"images must be [batch, {expected[0]}, {expected[1]}, {expected[2]}], got {list(images.shape)}"
+        )
+
+
+def _rounded(values: np.ndarray) -> list[list[float]]:
+    return np.round(values.astype(np.float64), MAP_DECIMALS).tolist()  # type: ignore[no-any-return]
+
+
+def _stream_stats(ranks: np.ndarray, spec: ViTSpec) -> StreamStats:
+    """``ranks``: ``[layers, T]`` for one image and one target."""
+    image = ranks[:, spec.num_prefix :]
+    return StreamStats(
+        prefix_ranks={name: ranks[:, i].tolist() for i, name in enumerate(spec.prefix_tokens)},
+        image_identifiability=np.round(1.0 - image.mean(-1) / spec.num_classes, 6).tolist(),
+        image_top1_share=np.round((image == 0).mean(-1), 6).tolist(),
+    )
+
+
+def explain(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    labels: Sequence[str],
+    request: ExplainRequest,
+    model_ref: ModelRef,
+) -> list[Explanation]:
+    """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image."""
+    spec = inspect_vit(model)
+    check_images(images, model)
+    if len(labels) != spec.num_classes:
+        raise ExplainError(f"{len(labels)} labels for a model with {spec.num_classes} classes")
+    layers = check_layers(request.layers if request.layers is not None else [spec.depth], spec.depth)
+    fixed_targets = resolve_targets(request.targets, labels) if request.targets else None
+    projection = ClassProjection(model, ProjectionSettings(norm=request.norm, bias=request.bias))
+    depth, prefix = spec.depth, spec.num_prefix
+
+    with torch.no_grad():
+        run = trace(model, images, sublayers=request.sublayers)
+        probabilities = run.logits.softmax(-1)
+        if fixed_targets is not None:
+            targets = torch.tensor(fixed_targets).expand(len(images), -1)
+        else:
+            targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
+        last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
+        streams = [run.residual]
+        if request.sublayers:
+            assert run.attention is not None and run.mlp is not None
+            streams += [run.attention, run.mlp]
+        token_logits = projection(torch.cat(streams, dim=1), last)  # [B, S, T, C]
+        token_ranks = class_rank(token_logits, targets)  # [B, K, S, T]
+        pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
+        emergence = emergence_layer(pooled_ranks)
+        output_ranks = class_rank(run.logits, targets)  # [B, K]
+        residual_logits = token_logits[:, : depth + 1, prefix:]  # [B, L + 1, N, C]
+        map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
+    gradient = gradient_relevance(model, images, targets, projection) if request.gradient_map else None
+
+    token_ranks_np = token_ranks.numpy()
+    h, w = spec.grid
+    explanations = []
+    for b in range(len(images)):
+        prediction = [
+            ClassScore(index=int(i), label=labels[int(i)], probability=float(p), logit=float(run.logits[b, i]))
+            for p, i in zip(*probabilities[b].topk(min(5, spec.num_classes)), strict=True)
+        ]
+        target_results = []
+        for k, target in enumerate(targets[b].tolist()):
+            ranks = token_ranks_np[b, k]
+            emerged = int(emergence[b, k])
+            target_results.append(
+                TargetExplanation(
+                    index=target,
+                    label=labels[target],
+                    probability=float(probabilities[b, target]),
+                    logit=float(run.logits[b, target]),
+                    rank=int(output_ranks[b, k]),
+                    emergence_layer=emerged if emerged >= 0 else None,
+                    pooled_ranks=pooled_ranks[b, k].tolist(),
+                    residual=_stream_stats(ranks[: depth + 1], spec),
+                    attention=_stream_stats(ranks[depth + 1 : 2 * depth + 1], spec) if request.sublayers else None,
+                    mlp=_stream_stats(ranks[2 * depth + 1 :], spec) if request.sublayers else None,
+                    projection_maps={
+                        str(layer): _rounded(map_values[b, k, i].reshape(h, w).numpy())
+                        for i, layer in enumerate(layers)
+                    },
+                    gradient_map=None if gradient is None else _rounded(gradient[b, k].reshape(h, w).numpy()),
+                )
+            )
+        explanations.append(
+            Explanation(
+                model=model_ref,
+                norm=request.norm,
+                bias=request.bias,
+                map_kind=request.map_kind,
+                grid=spec.grid,
+                patch_size=spec.patch_size,
+                prefix_tokens=list(spec.prefix_tokens),
+                layers=depth,
+                pooling=spec.pooling,
+                prediction=prediction,
+                targets=target_results,
+            )
+        )
+    return explanations
+
+
+def _projection_maps(
+    request: ExplainRequest, logits: torch.Tensor, ranks: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Per image, target and requested layer, the value of the target at each image token: ``[B, K, layers, N]``.
+
+    ``logits``: ``[B, layers, N, C]``; ``ranks``: ``[B, K, layers, N]``.
+    """
+    if request.map_kind == "identifiability":
+        return identifiability(ranks, logits.shape[-1])
+    values = logits.softmax(-1) if request.map_kind == "probability" else logits
+    index = targets[:, None, None, :].expand(-1, values.shape[1], values.shape[2], -1)
+    return values.gather(-1, index).permute(0, 3, 1, 2)
