@@ -15,8 +15,8 @@ _RESAMPLE = {
 }
 
 
-def preprocess(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> torch.Tensor:
-    """Colour mode, resize, centre crop, scale to [0, 1] and normalise: ``float32 [C, H, W]``."""
+def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> Image.Image:
+    """Colour mode, resize and centre crop: the picture the network sees."""
     image = image.convert(spec.colour_mode)
     height, width = steps.resize
     if image.size != (width, height):
@@ -25,6 +25,12 @@ def preprocess(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> tor
         crop_h, crop_w = steps.crop
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         image = image.crop((left, top, left + crop_w, top + crop_h))
+    return image
+
+
+def preprocess(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> torch.Tensor:
+    """:func:`fit_to_input`, then scale to [0, 1] and normalise: ``float32 [C, H, W]``."""
+    image = fit_to_input(image, spec, steps)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -1,8 +1,4 @@
-"""The ``classlens`` command line.
-
-Torch is imported only inside the commands that need it, so that ``classlens
-models list`` and the API process stay light.
-"""
+"""``classlens models ...``: list, inspect, verify and register models (torch only for ``add``)."""
 
 from __future__ import annotations
 
@@ -14,24 +10,11 @@ from typing import Any
 
 import click
 
+from classlens.cli.common import open_catalog, resolve
 from classlens.settings import Settings
 from model_store.artifacts import ArtifactError
-from model_store.catalog import Catalog, ModelEntry, ModelNotFoundError, add_model
+from model_store.catalog import ModelEntry, add_model
 from model_store.manifest import ManifestError
-
-
-def _catalog(settings: Settings) -> Catalog:
-    catalog = Catalog.default(settings.model_roots)
-    for problem in catalog.errors:
-        click.secho(f"warning: skipped {problem}", fg="yellow", err=True)
-    return catalog
-
-
-def _resolve(catalog: Catalog, reference: str) -> ModelEntry:
-    try:
-        return catalog.resolve(reference)
-    except ModelNotFoundError as error:
-        raise click.ClickException(str(error)) from error
 
 
 def _summary(entry: ModelEntry) -> dict[str, Any]:
@@ -48,14 +31,6 @@ def _summary(entry: ModelEntry) -> dict[str, Any]:
 
 
 @click.group()
-@click.version_option(package_name="classlens")
-@click.pass_context
-def main(context: click.Context) -> None:
-    """ClassLens: explain image classifiers in their class embedding space."""
-    context.obj = Settings()
-
-
-@main.group()
 def models() -> None:
     """List, inspect, verify and register models."""
 
@@ -65,7 +40,7 @@ def models() -> None:
 @click.pass_obj
 def models_list(settings: Settings, as_json: bool) -> None:
     """Every registered model version."""
-    catalog = _catalog(settings)
+    catalog = open_catalog(settings)
     rows = [_summary(catalog.entries[key]) for key in sorted(catalog.entries)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -85,7 +60,7 @@ def models_list(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def models_show(settings: Settings, reference: str) -> None:
     """The full manifest and labels of NAME or NAME@VERSION, as JSON."""
-    entry = _resolve(_catalog(settings), reference)
+    entry = resolve(open_catalog(settings), reference)
     document = entry.manifest.model_dump(mode="json")
     document["folder"] = str(entry.folder)
     document["label_names"] = entry.labels()
@@ -97,9 +72,9 @@ def models_show(settings: Settings, reference: str) -> None:
 @click.pass_obj
 def models_verify(settings: Settings, reference: str | None) -> None:
     """Check the size and sha256 of every artifact (of NAME, or of all models)."""
-    catalog = _catalog(settings)
+    catalog = open_catalog(settings)
     if reference:
-        _resolve(catalog, reference)
+        resolve(catalog, reference)
     results = catalog.verify(reference)
     for result in results:
         if result.ok:
@@ -214,7 +189,3 @@ def models_add(settings: Settings, **options: Any) -> None:
     except (ManifestError, ArtifactError, ModelLoadError, FileExistsError, OSError) as error:
         raise click.ClickException(f"{error}\nnothing was registered") from error
     click.echo(f"registered {entry.reference} in {entry.folder}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,28 @@
+"""The ``classlens`` command line: one group, a module per command family.
+
+Torch is imported only inside the commands that need it, so that ``classlens
+models list`` stays light and the API image (no torch) can run the CLI.
+"""
+
+from __future__ import annotations
+
+import click
+
+from classlens.cli.explain import explain_command
+from classlens.cli.models import models
+from classlens.settings import Settings
+
+
+@click.group()
+@click.version_option(package_name="classlens")
+@click.pass_context
+def main(context: click.Context) -> None:
+    """ClassLens: explain image classifiers in their class embedding space."""
+    context.obj = Settings()
+
+
+main.add_command(models)
+main.add_command(explain_command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""``classlens explain IMAGE... --model NAME``: result JSON and PNG overlays for each image."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from classlens.cli.common import open_catalog, resolve
+from classlens.contract import ExplainRequest, Explanation
+from classlens.images import ImageError, decode_image
+from classlens.render import render_grid, render_overlay
+from classlens.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+def parse_target(value: str) -> int | str:
+    """``"3"`` is a class index, anything else a label name."""
+    return int(value) if value.isdigit() else value
+
+
+def _file_part(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "class"
+
+
+def write_figures(image: Image.Image, result: Explanation, out: Path, stem: str) -> list[Path]:
+    """One overlay per target at the last requested layer, a grid when there are several layers, the gradient map."""
+    written = []
+    for target in result.targets:
+        name = f"{stem}_{target.index}-{_file_part(target.label)}"
+        layers = list(target.projection_maps)
+        last = layers[-1]
+        overlay = render_overlay(
+            image,
+            _array(target.projection_maps[last]),
+            title=f"{target.label}: {result.map_kind} at layer {last} of {result.layers} (p={target.probability:.3f})",
+        )
+        written.append(out / f"{name}.png")
+        overlay.save(written[-1])
+        if len(layers) > 1:
+            grid = render_grid(
+                image,
+                [_array(target.projection_maps[layer]) for layer in layers],
+                [f"layer {layer}" for layer in layers],
+                suptitle=f"{target.label}: {result.map_kind} per layer (one scale)",
+            )
+            written.append(out / f"{name}_layers.png")
+            grid.save(written[-1])
+        if target.gradient_map is not None:
+            gradient = render_overlay(
+                image, _array(target.gradient_map), title=f"{target.label}: gradient relevance", colormap="RdBu_r"
+            )
+            written.append(out / f"{name}_gradient.png")
+            gradient.save(written[-1])
+    return written
+
+
+def _array(values: list[list[float]]) -> Any:
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float32)
+
+
+@click.command("explain")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "reference", required=True, help="NAME or NAME@VERSION.")
+@click.option("--target", "targets", multiple=True, help="Class index or label name (repeat for several).")
+@click.option("--top-k", default=3, show_default=True, help="Explain the top-k predictions when no --target is given.")
+@click.option("--layer", "layers", multiple=True, help="Layer of the projection maps, 0..L, or 'all' (repeatable).")
+@click.option("--map-kind", type=click.Choice(["identifiability", "logit", "probability"]), default="identifiability")
+@click.option("--gradient-map", is_flag=True, help="Also compute the gradient relevance map.")
+@click.option("--no-sublayers", is_flag=True, help="Skip the attention and MLP sublayer ranks.")
+@click.option("--norm", type=click.Choice(["fresh", "cached"]), default="fresh", show_default=True)
+@click.option("--no-bias", is_flag=True, help="Project without the head bias.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("classlens-out"), show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Also print the results as JSON on stdout.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 512))
+@click.pass_obj
+def explain_command(settings: Settings, images: tuple[Path, ...], reference: str, **options: Any) -> None:
+    """Explain IMAGE(s) with a registered model: writes DIR/<image>.json and PNG overlays."""
+    from worker.lens.explain import ExplainError, check_layers
+    from worker.lens.vit import UnsupportedModelError
+    from worker.runtime import load
+
+    entry = resolve(open_catalog(settings), reference)
+    try:
+        model = load(entry)
+    except UnsupportedModelError as error:
+        raise click.ClickException(f"{entry.reference}: {error}") from error
+    depth = len(model.model.blocks)
+    try:
+        layers = _parse_layers(options["layers"], depth)
+        request = ExplainRequest(
+            targets=[parse_target(t) for t in options["targets"]] or None,
+            top_k=options["top_k"],
+            layers=check_layers(layers, depth) if layers else None,
+            map_kind=options["map_kind"],
+            sublayers=not options["no_sublayers"],
+            gradient_map=options["gradient_map"],
+            norm=options["norm"],
+            bias=not options["no_bias"],
+        )
+    except (ExplainError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+
+    out: Path = options["out"]
+    out.mkdir(parents=True, exist_ok=True)
+    decoded: list[tuple[Path, Image.Image]] = []
+    failures = 0
+    for path in images:
+        try:
+            decoded.append((path, decode_image(path.read_bytes())))
+        except (ImageError, OSError) as error:
+            failures += 1
+            click.secho(f"skipped {path}: {error}", fg="red", err=True)
+
+    results = []
+    batch_size = options["batch_size"]
+    with click.progressbar(length=len(decoded), label="explaining", file=sys.stderr) as progress:
+        for start in range(0, len(decoded), batch_size):
+            batch = decoded[start : start + batch_size]
+            try:
+                explanations = model.explain([image for _, image in batch], request)
+            except ExplainError as error:
+                raise click.ClickException(str(error)) from error
+            for (path, image), result in zip(batch, explanations, strict=True):
+                (out / f"{path.stem}.json").write_text(result.model_dump_json(indent=1) + "\n", encoding="utf-8")
+                write_figures(model.as_seen(image), result, out, path.stem)
+                results.append({"image": str(path), **result.model_dump(mode="json")})
+            progress.update(len(batch))
+    if options["as_json"]:
+        click.echo(json.dumps(results))
+    click.echo(f"wrote {len(results)} explanation(s) to {out}", err=True)
+    if failures:
+        raise click.ClickException(f"{failures} image(s) could not be read")
+
+
+def _parse_layers(values: tuple[str, ...], depth: int) -> list[int]:
+    layers: list[int] = []
+    for value in values:
+        if value == "all":
+            layers.extend(range(depth + 1))
+        elif value.lstrip("-").isdigit():
+            layers.append(int(value))
+        else:
+            raise click.BadParameter(f"{value!r} is not a layer number or 'all'", param_hint="--layer")
+    return layers

@@ -1,0 +1,111 @@
+"""Relevance baselines to compare the class-embedding maps against (METHODS.md section 1, "Faithfulness").
+
+Every function returns ``[B, K, N]``, the convention of
+:func:`worker.lens.gradient.gradient_relevance`: ``targets`` is ``[B, K]`` class
+indices and ``N`` the number of image tokens (row-major on the ``h x w`` grid).
+Higher means more relevant. The faithfulness protocol only uses the order of
+the values, so their scale does not matter.
+
+- :func:`random_relevance`: a seeded random order, the floor every method must beat
+  (the paper's "random order": 0.716 / 0.716 positive / negative AUC on ViT-B/32).
+- :func:`attention_rollout`: Abnar & Zuidema, "Quantifying Attention Flow in
+  Transformers" (ACL 2020). Class-agnostic.
+- :func:`grad_cam`: Selvaraju et al., "Grad-CAM" (ICCV 2017), applied to a ViT the
+  way it is commonly done for transformers: the activations are the last block's
+  ``norm1`` output at the image tokens, treated as a 1 x N "feature map".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from worker.lens.vit import hooked, inspect_vit, trace
+
+
+def random_relevance(
+    images: torch.Tensor, targets: torch.Tensor, num_tokens: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Uniform random relevance ``[B, K, N]``: a random token order, reproducible through ``generator``.
+
+    The values are drawn on the generator's device and moved to the images' device,
+    so the same seed gives the same order whatever device the model runs on.
+    """
+    batch, k = targets.shape
+    values = torch.rand(batch, k, num_tokens, generator=generator, device=generator.device)
+    return values.to(images.device)
+
+
+def attention_rollout(model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, ACL 2020): ``[B, K, N]``, the same map for every target.
+
+    Per block, ``A_b`` averaged over heads plus the identity (the residual
+    connection), rows renormalised to sum to 1; the rollout is the product
+    ``A_L ... A_1``. For a CLS-pooled model the map is the CLS row (row 0) at the
+    image-token columns; for a GAP model, which reads out the mean of its image
+    tokens, it is the mean of the image-token rows. Rollout ignores the class, so
+    the map is repeated over the ``K`` targets.
+    """
+    spec = inspect_vit(model)
+    with torch.no_grad():
+        run = trace(model, images, sublayers=False, attention_probs=True)
+        assert run.attention_probs is not None
+        tokens = run.attention_probs[0].shape[-1]
+        identity = torch.eye(tokens, dtype=run.attention_probs[0].dtype, device=images.device)
+        rollout = identity.expand(images.shape[0], -1, -1)
+        for probs in run.attention_probs:
+            mixed = probs.mean(dim=1) + identity  # [B, T, T]
+            mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+            rollout = mixed @ rollout
+        if spec.pooling == "token":
+            flow = rollout[:, 0, spec.num_prefix :]
+        else:
+            flow = rollout[:, spec.num_prefix :, spec.num_prefix :].mean(dim=1)
+    return flow[:, None, :].expand(-1, targets.shape[1], -1).clone()
+
+
+def _replace_with_leaf(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook that swaps the module's output for a leaf requiring grad, and keeps it.
+
+    The rest of the pass is built on the leaf, so gradients with respect to it exist
+    even when no parameter requires grad.
+    """
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        store.append(leaf)
+        return leaf
+
+    return hook
+
+
+def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017) on the last block of a ViT: ``[B, K, N]``, non-negative.
+
+    Activations ``A`` are the output of ``model.blocks[-1].norm1`` at the image
+    tokens (``[B, N, D]``, the usual ViT target layer, our own implementation).
+    For each target, ``w_d`` is the mean over image tokens of ``d logit / d A[:, :, d]``
+    and the map is ``relu(sum_d w_d A[:, :, d])``. One forward pass, one backward
+    pass per target. The hook is removed whatever happens; parameters'
+    ``requires_grad`` and ``.grad`` are left untouched.
+    """
+    spec = inspect_vit(model)
+    store: list[torch.Tensor] = []
+    with torch.enable_grad(), hooked(model.blocks[-1].norm1, _replace_with_leaf(store)):
+        logits = model(images)
+    if len(store) != 1:
+        raise RuntimeError(f"expected one pass through the last block's norm1, saw {len(store)}")
+    activations = store[0]  # [B, T, D]
+    image_activations = activations[:, spec.num_prefix :].detach()
+    maps = []
+    count = targets.shape[1]
+    for k in range(count):
+        score = logits.gather(1, targets[:, k : k + 1].to(logits.device)).sum()
+        (grads,) = torch.autograd.grad(score, activations, retain_graph=k < count - 1)
+        weights = grads[:, spec.num_prefix :].mean(dim=1)  # [B, D]
+        maps.append(torch.relu((image_activations * weights[:, None, :]).sum(dim=-1)))
+    return torch.stack(maps, dim=1)

@@ -1,0 +1,83 @@
+"""A registered model ready to explain: loaded once per process, on the process's device.
+
+The cache is per process and filled lazily, so a Celery worker loads a model
+after it has forked and never shares CUDA state with its parent. The CLI, the
+workers and the benchmark all explain through :meth:`LoadedModel.explain`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+from classlens.contract import ExplainRequest, Explanation, ModelRef
+from model_store.catalog import Catalog, ModelEntry
+from worker.lens.explain import explain
+from worker.lens.vit import inspect_vit
+from worker.model_loader import load_model
+from worker.preprocess import fit_to_input, preprocess
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU. Call only after fork (it initialises CUDA)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    model: VisionTransformer
+    labels: list[str]
+    device: torch.device
+
+    @property
+    def ref(self) -> ModelRef:
+        manifest = self.entry.manifest
+        return ModelRef(name=manifest.name, version=manifest.version, weights_sha256=manifest.weights.sha256)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        manifest = self.entry.manifest
+        batch = torch.stack([preprocess(image, manifest.input, manifest.preprocessing) for image in images])
+        return batch.to(self.device)
+
+    def as_seen(self, image: Image.Image) -> Image.Image:
+        """The image after colour conversion, resize and crop: what the relevance grid covers."""
+        manifest = self.entry.manifest
+        return fit_to_input(image, manifest.input, manifest.preprocessing)
+
+    def explain(self, images: Sequence[Image.Image], request: ExplainRequest) -> list[Explanation]:
+        return explain(self.model, self.preprocess(images), self.labels, request, self.ref)
+
+
+def load(entry: ModelEntry, device: torch.device | None = None) -> LoadedModel:
+    """Load and check a catalog entry (verified weights, a supported ViT)."""
+    device = device or default_device()
+    model = load_model(entry, device)
+    inspect_vit(model)  # refuses what the lens cannot explain, with the reason
+    assert isinstance(model, VisionTransformer)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return LoadedModel(entry=entry, model=model, labels=entry.labels(), device=device)
+
+
+class ModelCache:
+    """Loaded models of this process, keyed by ``name@version`` (thread-safe)."""
+
+    def __init__(self, catalog: Catalog, device: torch.device | None = None):
+        self.catalog = catalog
+        self.device = device
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, reference: str) -> LoadedModel:
+        entry = self.catalog.resolve(reference)
+        with self._lock:
+            loaded = self._models.get(entry.reference)
+            if loaded is None:
+                loaded = self._models[entry.reference] = load(entry, self.device)
+            return loaded
