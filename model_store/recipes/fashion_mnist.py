@@ -9,8 +9,9 @@ with the measured test accuracy and a training log). Data come from Debian's
 downloaded.
 
 Augmentation is a random shift of up to 2 pixels (no flips: every shoe in
-Fashion-MNIST faces the same way), done on whole batches of tensors: with 2 CPU cores a DataLoader's worker processes cost
-more than they save for 28x28 images held in memory.
+Fashion-MNIST faces the same way), done on whole batches of tensors: with 2 CPU
+cores a DataLoader's worker processes cost more than they save for 28x28 images
+held in memory.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ RECIPES: dict[str, Recipe] = {
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [n, 28, 28] -> normalised float [n, 1, 28, 28]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
+    x = torch.from_numpy(np.array(images)).float().div_(255.0).unsqueeze(1)
     return (x - fashion_mnist.MEAN) / fashion_mnist.STD
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from worker.lens.vit import hooked, inspect_vit, trace
@@ -94,8 +94,10 @@ def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tens
     ``requires_grad`` and ``.grad`` are left untouched.
     """
     spec = inspect_vit(model)
+    last = model.blocks[-1]
+    assert isinstance(last, Block)  # inspect_vit has checked it
     store: list[torch.Tensor] = []
-    with torch.enable_grad(), hooked(model.blocks[-1].norm1, _replace_with_leaf(store)):
+    with torch.enable_grad(), hooked(last.norm1, _replace_with_leaf(store)):
         logits = model(images)
     if len(store) != 1:
         raise RuntimeError(f"expected one pass through the last block's norm1, saw {len(store)}")

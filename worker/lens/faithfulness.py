@@ -16,6 +16,7 @@ ImageNet-S (positive / negative AUC of accuracy): class-embedding gradients
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,7 +75,7 @@ def _check_inputs(
     spec = inspect_vit(model)
     if targets.shape != (images.shape[0],):
         raise ValueError(f"labels must be [batch] class indices, got {list(targets.shape)}")
-    if len(fractions) < 2 or any(b <= a for a, b in zip(fractions, fractions[1:], strict=False)):
+    if len(fractions) < 2 or any(b <= a for a, b in itertools.pairwise(fractions)):
         raise ValueError("fractions must be at least two increasing values")
     return spec.num_image_tokens
 
