@@ -18,7 +18,11 @@ ARCHITECTURES = {
     # name: (timm arguments, expected prefix tokens, pooling)
     "vit_tiny_patch16_224": ({}, ("cls",), "token"),
     "deit_tiny_distilled_patch16_224": ({}, ("cls", "dist"), "token"),
-    "vit_small_patch14_reg4_dinov2": ({"img_size": 112, "num_classes": 100}, ("cls", "reg0", "reg1", "reg2", "reg3"), "token"),
+    "vit_small_patch14_reg4_dinov2": (
+        {"img_size": 112, "num_classes": 100},
+        ("cls", "reg0", "reg1", "reg2", "reg3"),
+        "token",
+    ),
     "vit_wee_patch16_reg1_gap_256": ({"img_size": 128, "num_classes": 100}, ("reg0",), "avg"),
 }
 REF = ModelRef(name="random", version="0", weights_sha256="0" * 64)

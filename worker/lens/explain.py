@@ -73,7 +73,7 @@ def check_images(images: torch.Tensor, model: VisionTransformer) -> None:
 
 
 def _rounded(values: np.ndarray) -> list[list[float]]:
-    return np.round(values.astype(np.float64), MAP_DECIMALS).tolist()  # type: ignore[no-any-return]
+    return np.round(values.astype(np.float64), MAP_DECIMALS).tolist()
 
 
 def _stream_stats(ranks: np.ndarray, spec: ViTSpec) -> StreamStats:

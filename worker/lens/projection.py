@@ -19,7 +19,7 @@ distillation heads), so that at the last layer it equals the model's logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,11 @@ class ClassProjection:
         if settings.norm == "cached" and not isinstance(self.final_norm, nn.LayerNorm):
             raise ValueError("the cached-scale projection needs a LayerNorm as final norm")
         # (token selector, head): the model's own readout of its last layer.
-        self.readouts: list[tuple[int | None, nn.Linear]] = [(None if self.spec.pooling == "avg" else 0, model.head)]
+        # inspect_vit has checked that the head is one linear layer.
+        head = cast(nn.Linear, model.head)
+        self.readouts: list[tuple[int | None, nn.Linear]] = [(None if self.spec.pooling == "avg" else 0, head)]
         if isinstance(model, VisionTransformerDistilled):
-            self.readouts.append((1, model.head_dist))
+            self.readouts.append((1, cast(nn.Linear, model.head_dist)))
 
     def normalise(self, v: torch.Tensor, scale_from: torch.Tensor | None = None) -> torch.Tensor:
         """``F(v)``; with the cached convention, the scale comes from ``scale_from`` (same shape, or broadcastable)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from timm.layers import Attention
@@ -88,9 +88,18 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
         depth=len(model.blocks),
         width=int(model.embed_dim),
         num_classes=int(model.num_classes),
-        num_heads=int(model.blocks[0].attn.num_heads),
+        num_heads=int(cast(Attention, model.blocks[0].attn).num_heads),
         pooling="token" if model.global_pool == "token" else "avg",
     )
+
+
+def blocks_of(model: VisionTransformer) -> list[Block]:
+    """The model's blocks, typed (``inspect_vit`` has checked that they are timm ``Block``s)."""
+    return cast(list[Block], list(model.blocks))
+
+
+def attention_of(block: Block) -> Attention:
+    return cast(Attention, block.attn)
 
 
 @dataclass
@@ -147,17 +156,19 @@ def materialised_attention(
     makes each ``A_b`` a leaf that requires grad, so that gradients can be taken
     with respect to it whatever the parameters' ``requires_grad``.
     """
-    saved = [block.attn.fused_attn for block in model.blocks]
+    attentions = [attention_of(block) for block in blocks_of(model)]
+    saved = [attention.fused_attn for attention in attentions]
     hook = _save_as_leaf(store) if as_leaves else _save_output(store)
     with ExitStack() as stack:
-        for block in model.blocks:
-            block.attn.fused_attn = False
-            stack.enter_context(hooked(block.attn.attn_drop, hook))
+        for attention in attentions:
+            # fused_attn is a torch.jit.Final flag; in eager mode it is read on every call.
+            attention.fused_attn = False  # type: ignore[misc]
+            stack.enter_context(hooked(attention.attn_drop, hook))
         try:
             yield
         finally:
-            for block, fused in zip(model.blocks, saved, strict=True):
-                block.attn.fused_attn = fused
+            for attention, fused in zip(attentions, saved, strict=True):
+                attention.fused_attn = fused  # type: ignore[misc]
 
 
 def trace(
@@ -183,17 +194,18 @@ def trace(
     with ExitStack() as stack:
         stack.enter_context(hooked(model.norm_pre, _save_output(embedded)))
         if sublayers:
-            for block in model.blocks:
+            for block in blocks_of(model):
                 stack.enter_context(hooked(block.ls1, _save_output(attention)))
                 stack.enter_context(hooked(block.ls2, _save_output(mlp)))
         if attention_probs or for_attention_gradients:
             stack.enter_context(materialised_attention(model, probs, as_leaves=for_attention_gradients))
         if for_attention_gradients:
-            for block in model.blocks:
+            for block in blocks_of(model):
                 stack.enter_context(hooked(block, _detach_input, pre=True))
-        final, intermediates = model.forward_intermediates(
+        outputs = model.forward_intermediates(
             images, output_fmt="NLC", return_prefix_tokens=spec.num_prefix > 0, norm=False
         )
+        final, intermediates = cast(tuple[torch.Tensor, list[Any]], outputs)
         logits = model.forward_head(final)
     if spec.num_prefix:
         blocks_out = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in intermediates]
