@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 DEBIAN_PACKAGES := redis-server dataset-fashion-mnist
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: run test lint typecheck pytest system-deps demo-models samples clean
+.PHONY: run test lint pytest bench system-deps demo-models samples clean
 
 run: $(VENV)/.installed
 	$(BIN)/classlens models list
@@ -26,6 +26,11 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Ratios to the plain forward pass in one run, peak memory; writes bench-results/*.json.
+bench: $(VENV)/.installed
+	$(PIP_INSTALL) -e ".[$(EXTRAS),bench]"
+	$(BIN)/classlens bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from classlens.cli.bench import bench_command
+from classlens.cli.evaluate import evaluate_command
 from classlens.cli.explain import explain_command
 from classlens.cli.models import models
 from classlens.settings import Settings
@@ -23,6 +25,8 @@ def main(context: click.Context) -> None:
 
 main.add_command(models)
 main.add_command(explain_command)
+main.add_command(bench_command)
+main.add_command(evaluate_command)
 
 if __name__ == "__main__":
     main()

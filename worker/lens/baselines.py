@@ -17,14 +17,10 @@ the values, so their scale does not matter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import nn
 
-from worker.lens.vit import hooked, inspect_vit, trace
+from worker.lens.vit import hooked, inspect_vit, save_as_leaf, trace
 
 
 def random_relevance(
@@ -68,21 +64,6 @@ def attention_rollout(model: VisionTransformer, images: torch.Tensor, targets: t
     return flow[:, None, :].expand(-1, targets.shape[1], -1).clone()
 
 
-def _replace_with_leaf(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
-    """A forward hook that swaps the module's output for a leaf requiring grad, and keeps it.
-
-    The rest of the pass is built on the leaf, so gradients with respect to it exist
-    even when no parameter requires grad.
-    """
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        leaf = output.detach().requires_grad_(True)
-        store.append(leaf)
-        return leaf
-
-    return hook
-
-
 def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., ICCV 2017) on the last block of a ViT: ``[B, K, N]``, non-negative.
 
@@ -97,7 +78,7 @@ def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tens
     last = model.blocks[-1]
     assert isinstance(last, Block)  # inspect_vit has checked it
     store: list[torch.Tensor] = []
-    with torch.enable_grad(), hooked(last.norm1, _replace_with_leaf(store)):
+    with torch.enable_grad(), hooked(last.norm1, save_as_leaf(store)):
         logits = model(images)
     if len(store) != 1:
         raise RuntimeError(f"expected one pass through the last block's norm1, saw {len(store)}")

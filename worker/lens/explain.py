@@ -20,6 +20,7 @@ from classlens.contract import (
     ClassScore,
     ExplainRequest,
     Explanation,
+    MapKind,
     ModelRef,
     StreamStats,
     TargetExplanation,
@@ -171,6 +172,30 @@ def explain(
             )
         )
     return explanations
+
+
+def projection_map(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    projection: ClassProjection,
+    layer: int,
+    map_kind: MapKind = "logit",
+) -> torch.Tensor:
+    """The projection relevance map of ``targets`` ``[B, K]`` at one layer, flat: ``[B, K, N]``.
+
+    For callers that need only the map (faithfulness evaluation, audits): one
+    forward pass without sublayers, one projection of one layer.
+    """
+    spec = projection.spec
+    check_layers([layer], spec.depth)
+    with torch.no_grad():
+        run = trace(model, images, sublayers=False)
+        tokens = run.residual[:, layer : layer + 1]  # [B, 1, T, D]
+        logits = projection(tokens, run.residual[:, -1:])[:, :, spec.num_prefix :]  # [B, 1, N, C]
+        ranks = class_rank(logits, targets)  # [B, K, 1, N]
+        request = ExplainRequest(map_kind=map_kind)
+        return _projection_maps(request, logits, ranks, targets)[:, :, 0]
 
 
 def _projection_maps(

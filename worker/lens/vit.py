@@ -134,7 +134,13 @@ def hooked(module: nn.Module, hook: Callable[..., Any], *, pre: bool = False) ->
         handle.remove()
 
 
-def _save_as_leaf(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+def save_as_leaf(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook that swaps the module's output for a leaf requiring grad, and keeps it.
+
+    The rest of the pass is built on the leaf, so gradients with respect to it
+    exist even when no parameter requires grad.
+    """
+
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         leaf = output.detach().requires_grad_(True)
         store.append(leaf)
@@ -158,7 +164,7 @@ def materialised_attention(
     """
     attentions = [attention_of(block) for block in blocks_of(model)]
     saved = [attention.fused_attn for attention in attentions]
-    hook = _save_as_leaf(store) if as_leaves else _save_output(store)
+    hook = save_as_leaf(store) if as_leaves else _save_output(store)
     with ExitStack() as stack:
         for attention in attentions:
             # fused_attn is a torch.jit.Final flag; in eager mode it is read on every call.
