@@ -14,6 +14,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from model_store.manifest import InputSpec, Preprocessing
+
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: far above any classifier's input, far below a bomb
 
@@ -66,6 +68,29 @@ def decode_image(
         raise ImageError(problem, f"the image cannot be decoded ({problem}): {_reason(error)}") from error
     except (SyntaxError, ValueError, EOFError) as error:
         raise ImageError("unreadable", f"the image cannot be decoded: {_reason(error)}") from error
+    return image
+
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> Image.Image:
+    """Colour mode, resize and centre crop as the manifest says: the picture the network sees.
+
+    The relevance grid covers exactly this picture, so overlays are drawn on it.
+    """
+    image = image.convert(spec.colour_mode)
+    height, width = steps.resize
+    if image.size != (width, height):
+        image = image.resize((width, height), _RESAMPLE[steps.interpolation])
+    if steps.crop is not None:
+        crop_h, crop_w = steps.crop
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        image = image.crop((left, top, left + crop_w, top + crop_h))
     return image
 
 

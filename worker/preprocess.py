@@ -6,26 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from classlens.images import fit_to_input
 from model_store.manifest import InputSpec, Preprocessing
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
-
-
-def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> Image.Image:
-    """Colour mode, resize and centre crop: the picture the network sees."""
-    image = image.convert(spec.colour_mode)
-    height, width = steps.resize
-    if image.size != (width, height):
-        image = image.resize((width, height), _RESAMPLE[steps.interpolation])
-    if steps.crop is not None:
-        crop_h, crop_w = steps.crop
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        image = image.crop((left, top, left + crop_w, top + crop_h))
-    return image
 
 
 def preprocess(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> torch.Tensor:

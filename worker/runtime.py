@@ -16,11 +16,12 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from classlens.contract import ExplainRequest, Explanation, ModelRef
+from classlens.images import fit_to_input
 from model_store.catalog import Catalog, ModelEntry
 from worker.lens.explain import explain
 from worker.lens.vit import inspect_vit
 from worker.model_loader import load_model
-from worker.preprocess import fit_to_input, preprocess
+from worker.preprocess import preprocess
 
 
 def default_device() -> torch.device:
