@@ -1,0 +1,75 @@
+"""The lens on the trained demo ViT: identifiability across blocks, and faithful projection maps."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classlens import fashion_mnist
+from classlens.contract import ExplainRequest
+from worker.benchmarks.faithfulness import relevance_methods
+from worker.lens.faithfulness import evaluate_methods
+from worker.model_loader import create_architecture
+from worker.runtime import LoadedModel, load
+
+IMAGES = 1000
+
+
+@pytest.fixture(scope="module")
+def fmnist(bundled_catalog):
+    loaded = load(bundled_catalog.resolve("fmnist-vit"), torch.device("cpu"))
+    images, labels = fashion_mnist.load("test")
+    batch = loaded.preprocess([Image.fromarray(image, mode="L") for image in images[:IMAGES]])
+    return loaded, batch, labels[:IMAGES]
+
+
+def true_class_identifiability(loaded: LoadedModel, batch: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Mean over images of the mean image-token identifiability of the true class, per layer 0..L."""
+    from worker.lens.explain import explain
+
+    per_image = []
+    for start in range(0, len(batch), 250):
+        chunk = batch[start : start + 250]
+        by_class: dict[int, list[int]] = {}
+        for offset, label in enumerate(labels[start : start + 250]):
+            by_class.setdefault(int(label), []).append(offset)
+        for label, offsets in by_class.items():
+            request = ExplainRequest(targets=[label], sublayers=False)
+            for result in explain(loaded.model, chunk[offsets], loaded.labels, request, loaded.ref):
+                per_image.append(result.targets[0].residual.image_identifiability)
+    return np.asarray(per_image).mean(axis=0)
+
+
+@pytest.mark.slow
+def test_true_class_becomes_identifiable_in_image_tokens(fmnist):
+    loaded, batch, labels = fmnist
+    curve = true_class_identifiability(loaded, batch, labels)
+    blocks = curve[1:]  # layer 0 is the embedding
+    assert blocks[-1] > 0.85, curve
+    assert blocks[-1] - blocks[0] > 0.2, curve  # the stated margin over the first block
+    assert np.all(np.diff(blocks[-3:]) > -0.02), curve  # no collapse in the last blocks
+
+
+@pytest.mark.slow
+def test_random_initialised_copy_stays_at_chance(fmnist):
+    loaded, batch, labels = fmnist
+    torch.manual_seed(0)
+    random_model = create_architecture(loaded.entry.manifest).eval()
+    random_copy = LoadedModel(loaded.entry, random_model, loaded.labels, loaded.device)
+    curve = true_class_identifiability(random_copy, batch, labels)
+    chance = 1 - (len(loaded.labels) - 1) / 2 / len(loaded.labels)  # mean rank (C - 1) / 2: 0.55 for 10 classes
+    assert np.all(np.abs(curve[1:] - chance) < 0.05), curve
+
+
+@pytest.mark.slow
+def test_projection_map_is_faithful_compared_with_random_order(fmnist):
+    loaded, batch, labels = fmnist
+    count = 500
+    methods = relevance_methods(loaded.model, len(loaded.model.blocks), "logit", seed=0)
+    chosen = {name: methods[name] for name in ("projection", "random")}
+    results = evaluate_methods(loaded.model, batch[:count], torch.from_numpy(labels[:count]), chosen, batch_size=250)
+    projection = results["projection"]["positive"]["auc"]["accuracy"]
+    random_order = results["random"]["positive"]["auc"]["accuracy"]
+    assert projection < random_order - 0.1, (projection, random_order)
+    # Negative perturbation: removing the least relevant tokens first keeps accuracy up longer than random.
+    assert results["projection"]["negative"]["auc"]["accuracy"] > results["random"]["negative"]["auc"]["accuracy"]
