@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from timm.layers import Attention
@@ -117,7 +117,13 @@ class Trace:
     attention_probs: list[torch.Tensor] | None  # L x [B, H, T, T]
 
 
-def _save_output(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+class TensorSink(Protocol):
+    """Where hooks put what they capture: a list, or anything that reduces tensors as they come."""
+
+    def append(self, tensor: torch.Tensor, /) -> None: ...
+
+
+def _save_output(store: TensorSink) -> Callable[[nn.Module, Any, torch.Tensor], None]:
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         store.append(output)
 
@@ -150,9 +156,7 @@ def save_as_leaf(store: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.T
 
 
 @contextmanager
-def materialised_attention(
-    model: VisionTransformer, store: list[torch.Tensor], as_leaves: bool = False
-) -> Iterator[None]:
+def materialised_attention(model: VisionTransformer, store: TensorSink, as_leaves: bool = False) -> Iterator[None]:
     """Record every block's attention probabilities ``A_b`` (``[B, H, T, T]``).
 
     timm's fused attention (``scaled_dot_product_attention``) never forms the
@@ -160,11 +164,17 @@ def materialised_attention(
     the unfused path computes the same outputs, and ``attn_drop`` (the identity
     in eval mode) receives exactly ``softmax(q k^T * scale)``. ``as_leaves``
     makes each ``A_b`` a leaf that requires grad, so that gradients can be taken
-    with respect to it whatever the parameters' ``requires_grad``.
+    with respect to it whatever the parameters' ``requires_grad`` (``store`` must
+    then be a list). A ``store`` that reduces each tensor as it arrives keeps no
+    attention maps at all.
     """
     attentions = [attention_of(block) for block in blocks_of(model)]
     saved = [attention.fused_attn for attention in attentions]
-    hook = save_as_leaf(store) if as_leaves else _save_output(store)
+    if as_leaves:
+        assert isinstance(store, list), "leaves are kept for autograd: pass a list"
+        hook: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None] = save_as_leaf(store)
+    else:
+        hook = _save_output(store)
     with ExitStack() as stack:
         for attention in attentions:
             # fused_attn is a torch.jit.Final flag; in eager mode it is read on every call.
