@@ -8,7 +8,7 @@ states never leave the worker.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,3 +88,40 @@ class Explanation(_Frozen):
     pooling: Literal["token", "avg"]
     prediction: list[ClassScore]
     targets: list[TargetExplanation]
+
+
+# --- Jobs (issue #4): the records the API and the workers share through the store. ---
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobKind = Literal["explanation", "audit"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+
+
+class Progress(_Frozen):
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class JobError(_Frozen):
+    """Why a job failed, in words for people: ``title`` is short, ``detail`` says what to change."""
+
+    title: str
+    detail: str
+
+
+class Job(_Frozen):
+    """One unit of queued work. Small on purpose: the image and the result live under their own keys."""
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    created_at: float = Field(description="Unix time.")
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    model: str = Field(description="The resolved model, name@version.")
+    parameters: dict[str, Any] = Field(description="The canonical request parameters (an ExplainRequest).")
+    content_key: str = Field(description="sha256 of weights digest, image digest and canonical parameters.")
+    image_key: str | None = Field(default=None, description="sha256 of the uploaded image bytes.")
+    progress: Progress = Progress(done=0, total=1)
+    error: JobError | None = None

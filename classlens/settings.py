@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -29,6 +29,25 @@ class Settings(BaseSettings):
     # Local state: models added with `classlens models add` (data_dir/models) and,
     # without Redis, the embedded broker, result store and cache.
     data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # The service (issue #4). Without a Redis URL the broker, store and cache are
+    # embedded under data_dir; REDIS_URL (or CLASSLENS_REDIS_URL) selects Redis.
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("CLASSLENS_REDIS_URL", "REDIS_URL"))
+    # How long job records, uploaded images and results (the cache) are kept.
+    result_ttl_s: int = Field(default=24 * 3600, gt=0)
+    # Celery's soft limit raises inside the task (the job is marked failed); the hard limit kills it.
+    task_soft_time_limit_s: int = Field(default=120, gt=0)
+    task_time_limit_s: int = Field(default=180, gt=0)
+    # Largest request body (an image upload, an audit zip) before a 413.
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    # Largest image, counted before any pixel is decoded.
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    # Upper bound of the long-poll `wait` parameter, in seconds.
+    max_wait_s: float = Field(default=30.0, ge=0)
+    # A worker refreshes its heartbeat this often; /readyz wants one younger than three periods.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    # Polling of the embedded (filesystem) broker, in seconds.
+    embedded_poll_s: float = Field(default=0.05, gt=0)
 
     @field_validator("model_dirs", mode="before")
     @classmethod

@@ -26,3 +26,7 @@ def bundled_catalog() -> Catalog:
     catalog = Catalog([BUNDLED_ROOT])
     assert not catalog.errors, catalog.errors
     return catalog
+
+
+# The service's real parts (redis-server, a tiny ViT, workers): see tests/service_fixtures.py.
+from tests.service_fixtures import redis_url, tiny_model_root  # noqa: E402, F401

@@ -8,12 +8,13 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
+from classlens import fashion_mnist
 from classlens.cli import main
 from classlens.contract import Explanation
 from model_store.catalog import BUNDLED_ROOT
 
 SAMPLES = sorted((BUNDLED_ROOT.parent / "samples" / "fashion-mnist").glob("*.png"))
-LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+LABELS = list(fashion_mnist.LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from classlens.cli.bench import bench_command
 from classlens.cli.evaluate import evaluate_command
 from classlens.cli.explain import explain_command
 from classlens.cli.models import models
+from classlens.cli.serve import serve_command, worker_command
 from classlens.settings import Settings
 
 
@@ -27,6 +28,8 @@ main.add_command(models)
 main.add_command(explain_command)
 main.add_command(bench_command)
 main.add_command(evaluate_command)
+main.add_command(serve_command)
+main.add_command(worker_command)
 
 if __name__ == "__main__":
     main()

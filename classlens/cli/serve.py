@@ -1,0 +1,117 @@
+"""``classlens serve`` (the HTTP API) and ``classlens worker`` (a Celery worker).
+
+Without ``REDIS_URL``, ``serve`` is the whole service on one machine: it starts its own
+``classlens worker`` process over the embedded broker and store (under the data dir), and
+stops it on exit. With ``REDIS_URL`` the two run separately, as many as needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from classlens.queue import ALL_QUEUES
+from classlens.settings import Settings
+
+SAMPLES = Path(__file__).resolve().parents[2] / "model_store" / "samples" / "fashion-mnist"
+
+
+def _start_worker() -> subprocess.Popen[bytes]:
+    """``classlens worker`` as a child with this process's environment (hence the same settings)."""
+    command = [sys.executable, "-c", "from classlens.cli import main; main()", "worker"]
+    return subprocess.Popen(command, env=os.environ.copy())
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM (Celery's warm shutdown: the running job finishes), then SIGKILL after ``grace_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _curl_example(base: str, settings: Settings) -> str:
+    from model_store.catalog import Catalog
+
+    catalog = Catalog.default(settings.model_roots)
+    names = [entry.reference for entry in catalog.latest() if "vit" in entry.manifest.architecture]
+    model = names[0] if names else (catalog.names() or ["MODEL"])[0]
+    samples = sorted(SAMPLES.glob("*.png"))
+    image = samples[0] if samples else Path("IMAGE.png")
+    return f"curl -s -F image=@{image} -F model={model} '{base}/v1/explanations?wait=20'"
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(1, 256), help="HTTP threads.")
+@click.pass_obj
+def serve_command(settings: Settings, host: str, port: int, threads: int) -> None:
+    """Serve the HTTP API (and, without REDIS_URL, an embedded worker)."""
+    from waitress import serve
+
+    from service.app import create_app
+
+    app = create_app(settings)
+    worker = None
+    if settings.redis_url:
+        click.echo(f"using Redis at {settings.redis_url}; start workers with: classlens worker")
+    else:
+        click.echo(f"embedded mode: broker and store under {settings.data_dir}; starting a worker")
+        worker = _start_worker()
+    base = f"http://{host}:{port}"
+    click.echo(f"ClassLens API on {base} (docs: {base}/docs). Try:\n  {_curl_example(base, settings)}")
+    # SIGTERM (docker stop, systemd) ends the server like Ctrl-C does, so the worker is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(app, host=host, port=port, threads=threads)
+    finally:
+        if worker is not None:
+            _stop(worker)
+
+
+@click.command("worker")
+@click.option("--queues", default=",".join(ALL_QUEUES), show_default=True, help="Comma-separated queues to consume.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--pool", type=click.Choice(["solo", "prefork", "threads"]), default="solo", show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_obj
+def worker_command(settings: Settings, queues: str, concurrency: int, pool: str, loglevel: str) -> None:
+    """Run a Celery worker for the explain (gpu), audit and analysis queues."""
+    from celery.signals import worker_ready
+
+    import worker.tasks as tasks
+    from classlens.heartbeat import start_heartbeat
+    from classlens.queue import create_celery
+    from classlens.store import open_store
+
+    tasks.configure(settings)
+    app = create_celery(settings, include_tasks=True)
+    store = open_store(settings)
+
+    def _ready(**_: Any) -> None:
+        start_heartbeat(store, settings.worker_heartbeat_s)
+
+    worker_ready.connect(_ready, weak=False)
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queues}",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname=classlens@%h",
+        ]
+    )

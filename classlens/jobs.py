@@ -1,0 +1,192 @@
+"""Job records, content keys and in-flight de-duplication, over any :class:`~classlens.store.Store`.
+
+The API and the workers change jobs only through :class:`JobStore`, so the key layout
+of ``docs/service-design.md`` lives in one place:
+
+========================  ==================================  ===================
+key                       value                               TTL
+========================  ==================================  ===================
+``job:<id>``              :class:`~classlens.contract.Job`    result TTL
+``image:<sha256>``        the uploaded image bytes            result TTL
+``result:<content key>``  the result JSON (the cache)         result TTL
+``inflight:<content key>`` id of the job computing it         task hard limit
+========================  ==================================  ===================
+
+A content key names a result by everything it depends on (weights, image, canonical
+parameters), so equal requests share one result and one computation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from classlens.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
+from classlens.store import Store
+
+Outcome = Literal["cached", "joined", "queued"]
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: equal parameters give equal text, hence equal keys."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_key(weights_sha256: str, image_sha256: str, parameters: Mapping[str, Any]) -> str:
+    """sha256 of the weights digest, the image digest and the canonical parameters."""
+    text = "\n".join([weights_sha256, image_sha256, canonical_json(dict(parameters))])
+    return sha256_hex(text.encode())
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What became of a submitted request: a finished job from the cache, a joined one, or a new one."""
+
+    job: Job
+    outcome: Outcome
+    result: bytes | None = None
+
+
+class JobStore:
+    """Jobs, images and results in a store, with the TTLs from settings."""
+
+    def __init__(self, store: Store, *, ttl_s: float, inflight_ttl_s: float):
+        self.store = store
+        self.ttl_s = ttl_s
+        self.inflight_ttl_s = inflight_ttl_s
+
+    # -- records -------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        data = self.store.get(f"job:{job_id}")
+        if data is None:
+            return None
+        try:
+            return Job.model_validate_json(data)
+        except ValidationError:  # a record from an incompatible version: as good as gone
+            return None
+
+    def save(self, job: Job) -> Job:
+        self.store.set(f"job:{job.id}", job.model_dump_json().encode(), self.ttl_s)
+        return job
+
+    def update(self, job: Job, **changes: Any) -> Job:
+        return self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
+
+    def put_image(self, data: bytes) -> str:
+        digest = sha256_hex(data)
+        self.store.set(f"image:{digest}", data, self.ttl_s)
+        return digest
+
+    def image(self, digest: str) -> bytes | None:
+        return self.store.get(f"image:{digest}")
+
+    def result(self, key: str) -> bytes | None:
+        return self.store.get(f"result:{key}")
+
+    def put_result(self, key: str, data: bytes) -> None:
+        self.store.set(f"result:{key}", data, self.ttl_s)
+
+    # -- the API side --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        kind: JobKind,
+        model: str,
+        parameters: Mapping[str, Any],
+        key: str,
+        image_key: str | None,
+        enqueue: Callable[[Job], None],
+        total: int = 1,
+    ) -> Submission:
+        """A cached result, the job already computing ``key``, or a new job handed to ``enqueue``.
+
+        The new job's record is saved before it claims ``inflight:<key>`` (``set_if_absent``),
+        so whoever reads the claim finds the job. A claim whose job has finished or vanished
+        is stale and is taken over. If ``enqueue`` raises, the job is marked failed, the claim
+        released and the error re-raised: nothing accepted is silently dropped.
+        """
+        now = time.time()
+        job = Job(
+            id=new_job_id(),
+            kind=kind,
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            model=model,
+            parameters=dict(parameters),
+            content_key=key,
+            image_key=image_key,
+            progress=Progress(done=0, total=total),
+        )
+        for _ in range(3):
+            cached = self.result(key)
+            if cached is not None:
+                done = job.model_copy(
+                    update={"status": "succeeded", "finished_at": now, "progress": Progress(done=total, total=total)}
+                )
+                return Submission(self.save(done), "cached", cached)
+            self.save(job)
+            if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), self.inflight_ttl_s):
+                try:
+                    enqueue(job)
+                except Exception:
+                    self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
+                    raise
+                return Submission(job, "queued")
+            self.store.delete(f"job:{job.id}")
+            claimed = self.store.get(f"inflight:{key}")
+            running = self.get(claimed.decode()) if claimed else None
+            if running is not None and running.status not in TERMINAL_STATUSES:
+                return Submission(running, "joined")
+            if claimed is not None:
+                self.store.delete(f"inflight:{key}")
+        raise RuntimeError(f"could not claim content key {key} after 3 attempts")
+
+    # -- the worker side -----------------------------------------------------------------------------
+
+    def start(self, job: Job) -> Job:
+        return self.update(job, status="running", started_at=time.time())
+
+    def progress(self, job: Job, done: int) -> Job:
+        return self.update(job, progress=Progress(done=done, total=job.progress.total))
+
+    def succeed(self, job: Job, result: bytes) -> Job:
+        """Store the result under the content key (the cache), then finish the job and drop the claim."""
+        self.put_result(job.content_key, result)
+        finished = self.update(
+            job,
+            status="succeeded",
+            finished_at=time.time(),
+            progress=Progress(done=job.progress.total, total=job.progress.total),
+            error=None,
+        )
+        self.release(finished)
+        return finished
+
+    def fail(self, job: Job, title: str, detail: str) -> Job:
+        failed = self.update(job, status="failed", finished_at=time.time(), error=JobError(title=title, detail=detail))
+        self.release(failed)
+        return failed
+
+    def release(self, job: Job) -> None:
+        """Drop ``inflight:<key>`` if this job holds it, so a later equal request is computed afresh."""
+        claimed = self.store.get(f"inflight:{job.content_key}")
+        if claimed is not None and claimed.decode() == job.id:
+            self.store.delete(f"inflight:{job.content_key}")

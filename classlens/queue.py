@@ -1,0 +1,105 @@
+"""The one Celery app factory, the task names and the queues: shared by the API and the workers.
+
+Celery is a queue only here: job state and results live in our store
+(:mod:`classlens.jobs`), so results are ignored. The API enqueues by task *name*
+(:func:`enqueue`) and never imports :mod:`worker`; only a worker asks for the task
+code (``include_tasks=True``).
+
+Without ``REDIS_URL`` the broker is kombu's ``filesystem://`` transport under
+``data_dir/broker``: the embedded mode needs nothing but Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from classlens.settings import Settings
+
+EXPLAIN_TASK = "classlens.explain"
+AUDIT_TASK = "classlens.audit"
+
+EXPLAIN_QUEUE = "gpu"
+AUDIT_QUEUE = "audits"
+ANALYSIS_QUEUE = "analyses"
+ALL_QUEUES = (EXPLAIN_QUEUE, AUDIT_QUEUE, ANALYSIS_QUEUE)
+
+TASK_ROUTES = {
+    EXPLAIN_TASK: {"queue": EXPLAIN_QUEUE},
+    AUDIT_TASK: {"queue": AUDIT_QUEUE},
+    "classlens.analyse.*": {"queue": ANALYSIS_QUEUE},
+}
+
+
+def broker_folder(settings: Settings) -> Path:
+    """Where the embedded broker keeps its messages (one file per message)."""
+    return settings.data_dir / "broker"
+
+
+def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
+    if settings.redis_url:
+        return settings.redis_url, {"visibility_timeout": settings.task_time_limit_s * 2}
+    folder = broker_folder(settings)
+    for sub in ("queue", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    options = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+        "polling_interval": settings.embedded_poll_s,
+    }
+    return "filesystem://", options
+
+
+def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
+    """A Celery app configured from settings; with ``include_tasks`` it also registers the worker's tasks."""
+    url, transport_options = _broker(settings)
+    app = Celery("classlens", broker=url, include=["worker.tasks"] if include_tasks else [])
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        result_backend=None,
+        task_ignore_result=True,
+        # JSON only: a message can never carry pickled code.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        # A job is acknowledged when done, so a crashed worker's job is redelivered (tasks are idempotent).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_routes=TASK_ROUTES,
+        task_default_queue=EXPLAIN_QUEUE,
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        # The embedded broker has no fan-out worth paying for: our own heartbeat tells /readyz a worker lives.
+        worker_enable_remote_control=bool(settings.redis_url),
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, task_name: str, job_id: str) -> None:
+    """Send a task by name with the job id as its only argument (images travel by store key)."""
+    app.send_task(task_name, args=[job_id])
+
+
+def queue_depths(app: Celery, queues: tuple[str, ...] = ALL_QUEUES) -> dict[str, int]:
+    """Messages waiting per queue (not counting those a worker holds); queues that cannot be read are left out."""
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            try:
+                _, count, _ = channel.queue_declare(queue=queue, passive=True)
+            except Exception:  # a queue nobody declared yet, or a broker hiccup: no figure rather than an error
+                continue
+            depths[queue] = int(count)
+    return depths

@@ -1,0 +1,71 @@
+"""Explanation statistics kept as counters in the store: written by workers, exported by the API.
+
+The workers are other processes (other machines, with Redis), so a Prometheus registry in
+the API cannot see their jobs. Instead each finished job bumps a few integer counters in
+the store (atomic ``INCRBY``), and the API's ``/metrics`` reads them at scrape time.
+Counter names are derived from the catalog (models, their depth), so no key listing is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from classlens.store import Store
+
+# Upper bounds (seconds) of the job-duration histogram; +Inf is implied.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STATUSES = ("succeeded", "failed")
+NEVER = "never"
+
+
+def _bucket_name(bound: float) -> str:
+    return "inf" if math.isinf(bound) else f"{bound:g}"
+
+
+def record_job(store: Store, *, kind: str, model: str, status: str, duration_s: float) -> None:
+    """Count a finished job and its run time (cumulative histogram buckets, sum in milliseconds)."""
+    store.incr(f"stats:jobs:{kind}:{model}:{status}")
+    for bound in (*DURATION_BUCKETS, math.inf):
+        if duration_s <= bound:
+            store.incr(f"stats:duration:{kind}:{model}:{_bucket_name(bound)}")
+    store.incr(f"stats:duration_ms:{kind}:{model}", round(duration_s * 1000))
+
+
+def record_emergence(store: Store, *, model: str, layer: int | None) -> None:
+    """Count the layer at which an explained class emerged (``never`` when it did not)."""
+    store.incr(f"stats:emergence:{model}:{NEVER if layer is None else layer}")
+
+
+def _count(store: Store, key: str) -> int:
+    value = store.get(key)
+    return int(value) if value else 0
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model version's figures, read back for export."""
+
+    jobs: dict[tuple[str, str], int]  # (kind, status) -> count
+    duration_buckets: dict[str, list[tuple[float, int]]]  # kind -> cumulative (bound, count), +Inf last
+    duration_sum_s: dict[str, float]
+    emergence: dict[str, int]  # "0".."L" or "never" -> count
+
+
+def read_model_stats(store: Store, model: str, depth: int | None, kinds: Iterable[str]) -> ModelStats:
+    """The counters of ``model`` (name@version); ``depth`` bounds the emergence layers read (None: 0..64)."""
+    jobs: dict[tuple[str, str], int] = {}
+    buckets: dict[str, list[tuple[float, int]]] = {}
+    sums: dict[str, float] = {}
+    for kind in kinds:
+        for status in STATUSES:
+            jobs[(kind, status)] = _count(store, f"stats:jobs:{kind}:{model}:{status}")
+        buckets[kind] = [
+            (bound, _count(store, f"stats:duration:{kind}:{model}:{_bucket_name(bound)}"))
+            for bound in (*DURATION_BUCKETS, math.inf)
+        ]
+        sums[kind] = _count(store, f"stats:duration_ms:{kind}:{model}") / 1000
+    layers = [str(layer) for layer in range((depth if depth is not None else 64) + 1)] + [NEVER]
+    emergence = {layer: _count(store, f"stats:emergence:{model}:{layer}") for layer in layers}
+    return ModelStats(jobs, buckets, sums, {layer: n for layer, n in emergence.items() if n})

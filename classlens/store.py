@@ -1,0 +1,201 @@
+"""The key-value store behind jobs, uploaded images and the result cache.
+
+One small interface, two back-ends, so that the same API and task code run with
+Redis (``REDIS_URL`` set) and embedded on one machine (SQLite under the data dir):
+
+- :class:`RedisStore`: ``SET ... PX`` for TTLs, ``SET NX`` for in-flight de-duplication.
+- :class:`SqliteStore`: one table in WAL mode, shared safely by the API's threads and the
+  worker process; expiry is checked on read, and ``set_if_absent`` treats an expired row
+  as absent, so both back-ends agree on every operation.
+
+Values are bytes: callers decide the encoding (JSON for records, raw bytes for images).
+Every back-end failure is a :class:`StoreError`, which the API answers with a 503.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from classlens.settings import Settings
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached or refused an operation."""
+
+
+class Store(Protocol):
+    """What the service and the workers need from a key-value store."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value, or None when missing or expired."""
+        ...
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store ``value`` for ``ttl_s`` seconds, replacing any previous value."""
+        ...
+
+    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        """Store ``value`` only when ``key`` is missing or expired; True when this call stored it."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        """Add to an integer counter (created at 0, never expires) and return the new value."""
+        ...
+
+    def ping(self) -> None:
+        """Return when the store answers; :class:`StoreError` otherwise."""
+        ...
+
+
+def _milliseconds(ttl_s: float) -> int:
+    return max(1, round(ttl_s * 1000))
+
+
+class RedisStore:
+    """A :class:`Store` over one Redis database."""
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0):
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            value = self._client.get(key)
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        if value is None:
+            return None
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            self._client.set(key, value, px=_milliseconds(ttl_s))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        try:
+            return bool(self._client.set(key, value, px=_milliseconds(ttl_s), nx=True))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete(key)
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        try:
+            return int(self._client.incrby(key, amount))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
+
+
+class SqliteStore:
+    """A :class:`Store` in one SQLite file, for the embedded (no Redis) mode.
+
+    A connection per thread and process (SQLite connections must not cross either);
+    WAL lets the API read while the worker writes. ``expires`` is NULL for counters.
+    """
+
+    def __init__(self, path: Path, *, timeout_s: float = 10.0):
+        self.path = path
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as connection:
+            connection.execute(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        pid = os.getpid()
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None or getattr(self._local, "pid", None) != pid:
+            try:
+                connection = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as error:
+                raise StoreError(f"sqlite {self.path}: {error}") from error
+            self._local.connection, self._local.pid = connection, pid
+        return connection
+
+    def _run(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
+        try:
+            return self._connection().execute(sql, parameters)
+        except sqlite3.Error as error:
+            raise StoreError(f"sqlite {self.path}: {error}") from error
+
+    def get(self, key: str) -> bytes | None:
+        row = self._run(
+            "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)", (key, time.time())
+        ).fetchone()
+        if row is None:
+            return None
+        value = row[0]
+        return value.encode() if isinstance(value, str) else bytes(value)  # counters are stored as text
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._run("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, time.time() + ttl_s))
+
+    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        now = time.time()
+        connection = self._connection()
+        try:
+            # One write transaction: the expired row goes and the new one comes in atomically.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.execute("DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now))
+                cursor = connection.execute(
+                    "INSERT OR IGNORE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, now + ttl_s)
+                )
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            raise StoreError(f"sqlite {self.path}: {error}") from error
+        return cursor.rowcount == 1
+
+    def delete(self, key: str) -> None:
+        self._run("DELETE FROM kv WHERE key = ?", (key,))
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        row = self._run(
+            "INSERT INTO kv (key, value, expires) VALUES (?, CAST(? AS TEXT), NULL) "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT) RETURNING value",
+            (key, amount, amount),
+        ).fetchone()
+        return int(row[0])
+
+    def ping(self) -> None:
+        self._run("SELECT 1", ())
+
+    def purge_expired(self) -> int:
+        """Delete expired rows (the embedded server calls this now and then); the number deleted."""
+        return self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)).rowcount
+
+
+def open_store(settings: Settings) -> Store:
+    """Redis when ``settings.redis_url`` is set, else SQLite under the data dir."""
+    if settings.redis_url:
+        return RedisStore(settings.redis_url)
+    return SqliteStore(settings.data_dir / "store.sqlite3")

@@ -1,0 +1,79 @@
+"""The application factory: ``create_app(settings)`` builds one independent API.
+
+Everything an app uses (store, queue, catalog, contract, metrics) is made here or passed
+in, and kept in ``app.extensions["classlens"]``: nothing is configured at import time, and
+tests can build several apps side by side with their own store and broker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, Response, current_app, g, request
+
+from classlens.jobs import JobStore
+from classlens.queue import create_celery
+from classlens.settings import Settings
+from classlens.store import Store, open_store
+from model_store.catalog import Catalog
+from service.errors import register_error_handlers
+from service.metrics import Metrics
+from service.openapi import Contract
+
+
+@dataclass
+class Services:
+    """The parts one app works with."""
+
+    settings: Settings
+    store: Store
+    jobs: JobStore
+    celery: Celery
+    catalog: Catalog
+    contract: Contract
+    metrics: Metrics
+
+
+def services() -> Services:
+    """The current app's parts (inside a request or app context)."""
+    found: Services = current_app.extensions["classlens"]
+    return found
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None, celery: Celery | None = None) -> Flask:
+    """The API over ``store`` and ``celery`` (by default: those ``settings`` name)."""
+    from service.routes import explanations, models, operations
+
+    settings = settings or Settings()
+    store = store or open_store(settings)
+    celery = celery or create_celery(settings)
+    catalog = Catalog.default(settings.model_roots)
+    jobs = JobStore(store, ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
+    parts = Services(settings, store, jobs, celery, catalog, Contract(), Metrics(store, celery, catalog))
+
+    app = Flask("service")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["classlens"] = parts
+    register_error_handlers(app)
+    app.register_blueprint(explanations.blueprint)
+    app.register_blueprint(models.blueprint)
+    app.register_blueprint(operations.blueprint)
+
+    @app.before_request
+    def _validate() -> None:
+        g.started = time.perf_counter()
+        parts.contract.validate(request)
+
+    @app.after_request
+    def _measure(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        parts.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            parts.metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    return app

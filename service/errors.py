@@ -1,0 +1,110 @@
+"""Every error as ``application/problem+json`` (RFC 9457), from one table of domain exceptions.
+
+Handlers raise domain exceptions (``ImageError``, ``ModelNotFoundError``, ``StoreError``...)
+or a :class:`Problem`; :func:`problem_for` turns any of them into a status and a body, so
+the HTTP meaning of each failure is decided here and nowhere else. Unexpected exceptions
+become a 500 whose detail leaks nothing; they are logged with their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, json
+from kombu.exceptions import KombuError, OperationalError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from classlens.images import ImageError
+from classlens.store import StoreError
+from model_store.catalog import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error response: status, a short title, a detail saying what to change, and a machine name."""
+
+    def __init__(self, status: int, title: str, detail: str, *, problem: str, **extra: Any):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.problem = problem
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": f"urn:classlens:problem:{self.problem}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "problem": self.problem,
+            **self.extra,
+        }
+
+
+_IMAGE_PROBLEMS: dict[str, tuple[int, str]] = {
+    "empty": (422, "Empty image"),
+    "unreadable": (422, "Unreadable image"),
+    "truncated": (422, "Truncated image"),
+    "unsupported_format": (415, "Unsupported image type"),
+    "too_many_pixels": (422, "Too many pixels"),
+}
+
+
+def _image(error: ImageError) -> Problem:
+    status, title = _IMAGE_PROBLEMS.get(error.problem, (422, "Unusable image"))
+    return Problem(status, title, error.detail, problem=error.problem)
+
+
+def _http(error: HTTPException) -> Problem:
+    status = error.code or 500
+    if isinstance(error, RequestEntityTooLarge):
+        return Problem(
+            413, "Request too large", "the request body is larger than this server accepts", problem="too_large"
+        )
+    name = (error.name or "error").lower().replace(" ", "_")
+    return Problem(status, error.name or "Error", error.description or "", problem=name)
+
+
+# The table: domain exception -> Problem. The first matching row wins, so subclasses come first.
+PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
+    (Problem, lambda error: error),
+    (ImageError, _image),
+    (ModelNotFoundError, lambda error: Problem(404, "Unknown model", str(error), problem="unknown_model")),
+    (StoreError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
+    (
+        OperationalError,
+        lambda error: Problem(503, "Queue unavailable", "the job queue cannot be reached", problem="queue"),
+    ),
+    (KombuError, lambda error: Problem(503, "Queue unavailable", "the job queue refused the job", problem="queue")),
+    (HTTPException, _http),
+]
+
+
+def problem_for(error: BaseException) -> Problem:
+    for kind, convert in PROBLEM_TABLE:
+        if isinstance(error, kind):
+            return convert(error)
+    log.error("unhandled error", exc_info=error)
+    return Problem(500, "Internal error", "the server failed unexpectedly; the error was logged", problem="internal")
+
+
+def problem_response(problem: Problem) -> Response:
+    return Response(json.dumps(problem.body()), status=problem.status, mimetype=PROBLEM_JSON)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every exception through :func:`problem_for`."""
+
+    @app.errorhandler(Exception)
+    def _handle(error: Exception) -> Response:
+        response = problem_response(problem_for(error))
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:  # a 405 says what is allowed
+            response.headers["Allow"] = ", ".join(allowed)
+        return response

@@ -1,0 +1,171 @@
+"""``/v1/explanations``: submit one image, follow its job, fetch its relevance maps as PNG.
+
+A submission is checked completely before anything is queued (the contract, the model,
+the classes and layers, and the image itself is decoded once), so a job that is accepted
+can only fail for reasons the request could not have known.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from classlens.contract import TERMINAL_STATUSES, Job
+from classlens.images import ImageError, decode_image, fit_to_input
+from classlens.jobs import content_key, sha256_hex
+from classlens.queue import EXPLAIN_TASK, enqueue
+from classlens.render import render_overlay, to_png_bytes
+from model_store.catalog import ModelNotFoundError
+from service.app import Services, services
+from service.errors import Problem
+from service.model_info import model_info
+from service.params import ExplainInput, canonical_request, from_form, from_json
+from service.views import job_view
+
+blueprint = Blueprint("explanations", __name__, url_prefix="/v1/explanations")
+
+_POLL_S = 0.05
+
+
+def _wait_seconds(parts: Services) -> float:
+    """The ``wait`` query parameter (validated by the contract), capped by settings."""
+    return min(float(request.args.get("wait", 0) or 0), parts.settings.max_wait_s)
+
+
+def _await(parts: Services, job: Job, seconds: float) -> Job:
+    """The job once it is finished, or as it is after ``seconds`` (a long poll)."""
+    deadline = time.monotonic() + seconds
+    while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0)))
+        job = parts.jobs.get(job.id) or job
+    return job
+
+
+def _result_of(parts: Services, job: Job) -> bytes | None:
+    if job.status != "succeeded":
+        return None
+    result = parts.jobs.result(job.content_key)
+    if result is None:
+        raise Problem(410, "Result expired", f"the result of job {job.id} has expired; submit again", problem="expired")
+    return result
+
+
+def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | None = None) -> Response:
+    response = jsonify(job_view(job, _result_of(parts, job), cached=cached))
+    response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
+    response.headers["Location"] = url_for("explanations.get_explanation", id=job.id)
+    return response
+
+
+def _read_input() -> ExplainInput:
+    if request.mimetype == "application/json":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise Problem(400, "Malformed request body", "the body is not a JSON object", problem="malformed_body")
+        return from_json(body)
+    return from_form(request.form, request.files)
+
+
+@blueprint.post("")
+def create_explanation() -> Response:
+    """Answer from the cache, join the equal job in flight, or queue a new job."""
+    parts = services()
+    submitted = _read_input()
+    try:
+        entry = parts.catalog.resolve(submitted.model)
+    except ModelNotFoundError as error:
+        raise Problem(422, "Unknown model", str(error), problem="unknown_model") from error
+    try:
+        decode_image(submitted.image, max_pixels=parts.settings.max_image_pixels)
+    except ImageError as error:
+        parts.metrics.rejected_images.labels(error.problem).inc()
+        raise
+    explain_request = canonical_request(submitted.fields, entry.labels(), model_info(entry.manifest))
+    parameters = explain_request.model_dump(mode="json")
+    image_key = sha256_hex(submitted.image)
+    submission = parts.jobs.submit(
+        kind="explanation",
+        model=entry.reference,
+        parameters=parameters,
+        key=content_key(entry.manifest.weights.sha256, image_key, parameters),
+        image_key=parts.jobs.put_image(submitted.image),
+        enqueue=lambda job: enqueue(parts.celery, EXPLAIN_TASK, job.id),
+    )
+    parts.metrics.submissions.labels("explanation", submission.outcome).inc()
+    job = submission.job
+    if submission.outcome != "cached":
+        job = _await(parts, job, _wait_seconds(parts))
+    return _respond(parts, job, cached=submission.outcome == "cached")
+
+
+def _job(parts: Services, job_id: str) -> Job:
+    job = parts.jobs.get(job_id)
+    if job is None or job.kind != "explanation":
+        raise Problem(
+            404, "Unknown job", f"there is no explanation job {job_id!r} (jobs expire)", problem="unknown_job"
+        )
+    return job
+
+
+@blueprint.get("/<id>")
+def get_explanation(id: str) -> Response:
+    parts = services()
+    job = _await(parts, _job(parts, id), _wait_seconds(parts))
+    return _respond(parts, job, status=200)
+
+
+def _target(explanation: dict[str, Any], target: str) -> dict[str, Any]:
+    for candidate in explanation["targets"]:
+        if target == str(candidate["index"]) or target.casefold() == candidate["label"].casefold():
+            return dict(candidate)
+    explained = ", ".join(f"{t['index']} ({t['label']})" for t in explanation["targets"])
+    raise Problem(
+        404, "Unknown target", f"{target!r} was not explained; targets: {explained}", problem="unknown_target"
+    )
+
+
+def _map_of(explanation: dict[str, Any], target: dict[str, Any], kind: str) -> tuple[list[list[float]], str]:
+    if kind == "gradient":
+        if target.get("gradient_map") is None:
+            raise Problem(404, "No gradient map", "submit the job with gradient_map: true", problem="no_map")
+        return target["gradient_map"], f"{target['label']}: gradient relevance"
+    maps: dict[str, list[list[float]]] = target["projection_maps"]
+    layer = str(int(request.args["layer"])) if "layer" in request.args else list(maps)[-1]
+    if layer not in maps:
+        raise Problem(
+            404, "No map at this layer", f"layer {layer} was not computed; layers: {', '.join(maps)}", problem="no_map"
+        )
+    title = f"{target['label']}: {explanation['map_kind']} at layer {layer} of {explanation['layers']}"
+    return maps[layer], title
+
+
+@blueprint.get("/<id>/maps/<target>.png")
+def get_map(id: str, target: str) -> Response:
+    """One target's map over the image as the network saw it, rendered here (no torch needed)."""
+    parts = services()
+    job = _job(parts, id)
+    if job.status != "succeeded":
+        raise Problem(409, "Job not succeeded", f"job {job.id} is {job.status}", problem="not_ready")
+    explanation = json.loads(_result_of(parts, job) or b"{}")
+    chosen = _target(explanation, target)
+    kind = request.args.get("kind", "projection")
+    values, title = _map_of(explanation, chosen, kind)
+    data = parts.jobs.image(job.image_key) if job.image_key else None
+    if data is None:
+        raise Problem(410, "Image expired", f"the image of job {job.id} has expired", problem="expired")
+    try:
+        manifest = parts.catalog.resolve(job.model).manifest
+    except ModelNotFoundError as error:
+        raise Problem(410, "Model gone", f"{job.model} is no longer in the catalog", problem="expired") from error
+    seen = fit_to_input(
+        decode_image(data, max_pixels=parts.settings.max_image_pixels), manifest.input, manifest.preprocessing
+    )
+    colormap = "RdBu_r" if kind == "gradient" else "inferno"
+    png = to_png_bytes(render_overlay(seen, np.asarray(values, dtype=np.float64), title=title, colormap=colormap))
+    response = Response(png, mimetype="image/png")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response

@@ -1,0 +1,43 @@
+"""Job records as the API shows them: ISO timestamps, links, and the result once there is one."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import url_for
+
+from classlens.contract import Job
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def job_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> dict[str, Any]:
+    """The ``ExplanationJob`` of openapi.yaml; ``result`` is the stored result JSON, if any."""
+    links: dict[str, Any] = {"self": url_for("explanations.get_explanation", id=job.id)}
+    view: dict[str, Any] = {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "model": job.model,
+        "parameters": job.parameters,
+        "progress": job.progress.model_dump(),
+        "error": job.error.model_dump() if job.error else None,
+        "cached": cached,
+        "links": links,
+    }
+    if result is not None:
+        explanation = json.loads(result)
+        view["result"] = explanation
+        links["maps"] = {
+            str(target["index"]): url_for("explanations.get_map", id=job.id, target=str(target["index"]))
+            for target in explanation["targets"]
+        }
+    return view

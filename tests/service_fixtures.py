@@ -1,0 +1,167 @@
+"""Real parts for the service tests: a redis-server on a free port, a tiny registered ViT, worker processes.
+
+Imported by ``tests/conftest.py`` so that every test module sees these fixtures.
+redis-server is required: without it the fixture fails (it never skips), since the
+service's tests would otherwise silently prove nothing about Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+import worker  # noqa: F401  (torchvision compatibility before timm)
+from classlens import fashion_mnist
+
+FASHION_LABELS = list(fashion_mnist.LABELS)
+TINY_MODEL = "tiny-vit"
+TINY_DEPTH = 2
+SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples" / "fashion-mnist"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server (no persistence) for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; the service tests need it (Debian: apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store root with ``tiny-vit@1``: a random 2-block ViT on 28x28 grey images, Fashion-MNIST labels."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from model_store.catalog import add_model
+
+    work = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    args = {
+        "img_size": 28,
+        "patch_size": 4,
+        "in_chans": 1,
+        "depth": TINY_DEPTH,
+        "embed_dim": 64,
+        "num_heads": 2,
+        "num_classes": 10,
+    }
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    weights = work / "tiny.safetensors"
+    save_file(model.state_dict(), str(weights))
+    labels = work / "labels.txt"
+    labels.write_text("\n".join(FASHION_LABELS) + "\n")
+    root = work / "models"
+    fields = {
+        "name": TINY_MODEL,
+        "version": "1",
+        "framework": "timm",
+        "architecture": "vit_tiny_patch16_224",
+        "model_args": args,
+        "input": {"height": 28, "width": 28, "channels": 1, "colour_mode": "L"},
+        "preprocessing": {"resize": (28, 28), "mean": (0.286,), "std": (0.353,)},
+        "provenance": {"data": "random", "recipe": "tests", "date": "2026-01-01", "licence": "MIT"},
+    }
+    add_model(root, fields, weights, labels)
+    return root
+
+
+def sample_png(name: str = "test-00002.png") -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny 1-bit PNG that *claims* ``width x height``: a decompression bomb as far as a header goes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def noise_png(size: int = 256) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``classlens worker`` in its own process group, its output in ``log``."""
+    command = [sys.executable, "-c", "from classlens.cli import main; main()", "worker", "--loglevel=WARNING"]
+    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
+    from classlens.heartbeat import last_beat
+
+    deadline = time.monotonic() + timeout_s
+    while last_beat(store) is None:  # type: ignore[arg-type]
+        if process.poll() is not None:
+            pytest.fail(f"the worker exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no worker heartbeat after {timeout_s} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)

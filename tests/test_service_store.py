@@ -1,0 +1,126 @@
+"""Both store back-ends against the same behaviour: a real redis-server and a real SQLite file."""
+
+import time
+import uuid
+
+import pytest
+
+from classlens.contract import ExplainRequest
+from classlens.jobs import JobStore, content_key
+from classlens.store import RedisStore, SqliteStore
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request, tmp_path):
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return RedisStore(url)
+    return SqliteStore(tmp_path / "store.sqlite3")
+
+
+def key() -> str:
+    return f"test:{uuid.uuid4().hex}"
+
+
+def test_get_set_delete_and_ttl(store):
+    k = key()
+    assert store.get(k) is None
+    store.set(k, b"one", 60)
+    assert store.get(k) == b"one"
+    store.set(k, b"two", 0.2)
+    assert store.get(k) == b"two"
+    time.sleep(0.3)
+    assert store.get(k) is None
+    store.set(k, b"three", 60)
+    store.delete(k)
+    assert store.get(k) is None
+    store.ping()
+
+
+def test_set_if_absent_claims_once_and_again_after_expiry(store):
+    k = key()
+    assert store.set_if_absent(k, b"first", 0.3)
+    assert not store.set_if_absent(k, b"second", 60)
+    assert store.get(k) == b"first"
+    time.sleep(0.4)
+    assert store.set_if_absent(k, b"third", 60)
+    assert store.get(k) == b"third"
+
+
+def test_counters(store):
+    k = key()
+    assert store.incr(k) == 1
+    assert store.incr(k, 5) == 6
+    assert int(store.get(k)) == 6
+
+
+def test_sqlite_is_shared_between_connections(tmp_path):
+    first, second = SqliteStore(tmp_path / "s.sqlite3"), SqliteStore(tmp_path / "s.sqlite3")
+    first.set("k", b"v", 60)
+    assert second.get("k") == b"v"
+    assert not second.set_if_absent("k", b"w", 60)
+
+
+def test_content_key_is_canonical():
+    a = ExplainRequest(targets=[1], layers=[2, 0]).model_dump(mode="json")
+    b = dict(reversed(list(a.items())))
+    assert content_key("w", "i", a) == content_key("w", "i", b)
+    assert content_key("w", "i", a) != content_key("w", "j", a)
+
+
+def _submit(jobs, key, queued):
+    return jobs.submit(
+        kind="explanation",
+        model="m@1",
+        parameters={},
+        key=key,
+        image_key="img",
+        enqueue=lambda job: queued.append(job.id),
+    )
+
+
+def test_submit_joins_in_flight_then_caches(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    queued: list[str] = []
+    k = key()
+    first = _submit(jobs, k, queued)
+    second = _submit(jobs, k, queued)
+    assert first.outcome == "queued" and second.outcome == "joined"
+    assert second.job.id == first.job.id and queued == [first.job.id]
+    finished = jobs.succeed(jobs.start(first.job), b'{"answer": 42}')
+    assert finished.status == "succeeded" and store.get(f"inflight:{k}") is None
+    third = _submit(jobs, k, queued)
+    assert third.outcome == "cached" and third.result == b'{"answer": 42}' and third.job.status == "succeeded"
+    assert queued == [first.job.id]
+
+
+def test_a_failed_job_is_not_joined(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    queued: list[str] = []
+    k = key()
+    first = _submit(jobs, k, queued)
+    failed = jobs.fail(first.job, "Broken", "it broke")
+    assert failed.error is not None and failed.error.title == "Broken"
+    again = _submit(jobs, k, queued)
+    assert again.outcome == "queued" and again.job.id != first.job.id
+
+
+def test_a_stale_claim_is_taken_over(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    k = key()
+    store.set(f"inflight:{k}", b"vanished-job", 60)
+    queued: list[str] = []
+    submission = _submit(jobs, k, queued)
+    assert submission.outcome == "queued" and queued == [submission.job.id]
+
+
+def test_enqueue_failure_marks_the_job_failed(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    k = key()
+
+    def refuse(job):
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        jobs.submit(kind="explanation", model="m@1", parameters={}, key=k, image_key=None, enqueue=refuse)
+    assert store.get(f"inflight:{k}") is None

@@ -1,0 +1,145 @@
+"""The Celery tasks: thin. Read the job, decode the image, call the lens, store the result.
+
+Tasks take the job id only; the image is read from the store by its key, and the result
+goes back to the store under its content key (:class:`classlens.jobs.JobStore`). They are
+idempotent: a redelivered job whose result exists is just marked succeeded. Every failure
+is recorded in the job with a title and a detail a person can act on; none is retried,
+since the same input would fail the same way.
+
+Per process state (settings, store, catalog, loaded models) is built lazily on first use,
+after the worker has forked, so models load once per process and CUDA is never
+initialised in a parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
+
+from classlens import stats
+from classlens.contract import ExplainRequest, Explanation, Job
+from classlens.images import ImageError, decode_image
+from classlens.jobs import JobStore
+from classlens.queue import EXPLAIN_TASK
+from classlens.settings import Settings
+from classlens.store import open_store
+from model_store.artifacts import ArtifactError
+from model_store.catalog import Catalog, ModelNotFoundError
+from model_store.manifest import ManifestError
+from worker.lens.explain import ExplainError
+from worker.lens.vit import UnsupportedModelError
+from worker.model_loader import ModelLoadError
+from worker.runtime import ModelCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What one worker process needs, built once per process."""
+
+    settings: Settings
+    jobs: JobStore
+    models: ModelCache
+    pid: int
+
+
+_settings: Settings | None = None
+_runtime: Runtime | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Use these settings instead of reading the environment (the ``classlens worker`` command calls this)."""
+    global _settings, _runtime
+    _settings, _runtime = settings, None
+
+
+def runtime() -> Runtime:
+    """This process's runtime, created on first use (and again in a forked child)."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        settings = _settings or Settings()
+        jobs = JobStore(open_store(settings), ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
+        _runtime = Runtime(settings, jobs, ModelCache(Catalog.default(settings.model_roots)), os.getpid())
+    return _runtime
+
+
+# Failures that are the request's or the model's fault, with the title the job gets.
+_EXPECTED: tuple[tuple[type[BaseException], str], ...] = (
+    (ImageError, "The image cannot be decoded"),
+    (ExplainError, "The request cannot be explained"),
+    (UnsupportedModelError, "The model cannot be explained"),
+    (ModelNotFoundError, "Unknown model"),
+    (ModelLoadError, "The model cannot be loaded"),
+    (ArtifactError, "The model's files do not match its manifest"),
+    (ManifestError, "The model's manifest is invalid"),
+    (ValidationError, "Invalid job parameters"),
+)
+
+
+def _failure_title(error: BaseException) -> str | None:
+    for kind, title in _EXPECTED:
+        if isinstance(error, kind):
+            return title
+    return None
+
+
+def explain_job(rt: Runtime, job_id: str) -> Job | None:
+    """Run one explanation job to a terminal status; None when the job record is gone (expired)."""
+    jobs = rt.jobs
+    job = jobs.get(job_id)
+    if job is None:
+        log.warning("job %s no longer exists; dropping its task", job_id)
+        return None
+    if job.status in {"succeeded", "failed"}:
+        return job
+    cached = jobs.result(job.content_key)
+    if cached is not None:  # redelivered after the result was stored, or computed by an equal job
+        return jobs.succeed(job, cached)
+    job = jobs.start(job)
+    started = time.monotonic()
+    try:
+        explanation = _explain(rt, job)
+    except SoftTimeLimitExceeded:
+        limit = rt.settings.task_soft_time_limit_s
+        job = jobs.fail(job, "Time limit exceeded", f"the explanation took longer than {limit} s")
+    except Exception as error:
+        title = _failure_title(error)
+        if title is None:
+            log.exception("job %s failed unexpectedly", job.id)
+            title, detail = "Internal error", f"{type(error).__name__}: {error}"
+        else:
+            detail = getattr(error, "detail", None) or str(error)
+        job = jobs.fail(job, title, detail)
+    else:
+        job = jobs.succeed(job, explanation.model_dump_json().encode())
+        for target in explanation.targets:
+            stats.record_emergence(jobs.store, model=job.model, layer=target.emergence_layer)
+    stats.record_job(
+        jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
+    )
+    return job
+
+
+def _explain(rt: Runtime, job: Job) -> Explanation:
+    if job.image_key is None:
+        raise ExplainError("the job has no image")
+    data = rt.jobs.image(job.image_key)
+    if data is None:
+        raise ExplainError("the uploaded image has expired; submit it again")
+    image = decode_image(data, max_pixels=rt.settings.max_image_pixels)
+    request = ExplainRequest.model_validate(job.parameters)
+    [explanation] = rt.models.get(job.model).explain([image], request)
+    return explanation
+
+
+@shared_task(name=EXPLAIN_TASK, ignore_result=True)
+def explain_task(job_id: str) -> None:
+    """``classlens.explain(job_id)``: explain the job's image; the outcome is in the job record."""
+    explain_job(runtime(), job_id)
