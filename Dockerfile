@@ -1,11 +1,18 @@
 # syntax=docker/dockerfile:1
-# Two images from one file, installed the same way as the Makefile does it:
-#   docker build --target api    -t classlens-api .     (no torch)
-#   docker build --target worker -t classlens-worker .  (torch, timm)
-# It cannot be built on the development machines (no Docker engine there).
+# Two images from one file, installed the way the Makefile installs (one pip
+# command under constraints.txt, which pins torch):
+#   docker build --target api    -t classlens-api .     # Flask API, no torch
+#   docker build --target worker -t classlens-worker .  # Celery worker: torch, timm, onnxruntime-gpu
+# Both need REDIS_URL at run time. The development machines have no Docker
+# engine, so this file is not built in CI; keep it in step with the Makefile.
 
 FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CLASSLENS_DATA_DIR=/home/classlens/data \
+    CLASSLENS_OPENAPI_PATH=/app/openapi.yaml
 RUN useradd --create-home --uid 10001 classlens
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
@@ -13,17 +20,21 @@ COPY classlens ./classlens
 COPY service ./service
 COPY worker ./worker
 COPY model_store ./model_store
+COPY openapi.yaml ./
 
 FROM base AS api
 RUN pip install -c constraints.txt ".[api]"
 USER classlens
-ENV CLASSLENS_DATA_DIR=/home/classlens/data
-HEALTHCHECK CMD python -c "import model_store.catalog as c; assert c.Catalog.default().names()" || exit 1
-CMD ["classlens", "models", "list"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/livez').status != 200)"
+CMD ["classlens", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
-RUN pip install -c constraints.txt ".[worker]"
+# CUDA torch comes from the index of the image's CUDA version; the pin stays 2.13.0.
+RUN pip install -c constraints.txt ".[worker,onnx-gpu]"
 USER classlens
-ENV CLASSLENS_DATA_DIR=/home/classlens/data
-HEALTHCHECK CMD classlens models verify || exit 1
-CMD ["classlens", "models", "verify"]
+# Healthy while a worker's heartbeat is fresh in the store (see classlens/heartbeat.py).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s \
+    CMD python -c "import sys; from classlens.settings import Settings; from classlens.store import open_store; from classlens.heartbeat import last_beat; sys.exit(last_beat(open_store(Settings())) is None)"
+CMD ["classlens", "worker", "--queues", "gpu,audits,analyses"]

@@ -13,9 +13,11 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 .PHONY: run test lint pytest bench system-deps demo-models samples clean
 
+# Verify the model store, then serve the API with an embedded worker (no Redis
+# needed; set REDIS_URL to use Redis and run `classlens worker` separately).
 run: $(VENV)/.installed
-	$(BIN)/classlens models list
 	$(BIN)/classlens models verify
+	$(BIN)/classlens serve
 
 test: system-deps $(VENV)/.installed lint pytest
 

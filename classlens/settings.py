@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(default=30.0, ge=0)
     # A worker refreshes its heartbeat this often; /readyz wants one younger than three periods.
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    # The contract the API serves and enforces. Default: openapi.yaml at the top of
+    # the source tree; an installed (non-editable) package must be told where it is.
+    openapi_path: Path | None = None
     # Polling of the embedded (filesystem) broker, in seconds.
     embedded_poll_s: float = Field(default=0.05, gt=0)
 

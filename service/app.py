@@ -20,7 +20,7 @@ from classlens.store import Store, open_store
 from model_store.catalog import Catalog
 from service.errors import register_error_handlers
 from service.metrics import Metrics
-from service.openapi import Contract
+from service.openapi import SPEC_PATH, Contract
 
 
 @dataclass
@@ -51,7 +51,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
     celery = celery or create_celery(settings)
     catalog = Catalog.default(settings.model_roots)
     jobs = JobStore(store, ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
-    parts = Services(settings, store, jobs, celery, catalog, Contract(), Metrics(store, celery, catalog))
+    parts = Services(
+        settings,
+        store,
+        jobs,
+        celery,
+        catalog,
+        Contract(settings.openapi_path or SPEC_PATH),
+        Metrics(store, celery, catalog),
+    )
 
     app = Flask("service")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
