@@ -125,3 +125,88 @@ class Job(_Frozen):
     image_key: str | None = Field(default=None, description="sha256 of the uploaded image bytes.")
     progress: Progress = Progress(done=0, total=1)
     error: JobError | None = None
+
+
+# --- Audits (issue #4): many images explained in one job, summarised per image and overall. ---
+
+
+class AuditImage(_Frozen):
+    """One image of an audit: its name as uploaded, its store key and its true class (if known)."""
+
+    file: str
+    image_key: str = Field(description="sha256 of the image bytes (``image:<key>`` in the store).")
+    label: int | None = Field(default=None, description="The true class index, when the client gave one.")
+
+
+class AuditManifest(_Frozen):
+    """An audit's images, stored under its own key so that the job record stays small."""
+
+    images: list[AuditImage]
+
+
+class RelevanceLocation(_Frozen):
+    """Where a projection map puts its relevance (see ``worker.audits.locate_relevance``)."""
+
+    peak_row: int
+    peak_col: int
+    central_share: float | None = Field(description="Share of positive relevance in the central box; null if none.")
+
+
+class AuditRow(_Frozen):
+    file: str
+    true_index: int | None
+    true_label: str | None
+    predicted_index: int
+    predicted_label: str
+    probability: float = Field(description="The top-1 probability.")
+    correct: bool | None = Field(description="Predicted == true; null without a true label.")
+    predicted_emergence_layer: int | None
+    true_emergence_layer: int | None
+    explained_index: int = Field(description="The class whose map locates the relevance.")
+    explained_label: str
+    peak_row: int
+    peak_col: int
+    central_share: float | None
+    border_share: float | None
+    relevance_by_layer: dict[str, RelevanceLocation] = Field(description="Layer (as a string) -> location.")
+
+
+class ConfusionCell(_Frozen):
+    true_index: int
+    true_label: str
+    predicted_index: int
+    predicted_label: str
+    count: int
+
+
+class ClassEmergence(_Frozen):
+    """The emergence of one predicted class over the images predicted as it."""
+
+    index: int
+    label: str
+    images: int
+    mean_emergence_layer: float | None = Field(description="Over the images where the class emerged; null if none.")
+    never: int = Field(description="Images where the class had not emerged by the last layer.")
+
+
+class AuditAggregates(_Frozen):
+    images: int
+    labelled: int
+    correct: int
+    accuracy: float | None = Field(description="correct / labelled; null without labels.")
+    confusion: list[ConfusionCell] = Field(description="Non-zero (true, predicted) counts over labelled images.")
+    mean_emergence_by_class: list[ClassEmergence]
+    emergence_histogram: dict[str, int] = Field(description="Layer '0'..'L' or 'never' -> images (predicted class).")
+    mean_top1_probability: float
+    mean_central_share: float | None
+    central_cells_share: float = Field(description="Share of grid cells in the central box: a uniform map's share.")
+
+
+class AuditResult(_Frozen):
+    model: ModelRef
+    layers: int
+    grid: tuple[int, int]
+    map_kind: MapKind
+    relevance_layer: int = Field(description="The layer whose map gives each row's peak and central share.")
+    rows: list[AuditRow]
+    aggregates: AuditAggregates

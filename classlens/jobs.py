@@ -10,6 +10,7 @@ key                       value                               TTL
 ``image:<sha256>``        the uploaded image bytes            result TTL
 ``result:<content key>``  the result JSON (the cache)         result TTL
 ``inflight:<content key>`` id of the job computing it         task hard limit
+``manifest:<sha256>``     an audit's images, files and labels  result TTL
 ========================  ==================================  ===================
 
 A content key names a result by everything it depends on (weights, image, canonical
@@ -96,6 +97,15 @@ class JobStore:
     def image(self, digest: str) -> bytes | None:
         return self.store.get(f"image:{digest}")
 
+    def put_manifest(self, data: bytes) -> str:
+        """Store an audit's manifest (JSON) under its digest: the job record stays small however many images."""
+        digest = sha256_hex(data)
+        self.store.set(f"manifest:{digest}", data, self.ttl_s)
+        return digest
+
+    def manifest(self, digest: str) -> bytes | None:
+        return self.store.get(f"manifest:{digest}")
+
     def result(self, key: str) -> bytes | None:
         return self.store.get(f"result:{key}")
 
@@ -114,6 +124,7 @@ class JobStore:
         image_key: str | None,
         enqueue: Callable[[Job], None],
         total: int = 1,
+        inflight_ttl_s: float | None = None,
     ) -> Submission:
         """A cached result, the job already computing ``key``, or a new job handed to ``enqueue``.
 
@@ -121,6 +132,7 @@ class JobStore:
         so whoever reads the claim finds the job. A claim whose job has finished or vanished
         is stale and is taken over. If ``enqueue`` raises, the job is marked failed, the claim
         released and the error re-raised: nothing accepted is silently dropped.
+        ``inflight_ttl_s`` overrides the claim's lifetime for tasks with a longer hard limit (audits).
         """
         now = time.time()
         job = Job(
@@ -143,7 +155,8 @@ class JobStore:
                 )
                 return Submission(self.save(done), "cached", cached)
             self.save(job)
-            if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), self.inflight_ttl_s):
+            claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
+            if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), claim_ttl_s):
                 try:
                     enqueue(job)
                 except Exception:

@@ -40,7 +40,10 @@ def broker_folder(settings: Settings) -> Path:
 
 def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.redis_url:
-        return settings.redis_url, {"visibility_timeout": settings.task_time_limit_s * 2}
+        # Redis redelivers an unacknowledged message after the visibility timeout; with late acks it
+        # must outlast the longest task (an audit), or a running audit would be started a second time.
+        longest = max(settings.task_time_limit_s, settings.audit_time_limit_s)
+        return settings.redis_url, {"visibility_timeout": longest * 2}
     folder = broker_folder(settings)
     for sub in ("queue", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -86,9 +89,20 @@ def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
     return app
 
 
-def enqueue(app: Celery, task_name: str, job_id: str) -> None:
-    """Send a task by name with the job id as its only argument (images travel by store key)."""
-    app.send_task(task_name, args=[job_id])
+def enqueue(
+    app: Celery, task_name: str, job_id: str, *, soft_time_limit_s: int | None = None, time_limit_s: int | None = None
+) -> None:
+    """Send a task by name with the job id as its only argument (images travel by store key).
+
+    Time limits given here override the app's defaults for this one message: audits need
+    longer ones than explanations, and the API (which knows the settings) is where they are known.
+    """
+    options: dict[str, Any] = {}
+    if soft_time_limit_s is not None:
+        options["soft_time_limit"] = soft_time_limit_s
+    if time_limit_s is not None:
+        options["time_limit"] = time_limit_s
+    app.send_task(task_name, args=[job_id], **options)
 
 
 def queue_depths(app: Celery, queues: tuple[str, ...] = ALL_QUEUES) -> dict[str, int]:

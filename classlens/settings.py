@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     # Polling of the embedded (filesystem) broker, in seconds.
     embedded_poll_s: float = Field(default=0.05, gt=0)
 
+    # Batch audits (POST /v1/audits). An audit runs one task over all its images, so it
+    # gets its own, longer time limits (the explain limits would cut a large audit short).
+    audit_max_images: int = Field(default=1000, gt=0)
+    audit_batch_size: int = Field(default=32, gt=0)
+    audit_soft_time_limit_s: int = Field(default=1800, gt=0)
+    audit_time_limit_s: int = Field(default=1900, gt=0)
+    # Zip safety, judged from the central directory before anything is inflated: entries of
+    # any kind (directories included), the sum of the declared uncompressed sizes, one file's size.
+    audit_max_zip_entries: int = Field(default=2000, gt=0)
+    audit_max_uncompressed_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    audit_max_file_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:

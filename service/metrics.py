@@ -101,6 +101,18 @@ class Metrics:
             ["kind", "outcome"],
             registry=self.registry,
         )
+        self.audit_images = Counter(
+            "classlens_audit_images",
+            "Images in submitted audits, by the audit's outcome (cached, joined or queued).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rejected_audits = Counter(
+            "classlens_rejected_audits",
+            "Audits refused before queueing, by problem (a bad image, an unsafe zip, an unknown label...).",
+            ["problem"],
+            registry=self.registry,
+        )
         self.rejected_images = Counter(
             "classlens_rejected_images",
             "Uploads refused before queueing, by problem.",

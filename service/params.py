@@ -61,6 +61,11 @@ def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage]) -> 
     upload = files.get("image")
     if upload is None:
         raise Problem(400, "Missing image", "send the image as a file part named 'image'", problem="missing_image")
+    return ExplainInput(image=upload.read(), model=form["model"], fields=form_fields(form))
+
+
+def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
+    """The explain parameters among validated form fields, parsed (lists are comma-separated)."""
     fields: dict[str, Any] = {}
     if "targets" in form:
         fields["targets"] = [int(part) if part.isdigit() else part for part in _split(form["targets"])]
@@ -75,7 +80,7 @@ def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage]) -> 
     for name in ("sublayers", "gradient_map", "bias"):
         if name in form:
             fields[name] = _BOOLEANS[form[name].strip().lower()]
-    return ExplainInput(image=upload.read(), model=form["model"], fields=fields)
+    return fields
 
 
 def resolve_targets(targets: Sequence[int | str], labels: Sequence[str]) -> list[int]:

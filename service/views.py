@@ -18,7 +18,30 @@ def _iso(timestamp: float | None) -> str | None:
 def job_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> dict[str, Any]:
     """The ``ExplanationJob`` of openapi.yaml; ``result`` is the stored result JSON, if any."""
     links: dict[str, Any] = {"self": url_for("explanations.get_explanation", id=job.id)}
-    view: dict[str, Any] = {
+    view = _common(job, links, cached)
+    if result is not None:
+        explanation = json.loads(result)
+        view["result"] = explanation
+        links["maps"] = {
+            str(target["index"]): url_for("explanations.get_map", id=job.id, target=str(target["index"]))
+            for target in explanation["targets"]
+        }
+    return view
+
+
+def audit_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> dict[str, Any]:
+    """The ``AuditJob`` of openapi.yaml: with the result and its download links once it has succeeded."""
+    links: dict[str, Any] = {"self": url_for("audits.get_audit", id=job.id)}
+    view = _common(job, links, cached)
+    if result is not None:
+        view["result"] = json.loads(result)
+        links["rows_csv"] = url_for("audits.get_rows_csv", id=job.id)
+        links["report"] = url_for("audits.get_report", id=job.id)
+    return view
+
+
+def _common(job: Job, links: dict[str, Any], cached: bool) -> dict[str, Any]:
+    return {
         "id": job.id,
         "kind": job.kind,
         "status": job.status,
@@ -33,11 +56,3 @@ def job_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> 
         "cached": cached,
         "links": links,
     }
-    if result is not None:
-        explanation = json.loads(result)
-        view["result"] = explanation
-        links["maps"] = {
-            str(target["index"]): url_for("explanations.get_map", id=job.id, target=str(target["index"]))
-            for target in explanation["targets"]
-        }
-    return view

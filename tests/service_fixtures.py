@@ -165,3 +165,29 @@ def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Pat
         if time.monotonic() > deadline:
             pytest.fail(f"no worker heartbeat after {timeout_s} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
+
+
+def start_worker_on_queues(env: dict[str, str], log: Path, queues: str) -> subprocess.Popen[bytes]:
+    """Like :func:`start_worker`, consuming only ``queues`` (comma-separated), e.g. ``audits``."""
+    command = [
+        sys.executable,
+        "-c",
+        "from classlens.cli import main; main()",
+        "worker",
+        "--loglevel=WARNING",
+        f"--queues={queues}",
+    ]
+    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def checked(app, response):
+    """The response, after openapi-core has validated it against openapi.yaml."""
+    from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
+    from openapi_core.testing import MockRequest
+
+    contract = app.extensions["classlens"].contract
+    sent = MockRequest("http://localhost", response.request.method.lower(), response.request.path)
+    contract.openapi.validate_response(sent, WerkzeugOpenAPIResponse(response))
+    return response

@@ -9,8 +9,6 @@ import time
 import zipfile
 
 import pytest
-from openapi_core.contrib.werkzeug import WerkzeugOpenAPIResponse
-from openapi_core.testing import MockRequest
 from PIL import Image
 
 from classlens.queue import EXPLAIN_QUEUE, create_celery, queue_depths
@@ -21,6 +19,7 @@ from tests.service_fixtures import (
     TINY_DEPTH,
     TINY_MODEL,
     b64,
+    checked,
     noise_png,
     png_header_only,
     sample_png,
@@ -74,14 +73,6 @@ def app(settings, store):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def checked(app, response):
-    """The response, after openapi-core has validated it against openapi.yaml."""
-    contract = app.extensions["classlens"].contract
-    sent = MockRequest("http://localhost", response.request.method.lower(), response.request.path)
-    contract.openapi.validate_response(sent, WerkzeugOpenAPIResponse(response))
-    return response
 
 
 def post_form(client, image: bytes, query: str = "", **fields):

@@ -23,15 +23,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from classlens import stats
-from classlens.contract import ExplainRequest, Explanation, Job
+from classlens.contract import AuditManifest, AuditResult, AuditRow, ExplainRequest, Explanation, Job
 from classlens.images import ImageError, decode_image
 from classlens.jobs import JobStore
-from classlens.queue import EXPLAIN_TASK
+from classlens.queue import AUDIT_TASK, EXPLAIN_TASK
 from classlens.settings import Settings
 from classlens.store import open_store
 from model_store.artifacts import ArtifactError
 from model_store.catalog import Catalog, ModelNotFoundError
 from model_store.manifest import ManifestError
+from worker.audits import Explained, aggregate, audit_row, explain_batch, relevance_layer
 from worker.lens.explain import ExplainError
 from worker.lens.vit import UnsupportedModelError
 from worker.model_loader import ModelLoadError
@@ -90,6 +91,17 @@ def _failure_title(error: BaseException) -> str | None:
     return None
 
 
+def _record_failure(rt: Runtime, job: Job, error: Exception) -> Job:
+    """Mark the job failed with a title a person can act on (an unexpected error is logged, too)."""
+    title = _failure_title(error)
+    if title is None:
+        log.exception("job %s failed unexpectedly", job.id)
+        title, detail = "Internal error", f"{type(error).__name__}: {error}"
+    else:
+        detail = getattr(error, "detail", None) or str(error)
+    return rt.jobs.fail(job, title, detail)
+
+
 def explain_job(rt: Runtime, job_id: str) -> Job | None:
     """Run one explanation job to a terminal status; None when the job record is gone (expired)."""
     jobs = rt.jobs
@@ -110,13 +122,7 @@ def explain_job(rt: Runtime, job_id: str) -> Job | None:
         limit = rt.settings.task_soft_time_limit_s
         job = jobs.fail(job, "Time limit exceeded", f"the explanation took longer than {limit} s")
     except Exception as error:
-        title = _failure_title(error)
-        if title is None:
-            log.exception("job %s failed unexpectedly", job.id)
-            title, detail = "Internal error", f"{type(error).__name__}: {error}"
-        else:
-            detail = getattr(error, "detail", None) or str(error)
-        job = jobs.fail(job, title, detail)
+        job = _record_failure(rt, job, error)
     else:
         job = jobs.succeed(job, explanation.model_dump_json().encode())
         for target in explanation.targets:
@@ -143,3 +149,83 @@ def _explain(rt: Runtime, job: Job) -> Explanation:
 def explain_task(job_id: str) -> None:
     """``classlens.explain(job_id)``: explain the job's image; the outcome is in the job record."""
     explain_job(runtime(), job_id)
+
+
+def audit_job(rt: Runtime, job_id: str) -> Job | None:
+    """Run one audit job to a terminal status; None when the job record is gone (expired).
+
+    Idempotent like :func:`explain_job`: a redelivered audit whose result exists is just marked
+    succeeded; one redelivered mid-way (its worker died) starts again from the first batch.
+    """
+    jobs = rt.jobs
+    job = jobs.get(job_id)
+    if job is None:
+        log.warning("audit %s no longer exists; dropping its task", job_id)
+        return None
+    if job.status in {"succeeded", "failed"}:
+        return job
+    cached = jobs.result(job.content_key)
+    if cached is not None:
+        return jobs.succeed(job, cached)
+    job = jobs.progress(jobs.start(job), 0)
+    started = time.monotonic()
+    try:
+        result = _audit(rt, job)
+    except SoftTimeLimitExceeded:
+        limit = rt.settings.audit_soft_time_limit_s
+        job = jobs.fail(jobs.get(job.id) or job, "Time limit exceeded", f"the audit took longer than {limit} s")
+    except Exception as error:
+        job = _record_failure(rt, jobs.get(job.id) or job, error)
+    else:
+        job = jobs.succeed(jobs.get(job.id) or job, result.model_dump_json().encode())
+    stats.record_job(
+        jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
+    )
+    return job
+
+
+def _audit(rt: Runtime, job: Job) -> AuditResult:
+    """Explain the audit's images batch by batch (progress after each), then build rows and aggregates."""
+    data = rt.jobs.manifest(str(job.parameters.get("manifest_key", "")))
+    if data is None:
+        raise ExplainError("the audit's list of images has expired; submit the audit again")
+    manifest = AuditManifest.model_validate_json(data)
+    request = ExplainRequest.model_validate(job.parameters["explain"])
+    model = rt.models.get(job.model)
+    rows: list[AuditRow] = []
+    first: Explained | None = None
+    size = rt.settings.audit_batch_size
+    for start in range(0, len(manifest.images), size):
+        batch = manifest.images[start : start + size]
+        images = []
+        for item in batch:
+            payload = rt.jobs.image(item.image_key)
+            if payload is None:
+                raise ExplainError(f"{item.file}: the uploaded image has expired; submit the audit again")
+            try:
+                images.append(decode_image(payload, max_pixels=rt.settings.max_image_pixels))
+            except ImageError as error:
+                raise ImageError(error.problem, f"{item.file}: {error.detail}") from error
+        explained = explain_batch(model, images, [item.label for item in batch], request)
+        first = first or explained[0]
+        rows.extend(audit_row(item, found, request, model.labels) for item, found in zip(batch, explained, strict=True))
+        job = rt.jobs.progress(job, len(rows))
+    if first is None:
+        raise ExplainError("the audit has no images")
+    explanation = first.explanation
+    layer = relevance_layer(explanation, next(iter(first.targets.values())))
+    return AuditResult(
+        model=explanation.model,
+        layers=explanation.layers,
+        grid=explanation.grid,
+        map_kind=explanation.map_kind,
+        relevance_layer=int(layer),
+        rows=rows,
+        aggregates=aggregate(rows, model.labels, explanation.layers, explanation.grid),
+    )
+
+
+@shared_task(name=AUDIT_TASK, ignore_result=True)
+def audit_task(job_id: str) -> None:
+    """``classlens.audit(job_id)``: explain and summarise the audit's images; the outcome is in the job record."""
+    audit_job(runtime(), job_id)

@@ -8,13 +8,12 @@ can only fail for reasons the request could not have known.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, request
 
-from classlens.contract import TERMINAL_STATUSES, Job
+from classlens.contract import Job
 from classlens.images import ImageError, decode_image, fit_to_input
 from classlens.jobs import content_key, sha256_hex
 from classlens.queue import EXPLAIN_TASK, enqueue
@@ -22,43 +21,22 @@ from classlens.render import render_overlay, to_png_bytes
 from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
 from service.errors import Problem
+from service.job_responses import await_job, find_job, job_response, stored_result, wait_seconds
 from service.model_info import model_info
 from service.params import ExplainInput, canonical_request, from_form, from_json
 from service.views import job_view
 
 blueprint = Blueprint("explanations", __name__, url_prefix="/v1/explanations")
 
-_POLL_S = 0.05
 
-
-def _wait_seconds(parts: Services) -> float:
-    """The ``wait`` query parameter (validated by the contract), capped by settings."""
-    return min(float(request.args.get("wait", 0) or 0), parts.settings.max_wait_s)
-
-
-def _await(parts: Services, job: Job, seconds: float) -> Job:
-    """The job once it is finished, or as it is after ``seconds`` (a long poll)."""
-    deadline = time.monotonic() + seconds
-    while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
-        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0)))
-        job = parts.jobs.get(job.id) or job
-    return job
-
-
-def _result_of(parts: Services, job: Job) -> bytes | None:
-    if job.status != "succeeded":
-        return None
-    result = parts.jobs.result(job.content_key)
-    if result is None:
-        raise Problem(410, "Result expired", f"the result of job {job.id} has expired; submit again", problem="expired")
-    return result
+def _job(parts: Services, job_id: str) -> Job:
+    return find_job(parts, job_id, "explanation", "explanation job")
 
 
 def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | None = None) -> Response:
-    response = jsonify(job_view(job, _result_of(parts, job), cached=cached))
-    response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
-    response.headers["Location"] = url_for("explanations.get_explanation", id=job.id)
-    return response
+    return job_response(
+        parts, job, job_view, "explanations.get_explanation", "explanation job", cached=cached, status=status
+    )
 
 
 def _read_input() -> ExplainInput:
@@ -98,23 +76,14 @@ def create_explanation() -> Response:
     parts.metrics.submissions.labels("explanation", submission.outcome).inc()
     job = submission.job
     if submission.outcome != "cached":
-        job = _await(parts, job, _wait_seconds(parts))
+        job = await_job(parts, job, wait_seconds(parts))
     return _respond(parts, job, cached=submission.outcome == "cached")
-
-
-def _job(parts: Services, job_id: str) -> Job:
-    job = parts.jobs.get(job_id)
-    if job is None or job.kind != "explanation":
-        raise Problem(
-            404, "Unknown job", f"there is no explanation job {job_id!r} (jobs expire)", problem="unknown_job"
-        )
-    return job
 
 
 @blueprint.get("/<id>")
 def get_explanation(id: str) -> Response:
     parts = services()
-    job = _await(parts, _job(parts, id), _wait_seconds(parts))
+    job = await_job(parts, _job(parts, id), wait_seconds(parts))
     return _respond(parts, job, status=200)
 
 
@@ -150,7 +119,7 @@ def get_map(id: str, target: str) -> Response:
     job = _job(parts, id)
     if job.status != "succeeded":
         raise Problem(409, "Job not succeeded", f"job {job.id} is {job.status}", problem="not_ready")
-    explanation = json.loads(_result_of(parts, job) or b"{}")
+    explanation = json.loads(stored_result(parts, job, "explanation job") or b"{}")
     chosen = _target(explanation, target)
     kind = request.args.get("kind", "projection")
     values, title = _map_of(explanation, chosen, kind)

@@ -1,0 +1,71 @@
+"""What the explanation and audit routes share: finding a job, long-polling it, answering with it.
+
+One place for the job-as-HTTP rules: a finished job answers 200, an unfinished one 202
+with its ``Location``; a succeeded job whose result has expired is 410; ``?wait=S``
+long-polls up to the configured cap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Response, jsonify, request, url_for
+
+from classlens.contract import TERMINAL_STATUSES, Job, JobKind
+from service.app import Services
+from service.errors import Problem
+
+_POLL_S = 0.05
+
+JobView = Callable[..., dict[str, Any]]
+
+
+def wait_seconds(parts: Services) -> float:
+    """The ``wait`` query parameter (validated by the contract), capped by settings."""
+    return min(float(request.args.get("wait", 0) or 0), parts.settings.max_wait_s)
+
+
+def await_job(parts: Services, job: Job, seconds: float) -> Job:
+    """The job once it is finished, or as it is after ``seconds`` (a long poll)."""
+    deadline = time.monotonic() + seconds
+    while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0)))
+        job = parts.jobs.get(job.id) or job
+    return job
+
+
+def find_job(parts: Services, job_id: str, kind: JobKind, noun: str) -> Job:
+    job = parts.jobs.get(job_id)
+    if job is None or job.kind != kind:
+        raise Problem(404, f"Unknown {noun}", f"there is no {noun} {job_id!r} (jobs expire)", problem="unknown_job")
+    return job
+
+
+def stored_result(parts: Services, job: Job, noun: str) -> bytes | None:
+    """The result of a succeeded job (None while it is not); 410 once it has expired."""
+    if job.status != "succeeded":
+        return None
+    result = parts.jobs.result(job.content_key)
+    if result is None:
+        raise Problem(
+            410, "Result expired", f"the result of {noun} {job.id} has expired; submit again", problem="expired"
+        )
+    return result
+
+
+def job_response(
+    parts: Services,
+    job: Job,
+    view: JobView,
+    endpoint: str,
+    noun: str,
+    *,
+    cached: bool = False,
+    status: int | None = None,
+) -> Response:
+    response = jsonify(view(job, stored_result(parts, job, noun), cached=cached))
+    response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
+    response.headers["Location"] = url_for(endpoint, id=job.id)
+    return response
