@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from classlens import stats
-from classlens.contract import AuditManifest, AuditResult, AuditRow, ExplainRequest, Explanation, Job
+from classlens.contract import TERMINAL_STATUSES, AuditManifest, AuditResult, AuditRow, ExplainRequest, Explanation, Job
 from classlens.images import ImageError, decode_image
 from classlens.jobs import JobStore
 from classlens.queue import AUDIT_TASK, EXPLAIN_TASK
@@ -102,18 +102,31 @@ def _record_failure(rt: Runtime, job: Job, error: Exception) -> Job:
     return rt.jobs.fail(job, title, detail)
 
 
+def _resume(rt: Runtime, job_id: str) -> tuple[Job | None, bool]:
+    """The job and whether it still needs work.
+
+    Gone (expired): ``(None, False)``. Finished, or its result already stored (a
+    redelivery after the result was written, or an equal job computed it; the job is
+    then marked succeeded): ``(job, False)``. Otherwise ``(job, True)``.
+    """
+    job = rt.jobs.get(job_id)
+    if job is None:
+        log.warning("job %s no longer exists; dropping its task", job_id)
+        return None, False
+    if job.status in TERMINAL_STATUSES:
+        return job, False
+    cached = rt.jobs.result(job.content_key)
+    if cached is not None:
+        return rt.jobs.succeed(job, cached), False
+    return job, True
+
+
 def explain_job(rt: Runtime, job_id: str) -> Job | None:
     """Run one explanation job to a terminal status; None when the job record is gone (expired)."""
     jobs = rt.jobs
-    job = jobs.get(job_id)
-    if job is None:
-        log.warning("job %s no longer exists; dropping its task", job_id)
-        return None
-    if job.status in {"succeeded", "failed"}:
+    job, needs_work = _resume(rt, job_id)
+    if job is None or not needs_work:
         return job
-    cached = jobs.result(job.content_key)
-    if cached is not None:  # redelivered after the result was stored, or computed by an equal job
-        return jobs.succeed(job, cached)
     job = jobs.start(job)
     started = time.monotonic()
     try:
@@ -158,15 +171,9 @@ def audit_job(rt: Runtime, job_id: str) -> Job | None:
     succeeded; one redelivered mid-way (its worker died) starts again from the first batch.
     """
     jobs = rt.jobs
-    job = jobs.get(job_id)
-    if job is None:
-        log.warning("audit %s no longer exists; dropping its task", job_id)
-        return None
-    if job.status in {"succeeded", "failed"}:
+    job, needs_work = _resume(rt, job_id)
+    if job is None or not needs_work:
         return job
-    cached = jobs.result(job.content_key)
-    if cached is not None:
-        return jobs.succeed(job, cached)
     job = jobs.progress(jobs.start(job), 0)
     started = time.monotonic()
     try:
