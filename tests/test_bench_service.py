@@ -1,0 +1,46 @@
+"""``classlens bench-service`` for real, at toy size: its own redis-server, worker and API, then the JSON record.
+
+Only the tiny random ViT of the service fixtures is measured (``--no-vit-small``), with a
+handful of images, so the run takes seconds; the figures mean nothing, but every part the
+full benchmark uses starts, answers and is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from classlens.cli import main
+from tests.service_fixtures import TINY_MODEL
+
+
+def test_bench_service_quick_run_writes_positive_figures(tmp_path, tiny_model_root):
+    out = tmp_path / "service.json"
+    arguments = ["bench-service", "--no-vit-small", "--model", TINY_MODEL, "--model", "no-such-model"]
+    arguments += ["--quick", "--requests", "4", "--cache-hits", "4", "--clients", "2", "--threads", "1"]
+    arguments += ["--timeout", "60", "--out", str(out)]
+    env = {
+        "CLASSLENS_MODEL_DIRS": str(tiny_model_root),
+        "CLASSLENS_DATA_DIR": str(tmp_path / "data"),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+    result = CliRunner().invoke(main, arguments, env=env, catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "skipping no-such-model" in result.output  # a model that is not registered is skipped, not fatal
+    record = json.loads(out.read_text())
+    assert record["environment"]["worker_torch_threads"] == 1
+    assert record["environment"]["cores"] >= 1
+    [figures] = record["service"]
+    assert figures["model"] == f"{TINY_MODEL}@1"
+    assert figures["raw"]["images"] == figures["service"]["images"] == 4
+    assert figures["raw"]["images_per_s"] > 0
+    assert figures["service"]["images_per_s"] > 0
+    assert figures["service"]["ratio_to_raw"] > 0
+    hits = figures["cache_hits"]
+    assert hits["requests"] == 4
+    assert 0 < hits["p50_ms"] <= hits["p99_ms"]
+    assert TINY_MODEL in result.output  # the table

@@ -1,0 +1,471 @@
+"""The service benchmark: what the queue, the store and HTTP add to the lens, and what a cache hit costs.
+
+For each model, in one run and on one machine: (1) the raw worker throughput, the same
+explanations computed one at a time in this process through :mod:`worker.runtime`; (2) the
+service throughput, eight HTTP clients submitting distinct images to a private service (its own
+redis-server, one Celery worker, the API) until all are explained, and its ratio to (1); (3) the
+latency of answers from the cache, sequentially, as p50 and p99. The ratio is the figure to
+compare between runs: on shared cores an absolute rate says little, but both sides of the ratio
+see the same machine within a few seconds of each other. Run with ``classlens bench-service``.
+
+Everything stays on 127.0.0.1, every loop is bounded by a count and a deadline, and every process
+started here is stopped on the way out, whatever the way out is (an error, Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from classlens.contract import TERMINAL_STATUSES, ExplainRequest
+from classlens.images import decode_image
+from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
+from model_store.manifest import InputSpec
+from service.model_info import model_info
+from service.params import canonical_request
+from worker.benchmarks.lens import environment
+from worker.runtime import LoadedModel, default_device, load
+
+LOOPBACK = "127.0.0.1"
+RANDOM_VIT = "vit_small_patch16_224"
+RANDOM_VIT_NAME = "vit-small-random"
+# Distinct seeds per phase, so that no image of one phase can be a cache hit in another.
+_RAW_SEED, _WARMUP_SEED, _SERVICE_SEED = 1, 2, 3
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run or a measurement went wrong; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to measure every model (how many images is per model); ``timeout_s`` bounds each phase."""
+
+    cache_hits: int = 200
+    clients: int = 8
+    wait_s: float = 30.0
+    timeout_s: float = 900.0
+
+
+# --- the random ImageNet-sized model -------------------------------------------------------------
+
+
+def register_random_vit(root: Path, seed: int = 0) -> str:
+    """Register a seeded, random-initialised ``vit_small_patch16_224`` (1000 classes) under ``root``.
+
+    No pretrained weights are downloaded: the cost of an explanation depends on the
+    architecture, not on what the weights have learnt, and the benchmark must run offline.
+    """
+    import timm
+    from safetensors.torch import save_file
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    torch.manual_seed(seed)
+    model = timm.create_model(RANDOM_VIT, pretrained=False, num_classes=1000).eval()
+    staging = root.parent / f".{RANDOM_VIT_NAME}-files"
+    staging.mkdir(parents=True, exist_ok=True)
+    weights = staging / "weights.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(weights))
+    labels = staging / "labels.txt"
+    labels.write_text("".join(f"class {index}\n" for index in range(1000)), encoding="utf-8")
+    fields = {
+        "name": RANDOM_VIT_NAME,
+        "version": "1",
+        "description": "random-initialised ViT-S/16 for the service benchmark",
+        "framework": "timm",
+        "architecture": RANDOM_VIT,
+        "model_args": {"num_classes": 1000},
+        "input": {"height": 224, "width": 224, "channels": 3, "colour_mode": "RGB"},
+        "preprocessing": {
+            "resize": (224, 224),
+            "interpolation": "bicubic",
+            "mean": tuple(IMAGENET_DEFAULT_MEAN),
+            "std": tuple(IMAGENET_DEFAULT_STD),
+        },
+        "provenance": {
+            "data": "none (random initialisation)",
+            "recipe": "classlens bench-service",
+            "seed": seed,
+            "date": datetime.now(UTC).date().isoformat(),
+            "licence": "MIT",
+        },
+    }
+    entry = add_model(root, fields, weights, labels, overwrite=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return entry.reference
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def noise_pngs(spec: InputSpec, count: int, seed: int) -> list[bytes]:
+    """``count`` different noise images at the model's input size and mode, PNG-encoded (nothing can be cached)."""
+    rng = np.random.default_rng(seed)
+    shape = (spec.height, spec.width) if spec.channels == 1 else (spec.height, spec.width, 3)
+    images = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=spec.colour_mode).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def api_default_request(entry: ModelEntry) -> ExplainRequest:
+    """The request the API makes of a bare submission (top 3, last layer, sublayers), by the API's own code."""
+    return canonical_request({}, entry.labels(), model_info(entry.manifest))
+
+
+# --- the private service ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return log.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM (Celery finishes its running job, waitress and redis exit), SIGKILL after ``grace_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Service:
+    """The running service: where the API answers, the worker's torch threads, and the logs."""
+
+    host: str
+    port: int
+    worker_threads: int
+    logs: dict[str, Path] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise BenchError(f"the {name} exited with {process.returncode}:\n{_tail(self.logs[name])}")
+
+
+def _spawn(
+    service: Service, name: str, command: list[str], env: dict[str, str], work: Path, stack: contextlib.ExitStack
+) -> None:
+    """Start one part in its own session (a terminal's Ctrl-C reaches only us; we stop it in order)."""
+    log = work / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    service.logs[name], service.processes[name] = log, process
+    stack.callback(_terminate, process, 30.0)
+
+
+def _get(host: str, port: int, path: str, timeout: float = 5.0) -> int:
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _wait_until_ready(service: Service, redis_port: int, timeout_s: float) -> None:
+    """redis answers PING, then ``/readyz`` says yes (store, catalog and a fresh worker heartbeat)."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis(host=LOOPBACK, port=redis_port)
+    while True:
+        service.check_alive()
+        with contextlib.suppress(redis.ConnectionError, OSError):
+            if client.ping() and _get(service.host, service.port, "/readyz") == 200:
+                return
+        if time.monotonic() > deadline:
+            worker = _tail(service.logs["worker"], 1500)
+            raise BenchError(f"the service was not ready after {timeout_s:.0f} s; worker log:\n{worker}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_service(work: Path, model_roots: Sequence[Path], threads: int, http_threads: int) -> Iterator[Service]:
+    """redis-server, one ``classlens worker`` (solo pool, queue gpu) and ``classlens serve``, all on loopback.
+
+    The children get their own data dir under ``work`` and both Redis variables (the
+    prefixed one wins in Settings, so a user's CLASSLENS_REDIS_URL must not leak in).
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError(
+            "redis-server is not installed; the service benchmark needs it (Debian: apt install redis-server)"
+        )
+    redis_port, api_port = free_port(), free_port()
+    url = f"redis://{LOOPBACK}:{redis_port}/0"
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "CLASSLENS_REDIS_URL": url,
+        "CLASSLENS_MODEL_DIRS": os.pathsep.join(str(root) for root in model_roots),
+        "CLASSLENS_DATA_DIR": str(work / "data"),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    cli = [sys.executable, "-c", "from classlens.cli import main; main()"]
+    service = Service(LOOPBACK, api_port, threads)
+    with contextlib.ExitStack() as stack:
+        redis_args = ["--port", str(redis_port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+        _spawn(service, "redis-server", [binary, *redis_args], env, work, stack)
+        worker_args = ["worker", "--queues=gpu", "--pool=solo", "--concurrency=1", "--loglevel=WARNING"]
+        _spawn(service, "worker", [*cli, *worker_args], env, work, stack)
+        api_args = ["serve", "--host", LOOPBACK, "--port", str(api_port), "--threads", str(http_threads)]
+        _spawn(service, "API", [*cli, *api_args], env, work, stack)
+        _wait_until_ready(service, redis_port, timeout_s=180)
+        yield service
+
+
+# --- the HTTP client -------------------------------------------------------------------------------
+
+
+class Client:
+    """One keep-alive connection to the API; a client thread each, so none waits on another's socket."""
+
+    def __init__(self, service: Service, wait_s: float):
+        self.service = service
+        self.wait_s = wait_s
+        self.connection = http.client.HTTPConnection(service.host, service.port, timeout=wait_s + 30)
+
+    def _call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        # A keep-alive connection the server has closed fails once; submissions are idempotent
+        # (same content key), so sending again is safe.
+        for attempt in (1, 2):
+            try:
+                self.connection.request(method, path, body=body, headers=headers)
+                response = self.connection.getresponse()
+                return response.status, json.loads(response.read() or b"{}")
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
+                self.connection.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def explain(self, model: str, png: bytes, deadline: float) -> dict[str, Any]:
+        """Submit one image and follow its job to the end (or the deadline); the final job record."""
+        body = json.dumps({"model": model, "image": base64.b64encode(png).decode()}).encode()
+        status, job = self._call("POST", f"/v1/explanations?wait={self.wait_s:g}", body)
+        if status not in (200, 202):
+            raise BenchError(f"POST /v1/explanations answered {status}: {job.get('detail', job)}")
+        while job["status"] not in TERMINAL_STATUSES:
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {job['id']} was still {job['status']} at the deadline")
+            self.service.check_alive()
+            status, job = self._call("GET", f"/v1/explanations/{job['id']}?wait={self.wait_s:g}")
+            if status != 200 and status != 202:
+                raise BenchError(f"GET /v1/explanations/{job.get('id')} answered {status}: {job.get('detail', job)}")
+        if job["status"] != "succeeded":
+            raise BenchError(f"job {job['id']} {job['status']}: {job.get('error')}")
+        return job
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+# --- the three measurements ------------------------------------------------------------------------
+
+
+def raw_throughput(loaded: LoadedModel, request: ExplainRequest, images: Sequence[bytes]) -> dict[str, Any]:
+    """Decode and explain each image alone, as the worker's task does (one warm-up call first, untimed)."""
+    [warmup] = noise_pngs(loaded.entry.manifest.input, 1, _WARMUP_SEED)
+    loaded.explain([decode_image(warmup)], request)
+    seconds = []
+    for png in images:
+        start = time.perf_counter()
+        loaded.explain([decode_image(png)], request)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "images": len(images),
+        "images_per_s": round(len(images) / sum(seconds), 3),
+        "median_ms": round(statistics.median(seconds) * 1000, 2),
+    }
+
+
+def warm_up_worker(service: Service, model: str, spec: InputSpec, plan: Plan) -> None:
+    """One job before timing: the worker loads a model on its first job, which is not part of its rate."""
+    client = Client(service, plan.wait_s)
+    try:
+        [image] = noise_pngs(spec, 1, _WARMUP_SEED)
+        client.explain(model, image, time.monotonic() + plan.timeout_s)
+    finally:
+        client.close()
+
+
+def service_throughput(service: Service, model: str, images: Sequence[bytes], plan: Plan) -> dict[str, Any]:
+    """``plan.clients`` threads submit the images (each taken once) until all are explained."""
+    deadline = time.monotonic() + plan.timeout_s
+    pending = iter(images)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    start_line = threading.Barrier(plan.clients + 1)
+
+    def client_loop() -> None:
+        client = Client(service, plan.wait_s)
+        try:
+            start_line.wait()
+            while not errors:
+                with lock:
+                    png = next(pending, None)
+                if png is None:
+                    return
+                started = time.perf_counter()
+                client.explain(model, png, deadline)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+        except BaseException as error:  # reported below; the other clients stop at their next image
+            errors.append(error)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=client_loop, name=f"bench-client-{i}", daemon=True) for i in range(plan.clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0) + plan.wait_s + 35)
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise BenchError(f"a client failed: {errors[0]}") from errors[0]
+    if any(thread.is_alive() for thread in threads) or len(latencies) != len(images):
+        raise BenchError(f"only {len(latencies)} of {len(images)} images were explained within {plan.timeout_s:.0f} s")
+    return {
+        "images": len(images),
+        "clients": plan.clients,
+        "images_per_s": round(len(images) / elapsed, 3),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+    }
+
+
+def cache_hit_latency(service: Service, model: str, cached: Sequence[bytes], plan: Plan) -> dict[str, Any]:
+    """Submit already-explained images again, one after another: every answer must be a 200 from the cache."""
+    deadline = time.monotonic() + plan.timeout_s
+    client = Client(service, plan.wait_s)
+    seconds = []
+    try:
+        for index in range(plan.cache_hits):
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {index} of {plan.cache_hits} cache hits within {plan.timeout_s:.0f} s")
+            started = time.perf_counter()
+            job = client.explain(model, cached[index % len(cached)], deadline)
+            seconds.append(time.perf_counter() - started)
+            if not job.get("cached"):
+                raise BenchError(f"job {job['id']} was not answered from the cache")
+    finally:
+        client.close()
+    return {
+        "requests": len(seconds),
+        "p50_ms": round(statistics.median(seconds) * 1000, 2),
+        "p99_ms": round(_percentile(seconds, 99) * 1000, 2),
+    }
+
+
+def _percentile(values: Sequence[float], percent: int) -> float:
+    """Linear interpolation between order statistics (within the observed range, so p50 <= p99 always)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+def bench_service(
+    catalog: Catalog, models: Sequence[tuple[str, int]], plan: Plan, work: Path, threads: int | None = None
+) -> dict[str, Any]:
+    """Measure every ``(reference, images)`` against one private service; the JSON record of the run.
+
+    ``threads``: torch threads here and in the worker (default: this process's), equal so
+    that the ratio compares like with like. The raw phase of a model runs before its service
+    phase, never beside it, so the two never compete for the cores.
+    """
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    entries = [(catalog.resolve(reference), count) for reference, count in models]
+    device = default_device()
+    records = []
+    roots = [root for root in catalog.roots if root != BUNDLED_ROOT]  # the children add the bundled root themselves
+    with running_service(work, roots, threads, http_threads=max(16, plan.clients + 4)) as service:
+        for entry, count in entries:
+            spec = entry.manifest.input
+            loaded = load(entry, device)
+            raw = raw_throughput(loaded, api_default_request(entry), noise_pngs(spec, count, _RAW_SEED))
+            del loaded  # the worker holds its own copy; this one would only take memory
+            warm_up_worker(service, entry.reference, spec, plan)
+            images = noise_pngs(spec, count, _SERVICE_SEED)
+            served = service_throughput(service, entry.reference, images, plan)
+            served["ratio_to_raw"] = round(served["images_per_s"] / raw["images_per_s"], 3)
+            hits = cache_hit_latency(service, entry.reference, images, plan)
+            records.append(
+                {
+                    "model": entry.reference,
+                    "input": f"{spec.height}x{spec.width} {spec.colour_mode}",
+                    "raw": raw,
+                    "service": served,
+                    "cache_hits": hits,
+                }
+            )
+    env = {
+        **environment(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "worker_torch_threads": threads,
+        "device": str(device),
+        "worker": "one classlens worker, solo pool, queue gpu",
+        "api": "classlens serve (waitress) with Redis",
+    }
+    return {"environment": env, "service": records}
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        f"{'model':<24} {'input':<12} {'raw img/s':>10} {'service img/s':>14} {'service/raw':>12} "
+        f"{'hit p50 ms':>11} {'hit p99 ms':>11}"
+    ]
+    for record in records:
+        raw, served, hits = record["raw"], record["service"], record["cache_hits"]
+        lines.append(
+            f"{record['model']:<24} {record['input']:<12} {raw['images_per_s']:>10.2f} {served['images_per_s']:>14.2f} "
+            f"{served['ratio_to_raw']:>12.2f} {hits['p50_ms']:>11.1f} {hits['p99_ms']:>11.1f}"
+        )
+    return "\n".join(lines)
