@@ -29,10 +29,13 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Ratios to the plain forward pass in one run, peak memory; writes bench-results/*.json.
-bench: $(VENV)/.installed
+# The lens (ratios to the plain forward pass, peak memory), faithfulness of the maps,
+# and the service (throughput vs the raw worker, cache hits); writes bench-results/*.json.
+bench: system-deps $(VENV)/.installed
 	$(PIP_INSTALL) -e ".[$(EXTRAS),bench]"
 	$(BIN)/classlens bench
+	$(BIN)/classlens evaluate
+	$(BIN)/classlens bench-service
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

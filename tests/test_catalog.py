@@ -77,16 +77,17 @@ def test_missing_weights_file(store_copy):
     assert not result.ok and "artifact missing" in result.problems[0]
 
 
+class Payload:
+    """An arbitrary object in a checkpoint: weights_only=True must refuse to unpickle it."""
+
+
 def test_pytorch_checkpoint_is_read_with_weights_only(tmp_path):
     state = {"weight": torch.ones(2, 2)}
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": state}, plain)
     assert torch.equal(model_loader.read_state_dict(plain, "pytorch")["weight"], state["weight"])
 
-    class Payload:  # an arbitrary object: weights_only=True must refuse to unpickle it
-        pass
-
     pickled = tmp_path / "pickled.pt"
-    torch.save({"state_dict": state, "extra": Payload()}, pickled)
+    torch.save({"state_dict": state, "extra": Payload()}, pickled)  # arbitrary code to unpickle
     with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
         model_loader.read_state_dict(pickled, "pytorch")
