@@ -32,6 +32,3 @@ main.add_command(bench_service_command)
 main.add_command(evaluate_command)
 main.add_command(serve_command)
 main.add_command(worker_command)
-
-if __name__ == "__main__":
-    main()

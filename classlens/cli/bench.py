@@ -22,23 +22,15 @@ from classlens.settings import Settings
 @click.pass_obj
 def bench_command(settings: Settings, reference: str, **options: Any) -> None:
     """Time forward, explain, gradient map, Grad-CAM and Integrated Gradients as ratios to the forward pass."""
-    import timm
-    import torch
-    from timm.models.vision_transformer import VisionTransformer
-
-    from classlens.contract import ModelRef
-    from worker.benchmarks.lens import BenchModel, bench_model, environment, format_table
+    # Through worker.*: the torchvision compatibility step runs before timm is imported.
+    from worker.benchmarks.lens import BenchModel, bench_model, environment, format_table, random_imagenet_vit
     from worker.runtime import default_device, load
 
     device = default_device()
     loaded = load(resolve(open_catalog(settings), reference), device)
     subjects = [BenchModel(loaded.entry.reference, loaded.model, loaded.labels, loaded.ref)]
     if not options["no_vit_base"]:
-        torch.manual_seed(0)
-        base = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-        assert isinstance(base, VisionTransformer)
-        ref = ModelRef(name="vit_base_patch16_224-random", version="0", weights_sha256="0" * 64)
-        subjects.append(BenchModel(ref.name, base, [f"class {i}" for i in range(1000)], ref))
+        subjects.append(random_imagenet_vit("vit_base_patch16_224"))
     records = []
     for subject in subjects:
         for batch in options["batches"]:

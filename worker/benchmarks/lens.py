@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -32,6 +33,15 @@ class BenchModel:
     model: VisionTransformer
     labels: list[str]
     ref: ModelRef
+
+
+def random_imagenet_vit(architecture: str, seed: int = 0) -> BenchModel:
+    """A random-initialised timm ViT with 1,000 classes: the cost of a real ImageNet model without its weights."""
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False).eval()
+    assert isinstance(model, VisionTransformer)
+    ref = ModelRef(name=f"{architecture}-random", version="0", weights_sha256="0" * 64)
+    return BenchModel(ref.name, model, [f"class {i}" for i in range(model.num_classes)], ref)
 
 
 def integrated_gradients(model: VisionTransformer, steps: int = 50) -> Callable[[torch.Tensor, torch.Tensor], Any]:

@@ -10,6 +10,8 @@ set sampled every millisecond while the method runs, minus what it was before
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import statistics
 import threading
@@ -27,6 +29,16 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the next peak is measured from the floor.
+
+    Without it, memory a method frees stays in the process and the next method's
+    allocations reuse it without raising the resident set: its peak would read 0.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: peaks may then be underestimated
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Extra memory a block of code needs at its peak, in bytes (``.peak`` after the block)."""
 
@@ -38,6 +50,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
+        _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
