@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from classlens.processes import stop_process
 from classlens.queue import ALL_QUEUES
 from classlens.settings import Settings
 
@@ -24,20 +25,8 @@ SAMPLES = Path(__file__).resolve().parents[2] / "model_store" / "samples" / "fas
 
 def _start_worker() -> subprocess.Popen[bytes]:
     """``classlens worker`` as a child with this process's environment (hence the same settings)."""
-    command = [sys.executable, "-c", "from classlens.cli import main; main()", "worker"]
+    command = [sys.executable, "-m", "classlens.cli", "worker"]
     return subprocess.Popen(command, env=os.environ.copy())
-
-
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM (Celery's warm shutdown: the running job finishes), then SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _curl_example(base: str, settings: Settings) -> str:
@@ -77,7 +66,7 @@ def serve_command(settings: Settings, host: str, port: int, threads: int) -> Non
         serve(app, host=host, port=port, threads=threads)
     finally:
         if worker is not None:
-            _stop(worker)
+            stop_process(worker)
 
 
 @click.command("worker")

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from PIL import Image
 
 from classlens.contract import TERMINAL_STATUSES, ExplainRequest
 from classlens.images import decode_image
+from classlens.processes import stop_process
 from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import InputSpec
 from service.model_info import model_info
@@ -152,17 +152,6 @@ def _tail(log: Path, chars: int = 3000) -> str:
         return "(no log)"
 
 
-def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM (Celery finishes its running job, waitress and redis exit), SIGKILL after ``grace_s``."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @dataclass
 class Service:
     """The running service: where the API answers, the worker's torch threads, and the logs."""
@@ -189,7 +178,7 @@ def _spawn(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
     service.logs[name], service.processes[name] = log, process
-    stack.callback(_terminate, process, 30.0)
+    stack.callback(stop_process, process, 30.0)
 
 
 def _get(host: str, port: int, path: str, timeout: float = 5.0) -> int:
@@ -241,7 +230,7 @@ def running_service(work: Path, model_roots: Sequence[Path], threads: int, http_
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
-    cli = [sys.executable, "-c", "from classlens.cli import main; main()"]
+    cli = [sys.executable, "-m", "classlens.cli"]
     service = Service(LOOPBACK, api_port, threads)
     with contextlib.ExitStack() as stack:
         redis_args = ["--port", str(redis_port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
