@@ -89,19 +89,21 @@ class JobStore:
     def update(self, job: Job, **changes: Any) -> Job:
         return self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
 
-    def put_image(self, data: bytes) -> str:
+    def _put_blob(self, prefix: str, data: bytes) -> str:
+        """Store ``data`` under ``<prefix>:<its sha256>`` (content-addressed) and return the digest."""
         digest = sha256_hex(data)
-        self.store.set(f"image:{digest}", data, self.ttl_s)
+        self.store.set(f"{prefix}:{digest}", data, self.ttl_s)
         return digest
+
+    def put_image(self, data: bytes) -> str:
+        return self._put_blob("image", data)
 
     def image(self, digest: str) -> bytes | None:
         return self.store.get(f"image:{digest}")
 
     def put_manifest(self, data: bytes) -> str:
         """Store an audit's manifest (JSON) under its digest: the job record stays small however many images."""
-        digest = sha256_hex(data)
-        self.store.set(f"manifest:{digest}", data, self.ttl_s)
-        return digest
+        return self._put_blob("manifest", data)
 
     def manifest(self, digest: str) -> bytes | None:
         return self.store.get(f"manifest:{digest}")

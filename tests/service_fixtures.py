@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ import redis
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from classlens import fashion_mnist
+from classlens.processes import stop_process
 
 FASHION_LABELS = list(fashion_mnist.LABELS)
 TINY_MODEL = "tiny-vit"
@@ -137,22 +137,18 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``classlens worker`` in its own process group, its output in ``log``."""
-    command = [sys.executable, "-c", "from classlens.cli import main; main()", "worker", "--loglevel=WARNING"]
+def start_worker(env: dict[str, str], log: Path, queues: str | None = None) -> subprocess.Popen[bytes]:
+    """``classlens worker`` (on ``queues``, comma-separated, or all) in its own process, its output in ``log``."""
+    command = [sys.executable, "-m", "classlens.cli", "worker", "--loglevel=WARNING"]
+    if queues:
+        command.append(f"--queues={queues}")
     full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, grace_s=20)
 
 
 def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
@@ -165,21 +161,6 @@ def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Pat
         if time.monotonic() > deadline:
             pytest.fail(f"no worker heartbeat after {timeout_s} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
-
-
-def start_worker_on_queues(env: dict[str, str], log: Path, queues: str) -> subprocess.Popen[bytes]:
-    """Like :func:`start_worker`, consuming only ``queues`` (comma-separated), e.g. ``audits``."""
-    command = [
-        sys.executable,
-        "-c",
-        "from classlens.cli import main; main()",
-        "worker",
-        "--loglevel=WARNING",
-        f"--queues={queues}",
-    ]
-    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    with log.open("wb") as out:
-        return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def checked(app, response):

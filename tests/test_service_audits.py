@@ -28,7 +28,7 @@ from tests.service_fixtures import (
     checked,
     noise_png,
     sample_png,
-    start_worker_on_queues,
+    start_worker,
     stop_worker,
     wait_for_heartbeat,
 )
@@ -77,7 +77,7 @@ def audit_worker(settings, store, tmp_path_factory):
         "CLASSLENS_AUDIT_BATCH_SIZE": "1",
     }
     log = tmp_path_factory.mktemp("audit-worker") / "worker.log"
-    process = start_worker_on_queues(env, log, AUDIT_QUEUE)
+    process = start_worker(env, log, AUDIT_QUEUE)
     wait_for_heartbeat(store, process, log)
     yield process
     stop_worker(process)
