@@ -26,6 +26,7 @@ import redis
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from classlens import fashion_mnist
 from classlens.processes import stop_process
+from classlens.settings import Settings
 
 FASHION_LABELS = list(fashion_mnist.LABELS)
 TINY_MODEL = "tiny-vit"
@@ -135,6 +136,17 @@ def noise_png(size: int = 256) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a worker subprocess exactly the settings the test's app was built with."""
+    env = {"REDIS_URL": settings.redis_url or "", "CLASSLENS_REDIS_URL": settings.redis_url or ""}
+    for name, value in settings.model_dump(exclude_defaults=True, exclude={"redis_url"}).items():
+        if name == "model_dirs":
+            env["CLASSLENS_MODEL_DIRS"] = os.pathsep.join(str(path) for path in value)
+        elif value is not None:
+            env[f"CLASSLENS_{name.upper()}"] = str(value)
+    return env
 
 
 def start_worker(env: dict[str, str], log: Path, queues: str | None = None) -> subprocess.Popen[bytes]:

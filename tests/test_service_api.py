@@ -26,6 +26,7 @@ from tests.service_fixtures import (
     start_worker,
     stop_worker,
     wait_for_heartbeat,
+    worker_env,
 )
 
 MAX_UPLOAD = 2_000_000
@@ -51,13 +52,7 @@ def store(settings):
 
 @pytest.fixture(scope="module")
 def running_worker(settings, store, tmp_path_factory):
-    env = {
-        "REDIS_URL": settings.redis_url,
-        "CLASSLENS_MODEL_DIRS": str(settings.model_dirs[0]),
-        "CLASSLENS_DATA_DIR": str(settings.data_dir),
-        "CLASSLENS_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-        "CLASSLENS_WORKER_HEARTBEAT_S": "1",
-    }
+    env = worker_env(settings)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     process = start_worker(env, log)
     wait_for_heartbeat(store, process, log)

@@ -31,6 +31,7 @@ from tests.service_fixtures import (
     start_worker,
     stop_worker,
     wait_for_heartbeat,
+    worker_env,
 )
 
 MAX_IMAGES = 25
@@ -69,13 +70,7 @@ def store(settings):
 
 @pytest.fixture(scope="module")
 def audit_worker(settings, store, tmp_path_factory):
-    env = {
-        "REDIS_URL": settings.redis_url,
-        "CLASSLENS_MODEL_DIRS": str(settings.model_dirs[0]),
-        "CLASSLENS_DATA_DIR": str(settings.data_dir),
-        "CLASSLENS_WORKER_HEARTBEAT_S": "1",
-        "CLASSLENS_AUDIT_BATCH_SIZE": "1",
-    }
+    env = worker_env(settings)
     log = tmp_path_factory.mktemp("audit-worker") / "worker.log"
     process = start_worker(env, log, AUDIT_QUEUE)
     wait_for_heartbeat(store, process, log)
