@@ -87,7 +87,22 @@ class JobStore:
         return job
 
     def update(self, job: Job, **changes: Any) -> Job:
-        return self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
+        """Save the changed job and wake whoever long-polls it."""
+        updated = self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
+        self.store.notify(f"job:{job.id}")
+        return updated
+
+    def wait(self, job: Job, seconds: float) -> Job:
+        """The job once it is finished, or as it is after ``seconds`` (a long poll, woken by :meth:`update`)."""
+        if job.status in TERMINAL_STATUSES or seconds <= 0:
+            return job
+        deadline = time.monotonic() + seconds
+        with self.store.listen(f"job:{job.id}") as changes:
+            job = self.get(job.id) or job  # read after listening: a change from now on wakes us
+            while job.status not in TERMINAL_STATUSES and (remaining := deadline - time.monotonic()) > 0:
+                changes.wait(remaining)
+                job = self.get(job.id) or job
+        return job
 
     def _put_blob(self, prefix: str, data: bytes) -> str:
         """Store ``data`` under ``<prefix>:<its sha256>`` (content-addressed) and return the digest."""

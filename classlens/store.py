@@ -8,6 +8,11 @@ Redis (``REDIS_URL`` set) and embedded on one machine (SQLite under the data dir
   worker process; expiry is checked on read, and ``set_if_absent`` treats an expired row
   as absent, so both back-ends agree on every operation.
 
+Long polls wait on a :meth:`Store.listen` channel instead of re-reading a key on a timer:
+Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests; SQLite has
+no notifications, so there a listener simply sleeps a short interval (one machine, few
+clients).
+
 Values are bytes: callers decide the encoding (JSON for records, raw bytes for images).
 Every back-end failure is a :class:`StoreError`, which the API answers with a 503.
 """
@@ -18,6 +23,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +62,40 @@ class Store(Protocol):
         """Return when the store answers; :class:`StoreError` otherwise."""
         ...
 
+    def notify(self, channel: str) -> None:
+        """Wake whoever listens on ``channel`` (nobody listening is fine)."""
+        ...
+
+    def listen(self, channel: str) -> AbstractContextManager[Listener]:
+        """Listen on ``channel`` from now on; re-read what you wait for *after* entering, then wait."""
+        ...
+
+
+class Listener(Protocol):
+    def wait(self, timeout_s: float) -> None:
+        """Return on a notice or after ``timeout_s``, whichever comes first (early returns are allowed)."""
+        ...
+
+
+class _SleepingListener:
+    """For stores without notifications: wait a short interval, then let the caller look again."""
+
+    interval_s = 0.05
+
+    def wait(self, timeout_s: float) -> None:
+        time.sleep(max(0.0, min(self.interval_s, timeout_s)))
+
+
+class _RedisListener:
+    def __init__(self, pubsub: redis.client.PubSub):
+        self._pubsub = pubsub
+
+    def wait(self, timeout_s: float) -> None:
+        try:
+            self._pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.0, timeout_s))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
 
 def _milliseconds(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
@@ -65,6 +106,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0):
         self.url = url
+        self.timeout_s = timeout_s
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     def get(self, key: str) -> bytes | None:
@@ -105,6 +147,26 @@ class RedisStore:
             self._client.ping()
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
+
+    def notify(self, channel: str) -> None:
+        try:
+            self._client.publish(f"notice:{channel}", b"")
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    @contextmanager
+    def listen(self, channel: str) -> Iterator[Listener]:
+        pubsub = self._client.pubsub()
+        try:
+            try:
+                # Subscribed once this returns: a notice published after it is delivered.
+                pubsub.subscribe(f"notice:{channel}")
+                pubsub.get_message(timeout=self.timeout_s)
+            except redis.RedisError as error:
+                raise StoreError(f"redis: {error}") from error
+            yield _RedisListener(pubsub)
+        finally:
+            pubsub.close()
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
@@ -188,6 +250,13 @@ class SqliteStore:
 
     def ping(self) -> None:
         self._run("SELECT 1", ())
+
+    def notify(self, channel: str) -> None:
+        """Nothing to do: listeners look again after a short sleep."""
+
+    @contextmanager
+    def listen(self, channel: str) -> Iterator[Listener]:
+        yield _SleepingListener()
 
     def purge_expired(self) -> int:
         """Delete expired rows (the embedded server calls this now and then); the number deleted."""

@@ -7,7 +7,6 @@ long-polls up to the configured cap.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,23 +16,12 @@ from classlens.contract import TERMINAL_STATUSES, Job, JobKind
 from service.app import Services
 from service.errors import Problem
 
-_POLL_S = 0.05
-
 JobView = Callable[..., dict[str, Any]]
 
 
 def wait_seconds(parts: Services) -> float:
     """The ``wait`` query parameter (validated by the contract), capped by settings."""
     return min(float(request.args.get("wait", 0) or 0), parts.settings.max_wait_s)
-
-
-def await_job(parts: Services, job: Job, seconds: float) -> Job:
-    """The job once it is finished, or as it is after ``seconds`` (a long poll)."""
-    deadline = time.monotonic() + seconds
-    while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
-        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0)))
-        job = parts.jobs.get(job.id) or job
-    return job
 
 
 def find_job(parts: Services, job_id: str, kind: JobKind, noun: str) -> Job:

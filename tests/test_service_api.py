@@ -253,6 +253,18 @@ def test_malformed_json_and_bad_query(app, client):
     )
 
 
+def test_contract_verdicts_are_remembered_per_request_shape_and_only_per_shape(app, client):
+    verdicts = app.extensions["classlens"].contract._verdict
+    before = verdicts.cache_info()
+    for _ in range(2):  # the same bad request twice: the same answer, the second from memory
+        problem(app, post_form(client, sample_png(), top_k="many"), 422)
+    assert verdicts.cache_info().hits >= before.hits + 1
+    # Another image with the same fields shares the verdict; any other field or query does not.
+    problem(app, post_form(client, sample_png("test-00001.png"), top_k="many"), 422)
+    problem(app, post_form(client, sample_png(), "?wait=soon", top_k="3"), 400, "bad_parameter")
+    problem(app, post_json(client, {"image": b64(sample_png()), "model": TINY_MODEL, "top_k": "many"}), 422)
+
+
 def test_unknown_job_and_route(app, client):
     problem(app, client.get("/v1/explanations/0123456789abcdef"), 404, "unknown_job")
     problem(app, client.get("/v1/explanations/0123456789abcdef/maps/1.png"), 404, "unknown_job")

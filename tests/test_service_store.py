@@ -1,5 +1,6 @@
 """Both store back-ends against the same behaviour: a real redis-server and a real SQLite file."""
 
+import threading
 import time
 import uuid
 
@@ -124,3 +125,30 @@ def test_enqueue_failure_marks_the_job_failed(store):
     with pytest.raises(ConnectionError):
         jobs.submit(kind="explanation", model="m@1", parameters={}, key=k, image_key=None, enqueue=refuse)
     assert store.get(f"inflight:{k}") is None
+
+
+def test_a_long_poll_is_woken_by_the_update_that_finishes_the_job(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    job = _submit(jobs, key(), []).job
+    finisher = threading.Timer(0.3, lambda: jobs.succeed(jobs.start(job), b"{}"))
+    finisher.start()
+    started = time.monotonic()
+    finished = jobs.wait(job, 30)
+    finisher.join()
+    # Woken by the update (Redis publishes it; SQLite looks again every 50 ms), long before the 30 s cap.
+    assert finished.status == "succeeded"
+    assert time.monotonic() - started < 15
+
+
+def test_a_long_poll_gives_up_at_its_deadline_with_the_job_as_it_is(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    job = _submit(jobs, key(), []).job
+    assert jobs.wait(job, 0.2).status == "queued"
+    assert jobs.wait(job, 0).status == "queued"
+
+
+def test_a_notice_nobody_listens_to_is_harmless(store):
+    store.notify("nobody")
+    with store.listen("somebody") as listener:
+        store.notify("somebody")
+        listener.wait(5)  # returns at once on Redis, after a short sleep on SQLite

@@ -25,7 +25,7 @@ from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
 from service.audit_input import AuditInput, AuditUpload, from_form, from_json, resolve_labels
 from service.errors import Problem
-from service.job_responses import await_job, find_job, job_response, stored_result, wait_seconds
+from service.job_responses import find_job, job_response, stored_result, wait_seconds
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request
 from service.views import audit_view
@@ -138,7 +138,7 @@ def _submit(parts: Services) -> Response:
     parts.metrics.audit_images.labels(submission.outcome).inc(len(images))
     job = submission.job
     if submission.outcome != "cached":
-        job = await_job(parts, job, wait_seconds(parts))
+        job = parts.jobs.wait(job, wait_seconds(parts))
     return _respond(parts, job, cached=submission.outcome == "cached")
 
 
@@ -174,7 +174,7 @@ def _finished_result(parts: Services, job_id: str) -> tuple[Job, bytes]:
 def get_audit(id: str) -> Response:
     """The audit with its progress ``{done, total}`` while it runs, and its result once it has succeeded."""
     parts = services()
-    job = await_job(parts, _job(parts, id), wait_seconds(parts))
+    job = parts.jobs.wait(_job(parts, id), wait_seconds(parts))
     return _respond(parts, job, status=200)
 
 

@@ -21,7 +21,7 @@ from classlens.render import render_overlay, to_png_bytes
 from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
 from service.errors import Problem
-from service.job_responses import await_job, find_job, job_response, stored_result, wait_seconds
+from service.job_responses import find_job, job_response, stored_result, wait_seconds
 from service.model_info import model_info
 from service.params import ExplainInput, canonical_request, from_form, from_json
 from service.views import job_view
@@ -88,14 +88,14 @@ def create_explanation() -> Response:
     parts.metrics.submissions.labels("explanation", submission.outcome).inc()
     job = submission.job
     if submission.outcome != "cached":
-        job = await_job(parts, job, wait_seconds(parts))
+        job = parts.jobs.wait(job, wait_seconds(parts))
     return _respond(parts, job, cached=submission.outcome == "cached")
 
 
 @blueprint.get("/<id>")
 def get_explanation(id: str) -> Response:
     parts = services()
-    job = await_job(parts, _job(parts, id), wait_seconds(parts))
+    job = parts.jobs.wait(_job(parts, id), wait_seconds(parts))
     return _respond(parts, job, status=200)
 
 
