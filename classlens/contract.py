@@ -93,7 +93,7 @@ class Explanation(_Frozen):
 # --- Jobs (issue #4): the records the API and the workers share through the store. ---
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
-JobKind = Literal["explanation", "audit"]
+JobKind = Literal["explanation", "audit", "analysis"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
 
 
@@ -210,3 +210,49 @@ class AuditResult(_Frozen):
     relevance_layer: int = Field(description="The layer whose map gives each row's peak and central share.")
     rows: list[AuditRow]
     aggregates: AuditAggregates
+
+
+# --- Analyses (issue #5): the representation analyses of METHODS.md section 2 (and section 1's
+# memories and perturbations), run over a batch of images as one job. ---
+
+AnalysisKind = Literal[
+    "cka", "attention-distance", "skip-ratio", "localization", "probes", "memories", "perturb", "compare"
+]
+Representation = Literal["tokens", "cls", "gap"]
+
+
+class AnalysisRequest(_Frozen):
+    """What to analyse; the images (and, for probes, their labels) travel separately, as for audits.
+
+    ``compare`` is the model-comparison report: CKA between every layer of ``model`` and of
+    ``compare_to``, plus each model's own figures side by side, as one HTML page.
+    """
+
+    kind: AnalysisKind
+    compare_to: str | None = Field(
+        default=None, description="A second model (name or name@version): needed by compare, optional for cka."
+    )
+    representation: Representation = Field(
+        default="tokens", description="CKA / probes: all tokens flattened, the CLS token, or the GAP of image tokens."
+    )
+    batch_size: int = Field(default=32, ge=4, le=512, description="Images per minibatch (CKA needs at least 4).")
+    prefix_rows: Literal["drop", "keep"] = Field(
+        default="drop", description="Attention distance: drop prefix-token rows and columns (the reference) or keep."
+    )
+    region: tuple[int, int, int, int] | None = Field(
+        default=None, description="Perturb: grid box (row0, col0, row1, col1), end-exclusive, whose tokens are dropped."
+    )
+    ridge: float = Field(default=1.0, gt=0, description="Probes: the ridge penalty.")
+    top_memories: int = Field(default=5, ge=1, le=50, description="Memories: value vectors listed per class.")
+
+
+class AnalysisResult(_Frozen):
+    """An analysis' numbers and the names of its figures (PNG; ``report`` is HTML for compare)."""
+
+    kind: AnalysisKind
+    models: list[ModelRef]
+    images: int
+    data: dict[str, Any] = Field(description="The figures' numbers, per kind (see docs/analyses.md).")
+    figures: dict[str, str] = Field(
+        default_factory=dict, description="Figure name -> sha256 of its bytes (``figure:<sha>`` in the store)."
+    )
