@@ -95,6 +95,28 @@ def test_projection_variants():
         ClassProjection(model, ProjectionSettings(norm="cached"))(earlier)
 
 
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("settings", [ProjectionSettings(), ProjectionSettings(norm="cached", bias=False)])
+def test_all_streams_at_once_equal_projecting_each_stream(name, settings):
+    model = random_vit(name)
+    images = images_for(model)
+    projection = ClassProjection(model, settings)
+    with torch.no_grad():
+        run = trace(model, images)
+        last = run.residual[:, -1:]
+        direct = torch.cat([projection(stream, last) for stream in (run.residual, run.attention, run.mlp)], dim=1)
+        at_once = projection.streams(run.residual, run.attention, run.mlp)
+        residual_only = projection.streams(run.residual)
+    scale = direct.abs().amax(dim=-1, keepdim=True)  # per token: logits of sublayers can be tiny (LayerScale)
+    assert at_once.shape == direct.shape
+    assert ((at_once - direct).abs() / scale).max() < 1e-4
+    assert torch.equal(residual_only, projection(run.residual, last))
+    # Ranks agree wherever two logits are not within rounding of each other.
+    targets = run.logits.topk(3).indices
+    differ = class_rank(at_once, targets) != class_rank(direct, targets)
+    assert differ.float().mean() < 1e-3
+
+
 def test_class_rank_counts_strictly_greater_logits():
     logits = torch.tensor([[[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 1.0]]])  # [B=1, M=2, C=4]
     ranks = class_rank(logits, torch.tensor([[1, 3]]))

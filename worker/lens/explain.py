@@ -112,16 +112,7 @@ def explain(
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        streams = [run.residual]
-        if request.sublayers:
-            assert run.attention is not None and run.mlp is not None
-            streams += [run.attention, run.mlp]
-        # Every stream is projected directly. Deriving E F(m_b) from the residual
-        # identity m_b = x_b - x_{b-1} - a_b would save a third of the product, but
-        # it cancels catastrophically when a branch is small next to the stream
-        # (LayerScale starts at 1e-5): measured, 31 % of ranks flipped on a
-        # random-initialised register ViT. Not worth a wrong answer.
-        token_logits = projection(torch.cat(streams, dim=1), last)  # [B, S, T, C]
+        token_logits = projection.streams(run.residual, run.attention, run.mlp)  # [B, S, T, C]
         token_ranks = class_rank(token_logits, targets)  # [B, K, S, T]
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)
