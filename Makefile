@@ -56,7 +56,7 @@ system-deps:
 		echo "missing Debian packages:$$missing; install them with: sudo apt-get install$$missing" >&2; exit 1; \
 	fi
 
-# Retrain the bundled demo models (about 45 minutes on 2 CPU cores; see README).
+# Retrain the current versions of the bundled demo models (about 75 minutes on 2 CPU cores; see README).
 demo-models: system-deps $(VENV)/.installed
 	$(BIN)/python -m model_store.recipes.fashion_mnist
 

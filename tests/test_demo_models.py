@@ -58,3 +58,18 @@ def test_samples_are_labelled_pngs_that_the_vit_mostly_gets_right(bundled_catalo
         predicted = model(batch).argmax(-1).tolist()
     correct = sum(p == int(r["label_index"]) for p, r in zip(predicted, rows, strict=True))
     assert correct >= 0.8 * len(rows)
+
+
+def test_every_bundled_version_was_trained_by_the_recipe_of_that_name_and_version():
+    """The recipes in model_store/recipes reproduce what the committed training logs record."""
+    import json
+    from dataclasses import asdict
+
+    from model_store.recipes.fashion_mnist import RECIPES
+
+    logs = sorted(BUNDLED_ROOT.glob("*/*/training_log.json"))
+    assert logs
+    for log in logs:
+        name, version = log.parent.parent.name, log.parent.name
+        [recipe] = [r for key, r in RECIPES.items() if key.partition("@")[0] == name and r.version == version]
+        assert json.loads(json.dumps(asdict(recipe))) == json.loads(log.read_text())["recipe"], log

@@ -76,24 +76,42 @@ _VIT_ARGS = {
     "depth": 6,
     "num_heads": 4,
     "mlp_ratio": 2.0,
-    "class_token": True,
-    "global_pool": "token",
+    "class_token": False,
+    "global_pool": "avg",
     "drop_path_rate": 0.05,
 }
 
+# Version 2 reads its last layer by global average pooling (fc_norm, then the head). Version 1
+# read a CLS token: its last block's image tokens were then never trained (nothing reads them),
+# and their true-class identifiability stopped at 0.72; under GAP every image token feeds
+# the head, and a 3-epoch trial already reached 0.82 (issue #3 asks > 0.85).
 _VIT = Recipe(
     architecture="vit_tiny_patch16_224",
     model_args=_VIT_ARGS,
-    description="ViT with a CLS token on 28x28 grey Fashion-MNIST: patch 4 (7x7 grid), width 128, 6 blocks.",
+    description="ViT with global average pooling on 28x28 grey Fashion-MNIST: patch 4 (7x7 grid), width 128, 6 blocks.",
     epochs=20,
     lr=2e-3,
+    version="2",
+)
+_VIT_CLS = replace(
+    _VIT,
+    model_args={**_VIT_ARGS, "class_token": True, "global_pool": "token"},
+    description="ViT with a CLS token on 28x28 grey Fashion-MNIST: patch 4 (7x7 grid), width 128, 6 blocks.",
+    version="1",
 )
 
+# name or name@version (a superseded version, kept reproducible) -> recipe.
 RECIPES: dict[str, Recipe] = {
     "fmnist-vit": _VIT,
+    "fmnist-vit@1": _VIT_CLS,
     # The same recipe on less data: the data-scale comparison of Raghu et al.
     "fmnist-vit-10pct": replace(
         _VIT,
+        description="fmnist-vit's recipe on a seeded 10 % of the training set (data-scale comparison).",
+        train_fraction=0.1,
+    ),
+    "fmnist-vit-10pct@1": replace(
+        _VIT_CLS,
         description="fmnist-vit's recipe on a seeded 10 % of the training set (data-scale comparison).",
         train_fraction=0.1,
     ),
@@ -152,7 +170,9 @@ def _learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(name: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Manifest:
+def train(key: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Manifest:
+    """Train the recipe ``key`` (``name`` or ``name@version``) and write it into the store under ``out_root``."""
+    name = key.partition("@")[0]
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -235,7 +255,7 @@ def train(name: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Ma
                 name="top1_accuracy",
                 value=round(log[-1]["test_accuracy"], 4),
                 dataset="Fashion-MNIST test set (10,000 images)",
-                command=f"python -m model_store.recipes.fashion_mnist {name}",
+                command=f"python -m model_store.recipes.fashion_mnist {key}",
             )
         ],
         provenance=Provenance(
@@ -274,7 +294,10 @@ def export_samples(per_class: int = 2, out: Path = SAMPLES) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"recipes to train: {', '.join(RECIPES)} (default: all)"
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"recipes to train: {', '.join(RECIPES)} (default: the current versions, those without '@')",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (for a quick trial)")
@@ -287,11 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.names) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-    for name in args.names or list(RECIPES):
-        recipe = RECIPES[name]
+    for key in args.names or [key for key in RECIPES if "@" not in key]:
+        recipe = RECIPES[key]
         if args.epochs:
             recipe = replace(recipe, epochs=args.epochs)
-        manifest = train(name, recipe, args.threads, args.out)
+        manifest = train(key, recipe, args.threads, args.out)
         print(f"wrote {manifest.reference}: test accuracy {manifest.metrics[0].value:.4f}")
 
 

@@ -151,4 +151,7 @@ class ClassProjection:
 
 def _scale(v: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """The LayerNorm's divisor ``sqrt(var(v) + eps)`` for every vector of ``v``: ``[..., D] -> [...]``."""
-    return torch.sqrt(v.var(dim=-1, unbiased=False) + norm.eps)
+    # Not Tensor.var: on CPU it is a single-threaded two-pass kernel, measured 15x slower than
+    # this (40 ms vs 2.4 ms for 37 x 197 vectors of 768, vit_base's streams of one image).
+    centred_norm = torch.linalg.vector_norm(v - v.mean(dim=-1, keepdim=True), dim=-1)
+    return torch.sqrt(centred_norm.square() / v.shape[-1] + norm.eps)
