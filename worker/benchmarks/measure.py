@@ -95,7 +95,13 @@ def measure_round_robin(
     device: torch.device,
     warmup: int = 1,
 ) -> dict[str, Measurement]:
-    """Time every method ``repeats[name]`` times, interleaved, after ``warmup`` untimed calls; track peak memory."""
+    """Time every method ``repeats[name]`` times, interleaved, after ``warmup`` untimed calls; then its peak memory.
+
+    Peak memory is taken in one more call of each method, apart from the timed ones:
+    measuring it hands the free heap back to the OS first (:class:`PeakMemory`), which
+    would make a timed call fault its memory in again, as no warm worker does. A method
+    timed once (too slow to repeat, and so not warmed up either) is measured in that call.
+    """
     results = {name: Measurement(name) for name in methods}
     for name, method in methods.items():
         for _ in range(warmup if repeats[name] > 1 else 0):
@@ -104,14 +110,19 @@ def measure_round_robin(
         for name, method in methods.items():
             if round_index >= repeats[name]:
                 continue
-            with PeakMemory(device) as memory:
+            with PeakMemory(device) if repeats[name] == 1 else contextlib.nullcontext() as memory:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 method()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
-            results[name].seconds.append(elapsed)
-            results[name].peak_bytes = max(results[name].peak_bytes, memory.peak)
+                results[name].seconds.append(time.perf_counter() - start)
+            if memory is not None:
+                results[name].peak_bytes = memory.peak
+    for name, method in methods.items():
+        if repeats[name] > 1:
+            with PeakMemory(device) as peak:
+                method()
+            results[name].peak_bytes = peak.peak
     return results
