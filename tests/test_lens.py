@@ -117,6 +117,22 @@ def test_all_streams_at_once_equal_projecting_each_stream(name, settings):
     assert differ.float().mean() < 1e-3
 
 
+def test_class_rank_split_over_threads_equals_the_plain_count():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 700, 50, generator=generator).round(decimals=1)  # ties included
+    targets = torch.tensor([[0, 7, 49], [3, 4, 5]])
+    expected = torch.stack(
+        [(logits[b] > logits[b, ..., k : k + 1]).sum(-1) for b, row in enumerate(targets.tolist()) for k in row]
+    ).reshape(2, 3, 3, 700)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert torch.equal(class_rank(logits, targets), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_class_rank_counts_strictly_greater_logits():
     logits = torch.tensor([[[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 1.0]]])  # [B=1, M=2, C=4]
     ranks = class_rank(logits, torch.tensor([[1, 3]]))
