@@ -10,7 +10,8 @@ key                       value                               TTL
 ``image:<sha256>``        the uploaded image bytes            result TTL
 ``result:<content key>``  the result JSON (the cache)         result TTL
 ``inflight:<content key>`` id of the job computing it         task hard limit
-``manifest:<sha256>``     an audit's images, files and labels  result TTL
+``manifest:<sha256>``     the images of an audit or analysis  result TTL
+``figure:<sha256>``       an analysis figure (PNG or HTML)    result TTL
 ========================  ==================================  ===================
 
 A content key names a result by everything it depends on (weights, image, canonical
@@ -123,6 +124,13 @@ class JobStore:
     def manifest(self, digest: str) -> bytes | None:
         return self.store.get(f"manifest:{digest}")
 
+    def put_figure(self, data: bytes) -> str:
+        """Store an analysis' figure (PNG, or the HTML report) under its digest; the result names it by that."""
+        return self._put_blob("figure", data)
+
+    def figure(self, digest: str) -> bytes | None:
+        return self.store.get(f"figure:{digest}")
+
     def result(self, key: str) -> bytes | None:
         return self.store.get(f"result:{key}")
 
@@ -194,8 +202,9 @@ class JobStore:
     def start(self, job: Job) -> Job:
         return self.update(job, status="running", started_at=time.time())
 
-    def progress(self, job: Job, done: int) -> Job:
-        return self.update(job, progress=Progress(done=done, total=job.progress.total))
+    def progress(self, job: Job, done: int, total: int | None = None) -> Job:
+        """Record ``done`` (of ``total``, when the work has learnt its size; else the job's total so far)."""
+        return self.update(job, progress=Progress(done=done, total=job.progress.total if total is None else total))
 
     def succeed(self, job: Job, result: bytes) -> Job:
         """Store the result under the content key (the cache), then finish the job and drop the claim."""

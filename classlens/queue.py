@@ -20,6 +20,7 @@ from classlens.settings import Settings
 
 EXPLAIN_TASK = "classlens.explain"
 AUDIT_TASK = "classlens.audit"
+ANALYSIS_TASK = "classlens.analyse.run"
 
 EXPLAIN_QUEUE = "gpu"
 AUDIT_QUEUE = "audits"
@@ -41,8 +42,8 @@ def broker_folder(settings: Settings) -> Path:
 def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.redis_url:
         # Redis redelivers an unacknowledged message after the visibility timeout; with late acks it
-        # must outlast the longest task (an audit), or a running audit would be started a second time.
-        longest = max(settings.task_time_limit_s, settings.audit_time_limit_s)
+        # must outlast the longest task (an audit or an analysis), or it would be started a second time.
+        longest = max(settings.task_time_limit_s, settings.audit_time_limit_s, settings.analysis_time_limit_s)
         return settings.redis_url, {"visibility_timeout": longest * 2}
     folder = broker_folder(settings)
     for sub in ("queue", "control"):
@@ -94,8 +95,8 @@ def enqueue(
 ) -> None:
     """Send a task by name with the job id as its only argument (images travel by store key).
 
-    Time limits given here override the app's defaults for this one message: audits need
-    longer ones than explanations, and the API (which knows the settings) is where they are known.
+    Time limits given here override the app's defaults for this one message: audits and
+    analyses need longer ones than explanations, and the API (which knows the settings) is where they are known.
     """
     options: dict[str, Any] = {}
     if soft_time_limit_s is not None:

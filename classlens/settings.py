@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     audit_max_uncompressed_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     audit_max_file_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
 
+    # Representation analyses (POST /v1/analyses): one task over all the images, on its own
+    # queue, with limits of its own. A zip is judged by the audit_max_zip_* limits above.
+    analysis_max_images: int = Field(default=1024, gt=0)
+    analysis_soft_time_limit_s: int = Field(default=1800, gt=0)
+    analysis_time_limit_s: int = Field(default=1900, gt=0)
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:

@@ -44,7 +44,7 @@ def services() -> Services:
 
 def create_app(settings: Settings | None = None, store: Store | None = None, celery: Celery | None = None) -> Flask:
     """The API over ``store`` and ``celery`` (by default: those ``settings`` name)."""
-    from service.routes import audits, explanations, models, operations
+    from service.routes import analyses, audits, explanations, models, operations
 
     settings = settings or Settings()
     store = store or open_store(settings)
@@ -63,13 +63,16 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
 
     app = Flask("service")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    # An audit sends up to audit_max_images image parts and as many label parts: Werkzeug's default (1000) is less.
-    app.config["MAX_FORM_PARTS"] = max(1000, 2 * settings.audit_max_images + 16)
+    # An audit (analysis) sends up to audit_max_images (analysis_max_images) image parts and as many label
+    # parts: Werkzeug's default (1000) is less.
+    most_images = max(settings.audit_max_images, settings.analysis_max_images)
+    app.config["MAX_FORM_PARTS"] = max(1000, 2 * most_images + 16)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["classlens"] = parts
     register_error_handlers(app)
     app.register_blueprint(explanations.blueprint)
     app.register_blueprint(audits.blueprint)
+    app.register_blueprint(analyses.blueprint)
     app.register_blueprint(models.blueprint)
     app.register_blueprint(operations.blueprint)
 

@@ -1,7 +1,7 @@
-"""From an audit request (a zip, repeated image parts, or JSON) to named images with optional labels.
+"""From an audit (or analysis) request (a zip, repeated image parts, or JSON) to named images with optional labels.
 
-Every form ends in the same :class:`AuditInput`, so the route checks images, labels and
-limits once. A zip is untrusted twice over: its central directory is judged before anything
+Every form ends in the same list of :class:`AuditUpload`, so a route checks images, labels
+and limits once. A zip is untrusted twice over: its central directory is judged before anything
 is inflated (entry count, declared total and per-file sizes, unsafe paths, encryption), and
 each member is then read with a cap of its declared size, so a directory that lies about
 sizes cannot make the API inflate more than the limits allow.
@@ -61,7 +61,7 @@ def _too_many(count: int, limit: int) -> Problem:
     return _bad(
         422,
         "Too many images",
-        f"the audit has {count} images; at most {limit} are accepted per audit (split it)",
+        f"{count} images were sent; at most {limit} are accepted in one request (split it)",
         "too_many_images",
     )
 
@@ -69,11 +69,11 @@ def _too_many(count: int, limit: int) -> Problem:
 # -- JSON and multipart --------------------------------------------------------------------------------
 
 
-def from_json(body: Mapping[str, Any], settings: Settings) -> AuditInput:
-    """A validated ``AuditJsonRequest``: ``images`` is a list of ``{image (base64), file?, label?}``."""
+def uploads_from_json(body: Mapping[str, Any], limit: int) -> list[AuditUpload]:
+    """The images of a validated JSON body: ``images`` is a list of ``{image (base64), file?, label?}``."""
     items = body["images"]
-    if len(items) > settings.audit_max_images:
-        raise _too_many(len(items), settings.audit_max_images)
+    if len(items) > limit:
+        raise _too_many(len(items), limit)
     uploads = []
     for position, item in enumerate(items):
         name = item.get("file") or f"image-{position + 1:04d}"
@@ -84,12 +84,13 @@ def from_json(body: Mapping[str, Any], settings: Settings) -> AuditInput:
                 422, "Invalid base64", f"{name}: the image is not valid base64", "invalid_base64", file=name
             ) from error
         uploads.append(AuditUpload(name, data, item.get("label")))
-    fields = {key: body[key] for key in ("targets", "top_k", "layers") if key in body}
-    return AuditInput(model=body["model"], uploads=uploads, fields=fields)
+    return uploads
 
 
-def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], settings: Settings) -> AuditInput:
-    """A validated ``AuditFormRequest``: a zip in ``archive``, or ``images`` parts with ``labels`` in the same order."""
+def uploads_from_form(
+    form: MultiDict[str, str], files: MultiDict[str, FileStorage], settings: Settings, limit: int
+) -> list[AuditUpload]:
+    """The images of a validated multipart body: a zip in ``archive``, or ``images`` parts with ``labels`` in order."""
     archive = files.get("archive")
     images = files.getlist("images")
     if (archive is None) == (not images):
@@ -99,11 +100,10 @@ def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], set
             "send either one zip file as the part 'archive' or the images as repeated parts 'images', not both",
             "missing_images" if archive is None else "ambiguous_input",
         )
-    fields = {key: value for key, value in form_fields(form).items() if key in {"targets", "top_k", "layers"}}
     if archive is not None:
-        return AuditInput(model=form["model"], uploads=read_archive(archive.read(), settings), fields=fields)
-    if len(images) > settings.audit_max_images:
-        raise _too_many(len(images), settings.audit_max_images)
+        return read_archive(archive.read(), settings, limit)
+    if len(images) > limit:
+        raise _too_many(len(images), limit)
     labels = form.getlist("labels")
     if labels and len(labels) != len(images):
         raise _bad(
@@ -112,12 +112,24 @@ def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], set
             f"{len(labels)} 'labels' parts for {len(images)} 'images' parts: send one label per image, in order",
             "label_count",
         )
-    uploads = [
+    return [
         AuditUpload(
             upload.filename or f"image-{position + 1:04d}", upload.read(), _label(labels[position]) if labels else None
         )
         for position, upload in enumerate(images)
     ]
+
+
+def from_json(body: Mapping[str, Any], settings: Settings) -> AuditInput:
+    """A validated ``AuditJsonRequest``."""
+    fields = {key: body[key] for key in ("targets", "top_k", "layers") if key in body}
+    return AuditInput(model=body["model"], uploads=uploads_from_json(body, settings.audit_max_images), fields=fields)
+
+
+def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage], settings: Settings) -> AuditInput:
+    """A validated ``AuditFormRequest``."""
+    uploads = uploads_from_form(form, files, settings, settings.audit_max_images)
+    fields = {key: value for key, value in form_fields(form).items() if key in {"targets", "top_k", "layers"}}
     return AuditInput(model=form["model"], uploads=uploads, fields=fields)
 
 
@@ -222,8 +234,8 @@ def _read_labels(text: str, folder: str) -> dict[str, int | str]:
     return labels
 
 
-def read_archive(data: bytes, settings: Settings) -> list[AuditUpload]:
-    """The images of a zip with their labels from an optional ``labels.csv`` (at most one, anywhere)."""
+def read_archive(data: bytes, settings: Settings, limit: int) -> list[AuditUpload]:
+    """The images of a zip (at most ``limit``) with their labels from an optional ``labels.csv`` (one, anywhere)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError) as error:
@@ -234,8 +246,8 @@ def read_archive(data: bytes, settings: Settings) -> list[AuditUpload]:
         if len(label_files) > 1:
             raise _bad(422, "Several labels.csv", "the zip holds more than one labels.csv", "bad_labels")
         images = [entry for entry in members if entry not in label_files]
-        if len(images) > settings.audit_max_images:
-            raise _too_many(len(images), settings.audit_max_images)
+        if len(images) > limit:
+            raise _too_many(len(images), limit)
         if not images:
             raise _bad(422, "No images", "the zip holds no images", "missing_images")
         labels: dict[str, int | str] = {}

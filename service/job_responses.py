@@ -1,4 +1,4 @@
-"""What the explanation and audit routes share: finding a job, long-polling it, answering with it.
+"""What the explanation, audit and analysis routes share: finding a job, long-polling it, answering with it.
 
 One place for the job-as-HTTP rules: a finished job answers 200, an unfinished one 202
 with its ``Location``; a succeeded job whose result has expired is 410; ``?wait=S``
@@ -39,6 +39,16 @@ def stored_result(parts: Services, job: Job, noun: str) -> bytes | None:
     if result is None:
         raise Problem(
             410, "Result expired", f"the result of {noun} {job.id} has expired; submit again", problem="expired"
+        )
+    return result
+
+
+def finished_result(parts: Services, job: Job, noun: str) -> bytes:
+    """The result of a job that must have succeeded: 409 while it has not, 410 once it has expired."""
+    result = stored_result(parts, job, noun)
+    if result is None:
+        raise Problem(
+            409, f"{noun.capitalize()} not succeeded", f"{noun} {job.id} is {job.status}", problem="not_ready"
         )
     return result
 

@@ -26,7 +26,7 @@ from service.model_info import model_info
 
 log = logging.getLogger(__name__)
 
-JOB_KINDS = ("explanation", "audit")
+JOB_KINDS = ("explanation", "audit", "analysis")
 
 
 class _SharedCollector(Collector):
@@ -110,6 +110,18 @@ class Metrics:
         self.rejected_audits = Counter(
             "classlens_rejected_audits",
             "Audits refused before queueing, by problem (a bad image, an unsafe zip, an unknown label...).",
+            ["problem"],
+            registry=self.registry,
+        )
+        self.analysis_images = Counter(
+            "classlens_analysis_images",
+            "Images in submitted analyses, by the analysis' outcome (cached, joined or queued).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rejected_analyses = Counter(
+            "classlens_rejected_analyses",
+            "Analyses refused before queueing, by problem (too few images, a missing second model...).",
             ["problem"],
             registry=self.registry,
         )

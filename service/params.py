@@ -136,5 +136,10 @@ def canonical_request(fields: Mapping[str, Any], labels: Sequence[str], info: Mo
     try:
         return ExplainRequest.model_validate(values)
     except ValidationError as error:
-        details = [f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()]
-        raise Problem(422, "Invalid parameter", "; ".join(details), problem="bad_parameter", errors=details) from error
+        raise invalid_parameters(error) from error
+
+
+def invalid_parameters(error: ValidationError) -> Problem:
+    """A 422 listing every parameter a request model (explain, analysis) refused, and why."""
+    details = [f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()]
+    return Problem(422, "Invalid parameter", "; ".join(details), problem="bad_parameter", errors=details)

@@ -10,6 +10,8 @@ from flask import url_for
 
 from classlens.contract import Job
 
+REPORT = "report"  # the figure of an analysis that is its HTML report (compare), not a PNG
+
 
 def _iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
@@ -37,6 +39,22 @@ def audit_view(job: Job, result: bytes | None = None, *, cached: bool = False) -
         view["result"] = json.loads(result)
         links["rows_csv"] = url_for("audits.get_rows_csv", id=job.id)
         links["report"] = url_for("audits.get_report", id=job.id)
+    return view
+
+
+def analysis_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> dict[str, Any]:
+    """The ``AnalysisJob`` of openapi.yaml: with the result and the links to its figures once it has succeeded."""
+    links: dict[str, Any] = {"self": url_for("analyses.get_analysis", id=job.id)}
+    view = _common(job, links, cached)
+    if result is not None:
+        analysis = json.loads(result)
+        view["result"] = analysis
+        names = sorted(analysis["figures"])
+        links["figures"] = {
+            name: url_for("analyses.get_figure", id=job.id, name=name) for name in names if name != REPORT
+        }
+        if REPORT in names:
+            links["report"] = url_for("analyses.get_report", id=job.id)
     return view
 
 

@@ -16,9 +16,11 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -70,18 +72,16 @@ def redis_url() -> Iterator[str]:
     process.wait(10)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store root with ``tiny-vit@1``: a random 2-block ViT on 28x28 grey images, Fashion-MNIST labels."""
+def add_tiny_vit(work: Path, version: str = "1", seed: int = 0) -> Path:
+    """A store root under ``work`` with ``tiny-vit@<version>``: a random 2-block ViT (weights from ``seed``)."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     from model_store.catalog import add_model
 
-    work = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    args = {
+    torch.manual_seed(seed)
+    args: dict[str, Any] = {
         "img_size": 28,
         "patch_size": 4,
         "in_chans": 1,
@@ -98,7 +98,7 @@ def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = work / "models"
     fields = {
         "name": TINY_MODEL,
-        "version": "1",
+        "version": version,
         "framework": "timm",
         "architecture": "vit_tiny_patch16_224",
         "model_args": args,
@@ -108,6 +108,12 @@ def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     add_model(root, fields, weights, labels)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store root with ``tiny-vit@1``: a random 2-block ViT on 28x28 grey images, Fashion-MNIST labels."""
+    return add_tiny_vit(tmp_path_factory.mktemp("tiny-model"))
 
 
 def sample_png(name: str = "test-00002.png") -> bytes:
@@ -184,3 +190,54 @@ def checked(app, response):
     sent = MockRequest("http://localhost", response.request.method.lower(), response.request.path)
     contract.openapi.validate_response(sent, WerkzeugOpenAPIResponse(response))
     return response
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def problem(app, response, status: int, name: str | None = None) -> dict:
+    """The problem+json body of ``response``, after checking it against openapi.yaml, its status and its name."""
+    checked(app, response)
+    assert response.status_code == status, response.get_json()
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    if name is not None:
+        assert body["problem"] == name, body
+    return body
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def finished_job(app, client, url: str, timeout_s: float = 180) -> dict:
+    """Long-poll the job at ``url`` (each response checked against openapi.yaml) until it is finished."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = checked(app, client.get(f"{url}?wait=5")).get_json()
+        if body["status"] in {"succeeded", "failed"}:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def watch_progress(store: object, job_id: str, timeout_s: float = 180) -> list[tuple[int, int]]:
+    """Every distinct ``(done, total)`` of the job record, read straight from the store, until it finishes."""
+    from classlens.contract import Job
+
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = Job.model_validate_json(store.get(f"job:{job_id}"))  # type: ignore[attr-defined]
+        state = (job.progress.done, job.progress.total)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if job.status in {"succeeded", "failed"}:
+            return seen
+        time.sleep(0.001)
+    pytest.fail(f"job {job_id} did not finish; progress seen: {seen}")

@@ -9,6 +9,7 @@ TORCH_FREE = [
     "service.app",
     "service.routes.explanations",
     "service.routes.audits",
+    "service.routes.analyses",
     "classlens.cli",
     "classlens.contract",
     "classlens.jobs",

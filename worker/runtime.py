@@ -10,10 +10,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from classlens.contract import ExplainRequest, Explanation, ModelRef
 from classlens.images import fit_to_input
@@ -31,10 +33,18 @@ def default_device() -> torch.device:
 
 @dataclass
 class LoadedModel:
+    """A loaded model. ``model`` is a checked ViT, except after ``load(..., require_vit=False)``, where it
+    may be any timm model: code that accepts those reads :attr:`network` and checks the type itself."""
+
     entry: ModelEntry
     model: VisionTransformer
     labels: list[str]
     device: torch.device
+
+    @property
+    def network(self) -> nn.Module:
+        """The model as the plain ``nn.Module`` it may be (a CNN when loaded with ``require_vit=False``)."""
+        return self.model
 
     @property
     def ref(self) -> ModelRef:
@@ -55,15 +65,20 @@ class LoadedModel:
         return explain(self.model, self.preprocess(images), self.labels, request, self.ref)
 
 
-def load(entry: ModelEntry, device: torch.device | None = None) -> LoadedModel:
-    """Load and check a catalog entry (verified weights, a supported ViT)."""
+def load(entry: ModelEntry, device: torch.device | None = None, *, require_vit: bool = True) -> LoadedModel:
+    """Load and check a catalog entry (verified weights, a supported ViT).
+
+    ``require_vit=False`` accepts any registered timm model (a CNN, say) for the representation
+    analyses, which check what each of them needs (:mod:`worker.analyses.run`).
+    """
     device = device or default_device()
     model = load_model(entry, device)
-    inspect_vit(model)  # refuses what the lens cannot explain, with the reason
-    assert isinstance(model, VisionTransformer)
+    if require_vit:
+        inspect_vit(model)  # refuses what the lens cannot explain, with the reason
+        assert isinstance(model, VisionTransformer)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(entry=entry, model=model, labels=entry.labels(), device=device)
+    return LoadedModel(entry=entry, model=cast(VisionTransformer, model), labels=entry.labels(), device=device)
 
 
 class ModelCache:
@@ -75,10 +90,13 @@ class ModelCache:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def get(self, reference: str) -> LoadedModel:
+    def get(self, reference: str, *, require_vit: bool = True) -> LoadedModel:
+        """The loaded model; ``require_vit=False`` also serves non-ViTs (see :func:`load`)."""
         entry = self.catalog.resolve(reference)
         with self._lock:
             loaded = self._models.get(entry.reference)
             if loaded is None:
-                loaded = self._models[entry.reference] = load(entry, self.device)
-            return loaded
+                loaded = self._models[entry.reference] = load(entry, self.device, require_vit=False)
+        if require_vit:
+            inspect_vit(loaded.network)  # the same refusal as load(), for a model cached by an analysis
+        return loaded

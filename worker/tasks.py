@@ -16,22 +16,37 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 from pydantic import ValidationError
 
 from classlens import stats
-from classlens.contract import TERMINAL_STATUSES, AuditManifest, AuditResult, AuditRow, ExplainRequest, Explanation, Job
+from classlens.contract import (
+    TERMINAL_STATUSES,
+    AnalysisRequest,
+    AnalysisResult,
+    AuditImage,
+    AuditManifest,
+    AuditResult,
+    AuditRow,
+    ExplainRequest,
+    Explanation,
+    Job,
+)
 from classlens.images import ImageError, decode_image
 from classlens.jobs import JobStore
-from classlens.queue import AUDIT_TASK, EXPLAIN_TASK
+from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK
 from classlens.settings import Settings
 from classlens.store import open_store
 from model_store.artifacts import ArtifactError
 from model_store.catalog import Catalog, ModelNotFoundError
 from model_store.manifest import ManifestError
+from worker.analyses.run import AnalysisError, run_analysis
 from worker.audits import Explained, aggregate, audit_row, explain_batch, relevance_layer
 from worker.lens.explain import ExplainError
 from worker.lens.vit import UnsupportedModelError
@@ -71,9 +86,15 @@ def runtime() -> Runtime:
     return _runtime
 
 
+class InputExpired(LookupError):
+    """An uploaded image or list of images is no longer in the store (its TTL ran out before the job ran)."""
+
+
 # Failures that are the request's or the model's fault, with the title the job gets.
 _EXPECTED: tuple[tuple[type[BaseException], str], ...] = (
     (ImageError, "The image cannot be decoded"),
+    (InputExpired, "The uploaded input has expired"),
+    (AnalysisError, "The analysis cannot be run"),
     (ExplainError, "The request cannot be explained"),
     (UnsupportedModelError, "The model cannot be explained"),
     (ModelNotFoundError, "Unknown model"),
@@ -164,11 +185,15 @@ def explain_task(job_id: str) -> None:
     explain_job(runtime(), job_id)
 
 
-def audit_job(rt: Runtime, job_id: str) -> Job | None:
-    """Run one audit job to a terminal status; None when the job record is gone (expired).
+def _run_batch_job(
+    rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: Callable[[Job], bytes]
+) -> Job | None:
+    """Run one job over many images (an audit, an analysis) to a terminal status; None when the record is gone.
 
-    Idempotent like :func:`explain_job`: a redelivered audit whose result exists is just marked
-    succeeded; one redelivered mid-way (its worker died) starts again from the first batch.
+    Idempotent like :func:`explain_job`: a redelivered job whose result exists is just marked
+    succeeded; one redelivered mid-way (its worker died) starts again from the beginning.
+    ``compute`` returns the result JSON and may record progress on the way, so the record is
+    read again before it is finished.
     """
     jobs = rt.jobs
     job, needs_work = _resume(rt, job_id)
@@ -177,26 +202,50 @@ def audit_job(rt: Runtime, job_id: str) -> Job | None:
     job = jobs.progress(jobs.start(job), 0)
     started = time.monotonic()
     try:
-        result = _audit(rt, job)
+        result = compute(job)
     except SoftTimeLimitExceeded:
-        limit = rt.settings.audit_soft_time_limit_s
-        job = jobs.fail(jobs.get(job.id) or job, "Time limit exceeded", f"the audit took longer than {limit} s")
+        job = jobs.fail(jobs.get(job.id) or job, "Time limit exceeded", f"the {noun} took longer than {soft_limit_s} s")
     except Exception as error:
         job = _record_failure(rt, jobs.get(job.id) or job, error)
     else:
-        job = jobs.succeed(jobs.get(job.id) or job, result.model_dump_json().encode())
+        job = jobs.succeed(jobs.get(job.id) or job, result)
     stats.record_job(
         jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
     )
     return job
 
 
-def _audit(rt: Runtime, job: Job) -> AuditResult:
-    """Explain the audit's images batch by batch (progress after each), then build rows and aggregates."""
+def _manifest(rt: Runtime, job: Job, noun: str) -> AuditManifest:
     data = rt.jobs.manifest(str(job.parameters.get("manifest_key", "")))
     if data is None:
-        raise ExplainError("the audit's list of images has expired; submit the audit again")
-    manifest = AuditManifest.model_validate_json(data)
+        raise InputExpired(f"the {noun}'s list of images has expired; submit the {noun} again")
+    return AuditManifest.model_validate_json(data)
+
+
+def _decode(rt: Runtime, items: Sequence[AuditImage], noun: str) -> list[Image.Image]:
+    """The images of ``items`` read from the store and decoded; an error names the file."""
+    images = []
+    for item in items:
+        payload = rt.jobs.image(item.image_key)
+        if payload is None:
+            raise InputExpired(f"{item.file}: the uploaded image has expired; submit the {noun} again")
+        try:
+            images.append(decode_image(payload, max_pixels=rt.settings.max_image_pixels))
+        except ImageError as error:
+            raise ImageError(error.problem, f"{item.file}: {error.detail}") from error
+    return images
+
+
+def audit_job(rt: Runtime, job_id: str) -> Job | None:
+    """Run one audit job to a terminal status; None when the job record is gone (expired)."""
+    return _run_batch_job(
+        rt, job_id, "audit", rt.settings.audit_soft_time_limit_s, lambda job: _audit(rt, job).model_dump_json().encode()
+    )
+
+
+def _audit(rt: Runtime, job: Job) -> AuditResult:
+    """Explain the audit's images batch by batch (progress after each), then build rows and aggregates."""
+    manifest = _manifest(rt, job, "audit")
     request = ExplainRequest.model_validate(job.parameters["explain"])
     model = rt.models.get(job.model)
     rows: list[AuditRow] = []
@@ -204,15 +253,7 @@ def _audit(rt: Runtime, job: Job) -> AuditResult:
     size = rt.settings.audit_batch_size
     for start in range(0, len(manifest.images), size):
         batch = manifest.images[start : start + size]
-        images = []
-        for item in batch:
-            payload = rt.jobs.image(item.image_key)
-            if payload is None:
-                raise ExplainError(f"{item.file}: the uploaded image has expired; submit the audit again")
-            try:
-                images.append(decode_image(payload, max_pixels=rt.settings.max_image_pixels))
-            except ImageError as error:
-                raise ImageError(error.problem, f"{item.file}: {error.detail}") from error
+        images = _decode(rt, batch, "audit")
         explained = explain_batch(model, images, [item.label for item in batch], request)
         first = first or explained[0]
         rows.extend(audit_row(item, found, request, model.labels) for item, found in zip(batch, explained, strict=True))
@@ -236,3 +277,43 @@ def _audit(rt: Runtime, job: Job) -> AuditResult:
 def audit_task(job_id: str) -> None:
     """``classlens.audit(job_id)``: explain and summarise the audit's images; the outcome is in the job record."""
     audit_job(runtime(), job_id)
+
+
+def analysis_job(rt: Runtime, job_id: str) -> Job | None:
+    """Run one analysis job to a terminal status; None when the job record is gone (expired)."""
+    return _run_batch_job(rt, job_id, "analysis", rt.settings.analysis_soft_time_limit_s, lambda job: _analyse(rt, job))
+
+
+def _analyse(rt: Runtime, job: Job) -> bytes:
+    """Load the model(s) and the images, run the analysis with progress, store its figures; the result JSON."""
+    manifest = _manifest(rt, job, "analysis")
+    request = AnalysisRequest.model_validate(job.parameters["analysis"])
+    references = [job.model, *([request.compare_to] if request.compare_to else [])]
+    # Any registered model (CKA compares a ViT with a CNN, say): run_analysis refuses what a kind cannot use.
+    models = [rt.models.get(reference, require_vit=False) for reference in references]
+    images = _decode(rt, manifest.images, "analysis")
+    known = [item.label for item in manifest.images]
+    labels = np.array(known, dtype=np.int64) if known and None not in known else None
+    current = job
+
+    def report(done: int, total: int) -> None:
+        nonlocal current
+        if (done, total) != (current.progress.done, current.progress.total):
+            current = rt.jobs.progress(current, done, total)
+
+    outcome = run_analysis(request, models, images, labels, report)
+    figures = {name: rt.jobs.put_figure(data) for name, data in outcome.figures.items()}
+    result = AnalysisResult(
+        kind=request.kind,
+        models=[model.ref for model in models],
+        images=len(images),
+        data=outcome.data,
+        figures=figures,
+    )
+    return result.model_dump_json().encode()
+
+
+@shared_task(name=ANALYSIS_TASK, ignore_result=True)
+def analysis_task(job_id: str) -> None:
+    """``classlens.analyse.run(job_id)``: run the job's analysis; the outcome (and figures) are in the store."""
+    analysis_job(runtime(), job_id)

@@ -14,14 +14,77 @@ from classlens.settings import Settings
 
 @click.command("bench")
 @click.option("--model", "reference", default="fmnist-vit", show_default=True, help="Registered model to measure.")
-@click.option("--no-vit-base", is_flag=True, help="Skip the random-initialised vit_base_patch16_224.")
+@click.option(
+    "--no-vit-base",
+    is_flag=True,
+    help="Skip the random-initialised vit_base_patch16_224 (and with it the analyses benchmark, unless "
+    "--analyses-only).",
+)
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
 @click.option("--repeats", default=7, show_default=True, help="Timed runs of the fast methods (median reported).")
 @click.option("--no-ig", is_flag=True, help="Skip Captum Integrated Gradients (the slowest method).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/lens.json"))
+@click.option("--analyses-only", is_flag=True, help="Run only the analyses benchmark (CKA, attention distance).")
+@click.option("--no-analyses", is_flag=True, help="Skip the analyses benchmark.")
+@click.option(
+    "--analyses-images",
+    multiple=True,
+    type=click.IntRange(4, 100_000),
+    default=(256, 512),
+    show_default=True,
+    help="Image counts of the analyses benchmark (repeatable); memory is compared across them.",
+)
+@click.option("--analyses-batch", default=32, show_default=True, type=click.IntRange(4, 1024))
+@click.option("--analyses-architecture", default="vit_base_patch16_224", show_default=True)
+@click.option("--analyses-img-size", default=224, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--analyses-repeats", default=1, show_default=True, type=click.IntRange(1, 20))
+@click.option(
+    "--analyses-out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/analyses.json")
+)
 @click.pass_obj
 def bench_command(settings: Settings, reference: str, **options: Any) -> None:
-    """Time forward, explain, gradient map, Grad-CAM and Integrated Gradients as ratios to the forward pass."""
+    """Time forward, explain, gradient map, Grad-CAM and Integrated Gradients as ratios to the forward pass.
+
+    Then the analyses benchmark: full layer x layer CKA and mean attention distance of a random
+    vit_base_patch16_224 against the forward passes alone, and peak memory at 256 and 512 images.
+    """
+    if not options["analyses_only"]:
+        _bench_lens(settings, reference, options)
+    if options["analyses_only"] or not (options["no_analyses"] or options["no_vit_base"]):
+        _bench_analyses(options)
+
+
+def _bench_analyses(options: dict[str, Any]) -> None:
+    from worker.benchmarks.analyses import bench_analyses, format_table, random_vit, summary
+    from worker.benchmarks.lens import environment
+    from worker.runtime import default_device
+
+    device = default_device()
+    architecture, size = options["analyses_architecture"], options["analyses_img_size"]
+    try:
+        model = random_vit(architecture, size)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise click.ClickException(f"cannot build {architecture} at {size}x{size}: {error}") from error
+    counts = sorted(set(options["analyses_images"]))
+    batch = options["analyses_batch"]
+    label = f"{architecture}-random@{size}"
+    click.echo(f"measuring analyses of {label}: {counts} images in batches of {batch} ...", err=True)
+    records = bench_analyses(model, counts, batch, device, repeats=options["analyses_repeats"])
+    click.echo(format_table(label, records))
+    figures = summary(records)
+    click.echo(
+        f"CKA / forward at {counts[-1]} images: {figures['cka_ratio_to_forward']:.2f}x "
+        f"(target <= {figures['cka_target']}x); attention distance / forward: "
+        f"{figures['attention_distance_ratio_to_forward']:.2f}x"
+    )
+    record = {"environment": environment(), "model": label, "device": str(device), "summary": figures}
+    out: Path = options["analyses_out"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**record, "analyses": records}, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"wrote {out}", err=True)
+
+
+def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> None:
     # Through worker.*: the torchvision compatibility step runs before timm is imported.
     from worker.benchmarks.lens import BenchModel, bench_model, environment, format_table, random_imagenet_vit
     from worker.runtime import default_device, load

@@ -1,1 +1,2 @@
-"""The API's blueprints: explanations (jobs, maps), models (the catalog), operations (health, metrics, docs)."""
+"""The API's blueprints: explanations (jobs, maps), audits and analyses (batch jobs, downloads, figures),
+models (the catalog), operations (health, metrics, docs)."""

@@ -15,17 +15,17 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
-from classlens.contract import AuditImage, AuditManifest, ExplainRequest, Job
-from classlens.images import ImageError, decode_image
+from classlens.contract import ExplainRequest, Job
 from classlens.jobs import content_key
-from classlens.queue import AUDIT_TASK, enqueue
+from classlens.queue import AUDIT_TASK
 from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
-from service.audit_input import AuditInput, AuditUpload, from_form, from_json, resolve_labels
+from service.audit_input import from_form, from_json, resolve_labels
+from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
 from service.errors import Problem
-from service.job_responses import find_job, job_response, stored_result, wait_seconds
+from service.job_responses import find_job, finished_result, job_response, wait_seconds
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request
 from service.views import audit_view
@@ -52,15 +52,6 @@ CSV_COLUMNS = (
 )
 
 
-def _read_input(parts: Services) -> AuditInput:
-    if request.mimetype == "application/json":
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise Problem(400, "Malformed request body", "the body is not a JSON object", problem="malformed_body")
-        return from_json(body, parts.settings)
-    return from_form(request.form, request.files, parts.settings)
-
-
 def audit_request(fields: dict[str, Any], labels: Sequence[str], info: ModelInfo) -> ExplainRequest:
     """The explain parameters of an audit, canonical: top-1 by default, the last layer always, no sublayers.
 
@@ -76,24 +67,9 @@ def audit_request(fields: dict[str, Any], labels: Sequence[str], info: ModelInfo
     return explain.model_copy(update={"layers": layers, "sublayers": False})
 
 
-def _check_images(parts: Services, uploads: Sequence[AuditUpload]) -> None:
-    """Decode every image once; the first bad one refuses the whole audit with a 422 that names it."""
-    for upload in uploads:
-        try:
-            decode_image(upload.data, max_pixels=parts.settings.max_image_pixels)
-        except ImageError as error:
-            parts.metrics.rejected_images.labels(error.problem).inc()
-            raise Problem(
-                422,
-                "Unusable image in audit",
-                f"{upload.file}: {error.detail}",
-                problem=error.problem,
-                file=upload.file,
-            ) from error
-
-
 def _submit(parts: Services) -> Response:
-    submitted = _read_input(parts)
+    settings = parts.settings
+    submitted = read_input(lambda body: from_json(body, settings), lambda form, files: from_form(form, files, settings))
     if not submitted.uploads:
         raise Problem(422, "No images", "the audit holds no images", problem="missing_images")
     try:
@@ -103,55 +79,36 @@ def _submit(parts: Services) -> Response:
     classes = entry.labels()
     true_labels = resolve_labels(submitted.uploads, classes)
     explain = audit_request(submitted.fields, classes, model_info(entry.manifest))
-    _check_images(parts, submitted.uploads)
+    check_images(parts, submitted.uploads, "Unusable image in audit")
 
-    images = [
-        AuditImage(file=upload.file, image_key=parts.jobs.put_image(upload.data), label=label)
-        for upload, label in zip(submitted.uploads, true_labels, strict=True)
-    ]
-    manifest_key = parts.jobs.put_manifest(AuditManifest(images=images).model_dump_json().encode())
+    manifest_key = store_images(parts, submitted.uploads, true_labels)
     explain_parameters = explain.model_dump(mode="json")
     parameters = {
         "explain": explain_parameters,
         "manifest_key": manifest_key,
-        "images": len(images),
+        "images": len(submitted.uploads),
         "labelled": sum(1 for label in true_labels if label is not None),
     }
-    settings = parts.settings
-    submission = parts.jobs.submit(
+    job, outcome = submit_batch(
+        parts,
         kind="audit",
+        task=AUDIT_TASK,
         model=entry.reference,
         parameters=parameters,
         key=content_key(entry.manifest.weights.sha256, manifest_key, {"audit": explain_parameters}),
-        image_key=None,
-        enqueue=lambda job: enqueue(
-            parts.celery,
-            AUDIT_TASK,
-            job.id,
-            soft_time_limit_s=settings.audit_soft_time_limit_s,
-            time_limit_s=settings.audit_time_limit_s,
-        ),
-        total=len(images),
-        inflight_ttl_s=settings.audit_time_limit_s,
+        images=len(submitted.uploads),
+        soft_time_limit_s=settings.audit_soft_time_limit_s,
+        time_limit_s=settings.audit_time_limit_s,
+        images_counter=parts.metrics.audit_images,
     )
-    parts.metrics.submissions.labels("audit", submission.outcome).inc()
-    parts.metrics.audit_images.labels(submission.outcome).inc(len(images))
-    job = submission.job
-    if submission.outcome != "cached":
-        job = parts.jobs.wait(job, wait_seconds(parts))
-    return _respond(parts, job, cached=submission.outcome == "cached")
+    return _respond(parts, job, cached=outcome == "cached")
 
 
 @blueprint.post("")
 def create_audit() -> Response:
     """Queue an audit (or answer from the cache, or join the equal audit in flight)."""
     parts = services()
-    try:
-        return _submit(parts)
-    except Problem as problem:
-        if 400 <= problem.status < 500:
-            parts.metrics.rejected_audits.labels(problem.problem).inc()
-        raise
+    return counting_rejections(parts.metrics.rejected_audits, lambda: _submit(parts))
 
 
 def _job(parts: Services, job_id: str) -> Job:
@@ -164,10 +121,7 @@ def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | N
 
 def _finished_result(parts: Services, job_id: str) -> tuple[Job, bytes]:
     job = _job(parts, job_id)
-    result = stored_result(parts, job, "audit")
-    if result is None:
-        raise Problem(409, "Audit not succeeded", f"audit {job.id} is {job.status}", problem="not_ready")
-    return job, result
+    return job, finished_result(parts, job, "audit")
 
 
 @blueprint.get("/<id>")

@@ -100,9 +100,10 @@ class MinibatchCKA:
         scale = 1.0 / (self._size * (self._size - 3))
         rows = torch.stack([self._pending[name] for name in self.rows])
         columns = torch.stack([self._pending[name] for name in self.columns])
-        self.cross += (rows @ columns.T) * scale
-        self.row_self += (rows * rows).sum(dim=1) * scale
-        self.column_self += (columns * columns).sum(dim=1) * scale
+        # The running sums stay on the CPU; the Grams may live on the model's device.
+        self.cross += ((rows @ columns.T) * scale).cpu()
+        self.row_self += ((rows * rows).sum(dim=1) * scale).cpu()
+        self.column_self += ((columns * columns).sum(dim=1) * scale).cpu()
         self.batches += 1
         self.examples += self._size
         self._pending.clear()

@@ -1,0 +1,92 @@
+"""Layer x layer CKA within and across models, and token-localisation CKA, against direct computations."""
+
+import pytest
+import torch
+
+from tests.test_representations import tiny_resnet, tiny_vit
+from worker.analyses.cka import CKAError, MinibatchCKA
+from worker.analyses.layer_cka import cka_across, cka_within, image_patches, localisation_cka
+from worker.lens.vit import trace
+
+
+def batches(count=3, size=6, seed=0, channels=3, side=32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, channels, side, side, generator=generator) for _ in range(count)]
+
+
+def test_within_matches_minibatch_cka_of_traced_features():
+    model, data = tiny_vit(), batches()
+    result = cka_within(model, data, "gap")
+    names = ["block 1", "block 2", "block 3"]
+    direct = MinibatchCKA(names, names)
+    for batch in data:
+        with torch.no_grad():
+            run = trace(model, batch, sublayers=False)
+        for b, name in enumerate(names, start=1):
+            direct.add(name, run.residual[:, b, 1:].mean(dim=1))
+        direct.end_batch()
+    assert result.rows == names and result.examples == 18 and result.batches == 3
+    assert torch.allclose(result.values, direct.result(), atol=1e-9)
+    assert torch.allclose(result.values.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(result.values, result.values.T, atol=1e-9)
+
+
+def test_across_with_itself_is_within_and_pairs_rows():
+    model, data = tiny_vit(), batches()
+    within = cka_within(model, data, "tokens")
+    across = cka_across(model, model, [(b, b) for b in data], "tokens")
+    assert torch.allclose(across.values, within.values, atol=1e-9)
+    # Shuffling the rows of one side breaks the pairing: the diagonal is no longer 1.
+    shuffled = cka_across(model, model, [(b, b.flip(0)) for b in data], "tokens")
+    assert (shuffled.values.diagonal() < 0.9).all()
+
+
+def test_across_a_vit_and_a_cnn():
+    vit, cnn = tiny_vit(in_chans=1), tiny_resnet()
+    data = [(b, b[:, :, 2:30, 2:30]) for b in batches(channels=1)]
+    result = cka_across(vit, cnn, data, "gap")
+    assert result.values.shape == (3, 5)
+    assert result.columns == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert torch.isfinite(result.values).all() and (result.values <= 1 + 1e-9).all()
+
+
+def test_batches_under_four_images_are_refused():
+    model = tiny_vit()
+    with pytest.raises(CKAError, match="at least 4"):
+        cka_within(model, [torch.randn(6, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+    with pytest.raises(CKAError, match="same images"):
+        cka_across(model, model, [(torch.randn(6, 3, 32, 32), torch.randn(5, 3, 32, 32))])
+
+
+def test_image_patches_are_cut_like_the_patch_embedding():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    patches = image_patches(images, (8, 8))
+    assert patches.shape == (2, 16, 3 * 64)
+    # patch 5 is grid row 1, column 1: pixels 8..15 x 8..15
+    assert torch.equal(patches[1, 5], images[1, :, 8:16, 8:16].reshape(-1))
+
+
+def test_localisation_finds_each_token_at_its_own_patch_when_blocks_do_nothing():
+    model = tiny_vit(depth=2, img_size=16, patch_size=4, in_chans=1)  # 16 pixels per patch, width 32
+    with torch.no_grad():  # zero branches: x_L = x_0, token j a linear function of patch j only
+        for block in model.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    maps = localisation_cka(model, batches(count=8, size=16, channels=1, side=16))
+    assert maps.maps.shape == (16, 4, 4) and maps.examples == 128
+    own = maps.maps.flatten(1).diagonal()
+    off = maps.maps.flatten(1)[~torch.eye(16, dtype=torch.bool)]
+    assert own.min() > 0.6  # not 1: a random 16 -> 32 linear map is not orthogonal
+    assert off.abs().max() < 0.2  # independent pixels: chance level
+    assert maps.own_position_share() == 1.0 and maps.mean_offset((8, 8)) == 0.0
+
+
+def test_a_constant_patch_has_no_cka_and_never_wins():
+    model = tiny_vit(depth=2)
+    data = batches(count=2, size=8)
+    for batch in data:
+        batch[:, :, :8, :8] = 0.0  # patch 0 is blank in every image
+    maps = localisation_cka(model, data)
+    assert torch.isnan(maps.maps[:, 0, 0]).all()
+    assert not (maps.best_patches() == 0).any()

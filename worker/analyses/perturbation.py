@@ -1,0 +1,176 @@
+"""Attention and context perturbations and what they do to class identifiability (METHODS.md section 1,
+"Attention perturbation", "Context perturbation").
+
+- ``self-only``: in every block, image tokens attend only to themselves;
+- ``no-cls``: in every block, image tokens cannot attend to the prefix tokens (CLS,
+  distillation, registers);
+- ``context``: the image tokens of a grid region are dropped from the sequence after the
+  position embedding (the model never sees them; the others keep their position codes).
+
+The attention perturbations mask the attention of image-token queries (prefix-token
+queries attend as usual); the mask reaches every block's attention through a forward
+pre-hook that sets its ``attn_mask`` argument (fused and unfused attention honour it alike),
+and the context perturbation gathers the kept tokens in a forward hook on ``patch_drop``.
+Both hooks are removed whatever happens. Each perturbed pass is one
+:func:`worker.lens.vit.trace`, so every layer's residual stream comes from the same pass.
+
+The figure of merit is, per layer ``0 .. L``, the mean over images of the mean
+identifiability ``1 - rank / C`` (:mod:`worker.lens.ranks`) of the target class over image
+tokens, projected with the paper's fresh-statistics final norm and the head bias. The
+target is the true class when labels are given, else the unperturbed model's prediction.
+For ``context`` both the perturbed and the unperturbed pass are averaged over the kept
+tokens only, so that the two curves describe the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Literal
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from worker.lens.projection import ClassProjection
+from worker.lens.ranks import class_rank, identifiability
+from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, hooked, inspect_vit, trace
+
+AttentionPerturbation = Literal["self-only", "no-cls"]
+Region = tuple[int, int, int, int]
+
+
+def attention_mask(kind: AttentionPerturbation, num_prefix: int, num_image_tokens: int) -> torch.Tensor:
+    """``[T, T]`` bool, ``True`` where query (row) may attend to key (column)."""
+    tokens = num_prefix + num_image_tokens
+    mask = torch.ones(tokens, tokens, dtype=torch.bool)
+    if kind == "self-only":
+        mask[num_prefix:] = False
+        image = torch.arange(num_prefix, tokens)
+        mask[image, image] = True
+    elif kind == "no-cls":
+        if not num_prefix:
+            raise ValueError("no-cls needs prefix tokens; this model has none")
+        mask[num_prefix:, :num_prefix] = False
+    else:
+        raise ValueError(f"unknown attention perturbation {kind!r}")
+    return mask
+
+
+@contextmanager
+def masked_attention(model: VisionTransformer, mask: torch.Tensor) -> Iterator[None]:
+    """Every block's attention called with ``attn_mask=mask``; the hooks are removed on leaving."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return args, {**kwargs, "attn_mask": mask.to(args[0].device)}
+
+    handles = []
+    try:
+        for block in blocks_of(model):
+            handles.append(attention_of(block).register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def region_keep(grid: tuple[int, int], region: Region) -> torch.Tensor:
+    """Row-major indices of the image tokens *outside* ``region`` (row0, col0, row1, col1; end-exclusive)."""
+    h, w = grid
+    row0, col0, row1, col1 = region
+    if not (0 <= row0 < row1 <= h and 0 <= col0 < col1 <= w):
+        raise ValueError(
+            f"region {list(region)} is not a box on the {h}x{w} grid: need 0 <= row0 < row1 <= {h} "
+            f"and 0 <= col0 < col1 <= {w} (end-exclusive)"
+        )
+    rows, columns = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    inside = (rows >= row0) & (rows < row1) & (columns >= col0) & (columns < col1)
+    keep = torch.nonzero(~inside.flatten()).flatten()
+    if not len(keep):
+        raise ValueError(f"region {list(region)} covers the whole {h}x{w} grid: no image token would be left")
+    return keep
+
+
+def default_region(grid: tuple[int, int]) -> Region:
+    """The central box of half the grid's height and width (at least one token)."""
+    h, w = grid
+    height, width = max(1, round(h / 2)), max(1, round(w / 2))
+    row0, col0 = (h - height) // 2, (w - width) // 2
+    return row0, col0, row0 + height, col0 + width
+
+
+@contextmanager
+def dropped_tokens(model: VisionTransformer, keep: torch.Tensor) -> Iterator[None]:
+    """Only the prefix tokens and the image tokens ``keep`` enter the blocks (a hook on ``patch_drop``)."""
+    prefix = int(model.num_prefix_tokens)
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([output[:, :prefix], output[:, prefix + keep.to(output.device)]], dim=1)
+
+    with hooked(model.patch_drop, hook):
+        yield
+
+
+def _identifiability(
+    projection: ClassProjection, spec: ViTSpec, residual: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``[B, L + 1, N']``: identifiability of ``targets`` at every image token of every layer."""
+    logits = projection(residual[:, :, spec.num_prefix :])  # [B, L + 1, N', C]
+    ranks = class_rank(logits, targets[:, None].to(logits.device))[:, 0]  # [B, L + 1, N']
+    return identifiability(ranks, spec.num_classes).to(torch.float64).cpu()
+
+
+def perturbation_effects(
+    model: VisionTransformer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    region: Region | None = None,
+) -> dict[str, Any]:
+    """Per-layer mean image-token identifiability, unperturbed and under each perturbation.
+
+    ``batches`` yields ``(images, labels)`` (``labels`` ``None``: use the unperturbed prediction).
+    Returns ``[L + 1]`` float64 curves: ``original``, ``self-only``, ``no-cls`` (absent without
+    prefix tokens), ``context`` and ``context_original`` (the unperturbed pass over the kept
+    tokens), and the top-1 agreement of each pass's output with the targets (``hits``).
+    """
+    spec = inspect_vit(model)
+    projection = ClassProjection(model)
+    region = region or default_region(spec.grid)
+    keep = region_keep(spec.grid, region)
+    kinds: list[AttentionPerturbation] = ["self-only", "no-cls"] if spec.num_prefix else ["self-only"]
+    masks = {kind: attention_mask(kind, spec.num_prefix, spec.num_image_tokens) for kind in kinds}
+    sums = {
+        name: torch.zeros(spec.depth + 1, dtype=torch.float64)
+        for name in ["original", *kinds, "context", "context_original"]
+    }
+    hits = dict.fromkeys(["original", *kinds, "context"], 0)
+    images = 0
+
+    def traced(batch: torch.Tensor, context: AbstractContextManager[Any] | None = None) -> Trace:
+        with torch.no_grad(), context or nullcontext():
+            return trace(model, batch, sublayers=False)
+
+    for batch, labels in batches:
+        run = traced(batch)
+        targets = (run.logits.argmax(dim=-1) if labels is None else labels).to(run.logits.device)
+        original = _identifiability(projection, spec, run.residual, targets)
+        sums["original"] += original.mean(dim=2).sum(dim=0)
+        sums["context_original"] += original[:, :, keep].mean(dim=2).sum(dim=0)
+        hits["original"] += _hits(run.logits, targets)
+        perturbed: dict[str, Trace] = {kind: traced(batch, masked_attention(model, masks[kind])) for kind in kinds}
+        perturbed["context"] = traced(batch, dropped_tokens(model, keep))
+        for name, result in perturbed.items():
+            sums[name] += _identifiability(projection, spec, result.residual, targets).mean(dim=2).sum(dim=0)
+            hits[name] += _hits(result.logits, targets)
+        images += len(batch)
+    if not images:
+        raise ValueError("no images")
+    return {
+        "curves": {name: total / images for name, total in sums.items()},
+        "hits": {name: count / images for name, count in hits.items()},
+        "region": region,
+        "kept_tokens": len(keep),
+    }
+
+
+def _hits(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    return int((logits.argmax(dim=-1) == targets).sum())

@@ -1,0 +1,134 @@
+"""The analyses benchmark (issue #5): what CKA and mean attention distance cost next to the forward passes alone.
+
+For a random-initialised timm ViT (``vit_base_patch16_224`` at 224x224 by default), over
+``N`` images in batches of ``batch``, in one run and round-robin (so that all methods see the
+same machine):
+
+- ``forward``: the model's plain forward pass on every batch (no hooks, fused attention);
+- ``cka``: the full layer x layer minibatch CKA (METHODS.md section 2; all tokens
+  flattened), which includes the same forward passes, every layer reduced to its U-centred
+  Gram as it is produced;
+- ``attention_distance``: the mean attention distance per block and head (attention
+  probabilities materialised).
+
+Each as a median time, a ratio to ``forward`` and peak extra memory, at every image count
+asked for (256 and 512 by default): memory that does not grow from 256 to 512 images is
+the point. The images are random, drawn batch by batch from a fixed seed, so every method
+sees the same images and nothing holds the whole set. Run with
+``classlens bench --analyses-only``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from worker.analyses.attention_distance import mean_attention_distance
+from worker.analyses.layer_cka import cka_within
+from worker.benchmarks.measure import measure_round_robin
+
+TARGET_CKA_RATIO = 1.5
+
+
+def random_vit(architecture: str = "vit_base_patch16_224", img_size: int = 224, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, img_size=img_size).eval()
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{architecture} is not a timm VisionTransformer")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def image_batches(
+    count: int, batch: int, shape: tuple[int, int, int], device: torch.device, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """``count`` random images in batches of ``batch`` (a last batch under 4 joins the one before)."""
+    sizes = [min(batch, count - start) for start in range(0, count, batch)]
+    if len(sizes) > 1 and sizes[-1] < 4:
+        sizes[-2:] = [sizes[-2] + sizes[-1]]
+    generator = torch.Generator().manual_seed(seed)
+    for size in sizes:
+        yield torch.randn(size, *shape, generator=generator).to(device)
+
+
+def bench_analyses(
+    model: VisionTransformer,
+    counts: Sequence[int],
+    batch: int,
+    device: torch.device,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """One record per image count: median time, ratio to the forward passes and peak extra memory per method."""
+    model = model.to(device).eval()
+    height, width = model.patch_embed.img_size
+    shape = (int(model.patch_embed.proj.in_channels), int(height), int(width))
+
+    def methods(count: int) -> dict[str, Callable[[], object]]:
+        def forward() -> None:
+            with torch.no_grad():
+                for images in image_batches(count, batch, shape, device):
+                    model(images)
+
+        return {
+            "forward": forward,
+            "cka": lambda: cka_within(model, image_batches(count, batch, shape, device), "tokens"),
+            "attention_distance": lambda: mean_attention_distance(model, image_batches(count, batch, shape, device)),
+        }
+
+    for method in methods(min(batch, min(counts))).values():  # warm up on one batch, untimed
+        method()
+    records = []
+    for count in counts:
+        chosen = methods(count)
+        results = measure_round_robin(chosen, dict.fromkeys(chosen, repeats), device, warmup=0)
+        forward = results["forward"].median
+        records.append(
+            {
+                "images": count,
+                "batch": batch,
+                "methods": {
+                    name: {
+                        "median_s": round(result.median, 3),
+                        "ratio_to_forward": round(result.median / forward, 3),
+                        "peak_extra_mib": round(result.peak_bytes / 2**20, 1),
+                        "repeats": len(result.seconds),
+                    }
+                    for name, result in results.items()
+                },
+            }
+        )
+    return records
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures issue #5 asks for: the CKA ratio at the largest count, and memory across counts."""
+    largest = max(records, key=lambda record: record["images"])
+    ratio = largest["methods"]["cka"]["ratio_to_forward"]
+    return {
+        "cka_ratio_to_forward": ratio,
+        "cka_target": TARGET_CKA_RATIO,
+        "cka_within_target": ratio <= TARGET_CKA_RATIO,
+        "attention_distance_ratio_to_forward": largest["methods"]["attention_distance"]["ratio_to_forward"],
+        "peak_extra_mib_by_images": {
+            str(record["images"]): {name: m["peak_extra_mib"] for name, m in record["methods"].items()}
+            for record in records
+        },
+    }
+
+
+def format_table(label: str, records: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'model':<30} {'images':>6} {'batch':>5} {'method':<20} {'median s':>9} {'x forward':>10} {'peak MiB':>9}"
+    ]
+    for record in records:
+        for name, figures in record["methods"].items():
+            lines.append(
+                f"{label:<30} {record['images']:>6} {record['batch']:>5} {name:<20} {figures['median_s']:>9.3f} "
+                f"{figures['ratio_to_forward']:>10.2f} {figures['peak_extra_mib']:>9.1f}"
+            )
+    return "\n".join(lines)
