@@ -22,6 +22,7 @@ from tests.service_fixtures import (
     checked,
     noise_png,
     png_header_only,
+    problem,
     sample_png,
     start_worker,
     stop_worker,
@@ -77,17 +78,6 @@ def post_form(client, image: bytes, query: str = "", **fields):
 
 def post_json(client, body, query: str = ""):
     return client.post(f"/v1/explanations{query}", json=body)
-
-
-def problem(app, response, status: int, name: str | None = None) -> dict:
-    checked(app, response)
-    assert response.status_code == status, response.get_json()
-    assert response.mimetype == "application/problem+json"
-    body = response.get_json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    if name is not None:
-        assert body["problem"] == name, body
-    return body
 
 
 def finished(app, client, job_id: str, timeout_s: float = 120) -> dict:

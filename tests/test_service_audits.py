@@ -27,6 +27,7 @@ from tests.service_fixtures import (
     b64,
     checked,
     noise_png,
+    problem,
     sample_png,
     start_worker,
     stop_worker,
@@ -86,17 +87,6 @@ def app(settings, store):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def problem(app, response, status: int, name: str | None = None) -> dict:
-    checked(app, response)
-    assert response.status_code == status, response.get_json()
-    assert response.mimetype == "application/problem+json"
-    body = response.get_json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    if name is not None:
-        assert body["problem"] == name, body
-    return body
 
 
 def make_zip(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
