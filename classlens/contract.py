@@ -236,8 +236,10 @@ class AnalysisRequest(_Frozen):
         default="tokens", description="CKA / probes: all tokens flattened, the CLS token, or the GAP of image tokens."
     )
     batch_size: int = Field(default=32, ge=4, le=512, description="Images per minibatch (CKA needs at least 4).")
-    prefix_rows: Literal["drop", "keep"] = Field(
-        default="drop", description="Attention distance: drop prefix-token rows and columns (the reference) or keep."
+    prefix_rows: Literal["drop", "renormalise"] = Field(
+        default="drop",
+        description="Attention distance: drop prefix-token rows and columns (the reference), or also "
+        "renormalise each query's image-token weights to sum to 1.",
     )
     region: tuple[int, int, int, int] | None = Field(
         default=None, description="Perturb: grid box (row0, col0, row1, col1), end-exclusive, whose tokens are dropped."

@@ -72,7 +72,7 @@ def test_numbers_where_they_are_known(models, samples):
     cka = run("cka", [vit], samples).data
     assert cka["examples"] == 12 and cka["batches"] == 3
     assert all(abs(cka["matrix"][i][i] - 1) < 1e-6 for i in range(6))
-    distances = run("attention-distance", [vit], samples, prefix_rows="keep").data
+    distances = run("attention-distance", [vit], samples, prefix_rows="renormalise").data
     assert distances["prefix"] == "renormalise" and len(distances["distances"]) == 6
     probes = run("probes", [vit], samples).data
     assert probes["split"] == {"rule": probes["split"]["rule"], "train": 9, "test": 3}

@@ -219,11 +219,10 @@ def test_identical_analyses_in_flight_join_one_job(idle_app):
     client = idle_app.test_client()
     files = images(NAMES[:4])
     # The same images (names, bytes) as parts and as a zip, the same parameters as form fields and JSON.
-    first = checked(idle_app, post_images(client, files, kind="attention-distance", prefix_rows="keep"))
-    second = checked(idle_app, post_zip(client, make_zip(dict(files)), kind="attention-distance", prefix_rows="keep"))
-    third = checked(
-        idle_app, client.post("/v1/analyses", json=json_body(files, kind="attention-distance", prefix_rows="keep"))
-    )
+    fields = {"kind": "attention-distance", "prefix_rows": "renormalise"}
+    first = checked(idle_app, post_images(client, files, **fields))
+    second = checked(idle_app, post_zip(client, make_zip(dict(files)), **fields))
+    third = checked(idle_app, client.post("/v1/analyses", json=json_body(files, **fields)))
     assert first.status_code == second.status_code == third.status_code == 202
     ids = {response.get_json()["id"] for response in (first, second, third)}
     assert len(ids) == 1 and first.get_json()["status"] == "queued"
@@ -232,7 +231,7 @@ def test_identical_analyses_in_flight_join_one_job(idle_app):
         as_text=True
     )
     # Another model version is another analysis.
-    other = checked(idle_app, post_images(client, files, model=V2, kind="attention-distance", prefix_rows="keep"))
+    other = checked(idle_app, post_images(client, files, model=V2, **fields))
     assert other.status_code == 202 and other.get_json()["id"] not in ids
 
 

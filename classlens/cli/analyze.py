@@ -106,7 +106,7 @@ def _files(paths: tuple[Path, ...]) -> list[Image.Image]:
 @click.option("--representation", type=click.Choice(["tokens", "cls", "gap"]), default="tokens", show_default=True)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(4, 512), help="Images per batch.")
 @click.option("--region", help="perturb: the grid box r0,c0,r1,c1 (end-exclusive) whose tokens are dropped.")
-@click.option("--prefix-rows", type=click.Choice(["drop", "keep"]), default="drop", show_default=True)
+@click.option("--prefix-rows", type=click.Choice(["drop", "renormalise"]), default="drop", show_default=True)
 @click.option("--ridge", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-memories", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option(

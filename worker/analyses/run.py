@@ -51,7 +51,6 @@ Progress = Callable[[int, int], None]  # (done, total), called as the work advan
 MIN_IMAGES = 4
 DECIMALS = 6
 RANDOM_SEED = 0  # the random-initialised copy of the memories comparison
-PREFIX_CONVENTIONS: dict[str, PrefixConvention] = {"drop": "drop", "keep": "renormalise"}
 VIT_ONLY = ("attention-distance", "localization", "memories", "perturb")
 
 
@@ -282,7 +281,7 @@ def _run_cka(job: _Job) -> AnalysisOutcome:
 
 def _attention_part(job: _Job, loaded: LoadedModel) -> dict[str, Any]:
     model, spec = _vit(loaded, "attention-distance")
-    prefix = PREFIX_CONVENTIONS[job.request.prefix_rows]
+    prefix: PrefixConvention = job.request.prefix_rows
     distances = mean_attention_distance(model, job.steps.over(job.batches(loaded)), prefix=prefix)
     return {
         "model": _name(loaded),
