@@ -62,8 +62,12 @@ def job_response(
     *,
     cached: bool = False,
     status: int | None = None,
+    result: bytes | None = None,
 ) -> Response:
-    response = jsonify(view(job, stored_result(parts, job, noun), cached=cached))
+    """The job as JSON; ``result`` is its stored result when the caller holds it already (a cache hit)."""
+    if result is None:
+        result = stored_result(parts, job, noun)
+    response = jsonify(view(job, result, cached=cached))
     response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
     response.headers["Location"] = url_for(endpoint, id=job.id)
     return response

@@ -33,9 +33,18 @@ def _job(parts: Services, job_id: str) -> Job:
     return find_job(parts, job_id, "explanation", "explanation job")
 
 
-def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | None = None) -> Response:
+def _respond(
+    parts: Services, job: Job, *, cached: bool = False, status: int | None = None, result: bytes | None = None
+) -> Response:
     return job_response(
-        parts, job, job_view, "explanations.get_explanation", "explanation job", cached=cached, status=status
+        parts,
+        job,
+        job_view,
+        "explanations.get_explanation",
+        "explanation job",
+        cached=cached,
+        status=status,
+        result=result,
     )
 
 
@@ -89,7 +98,7 @@ def create_explanation() -> Response:
     job = submission.job
     if submission.outcome != "cached":
         job = parts.jobs.wait(job, wait_seconds(parts))
-    return _respond(parts, job, cached=submission.outcome == "cached")
+    return _respond(parts, job, cached=submission.outcome == "cached", result=submission.result)
 
 
 @blueprint.get("/<id>")
