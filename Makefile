@@ -6,7 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Everything from one pip command, under one constraints file that pins torch
 # (ENVIRONMENT.md: an unpinned torch pulls a multi-GB CUDA build).
-EXTRAS ?= api,worker,dev
+# `onnx` brings onnxruntime (CPU) so that the tests exercise the ONNX explainer graphs;
+# on a GPU machine use EXTRAS=api,worker,onnx-gpu,dev instead (never both onnx extras).
+EXTRAS ?= api,worker,onnx,dev
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 DEBIAN_PACKAGES := redis-server dataset-fashion-mnist
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz

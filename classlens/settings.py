@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # The contract the API serves and enforces. Default: openapi.yaml at the top of
     # the source tree; an installed (non-editable) package must be told where it is.
     openapi_path: Path | None = None
+    # Explain through a model's ONNX explainer graph (`classlens models export-onnx`) with
+    # onnxruntime when the manifest has one and the request needs no gradients ("auto"), or never ("off").
+    onnx: Literal["auto", "off"] = "auto"
     # Polling of the embedded (filesystem) broker, in seconds.
     embedded_poll_s: float = Field(default=0.05, gt=0)
 

@@ -33,6 +33,25 @@ def describe_file(path: Path, file_format: str, **details: object) -> Artifact:
     )
 
 
+def verified_bytes(folder: Path, artifact: Artifact) -> bytes:
+    """The artifact's content, read once and checked as read.
+
+    For loaders that take bytes (onnxruntime does): what is checked is exactly
+    what is loaded, so the file cannot change between the check and the load.
+    """
+    path = folder / artifact.file
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{path}: artifact missing or unreadable: {error}") from error
+    if len(data) != artifact.size:
+        raise ArtifactError(f"{path}: size {len(data)} bytes, manifest says {artifact.size}; refusing to load it")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != artifact.sha256:
+        raise ArtifactError(f"{path}: sha256 {digest}, manifest says {artifact.sha256}; refusing to load it")
+    return data
+
+
 def verified_path(folder: Path, artifact: Artifact) -> Path:
     """Return the artifact's path after checking it; raise :class:`ArtifactError` if it differs."""
     path = folder / artifact.file

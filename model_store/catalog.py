@@ -6,6 +6,7 @@ lists and validates models with it, the worker resolves what to load with it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,9 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from model_store.artifacts import ArtifactError, describe_file, verified_path
+from model_store.artifacts import ArtifactError, describe_file, verified_bytes, verified_path
 from model_store.manifest import (
     MANIFEST_FILE,
+    Artifact,
     Manifest,
     ManifestError,
     describe_validation_error,
@@ -53,6 +55,12 @@ class ModelEntry:
         if role not in self.manifest.artifacts:
             raise ArtifactError(f"{self.reference} has no {role!r} artifact")
         return verified_path(self.folder, self.manifest.artifacts[role])
+
+    def artifact_bytes(self, role: str) -> bytes:
+        """The artifact's content, checked against the manifest as it is read (see :func:`verified_bytes`)."""
+        if role not in self.manifest.artifacts:
+            raise ArtifactError(f"{self.reference} has no {role!r} artifact")
+        return verified_bytes(self.folder, self.manifest.artifacts[role])
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,30 @@ def add_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ModelEntry(read_manifest(folder / MANIFEST_FILE), folder)
+
+
+def record_artifact(entry: ModelEntry, role: str, artifact: Artifact) -> ModelEntry:
+    """Add (or replace) one artifact of a registered version in its manifest, and return the new entry.
+
+    The file must already be in the version's folder. The manifest is validated,
+    written beside the old one and renamed over it, so a reader sees the old
+    manifest or the new one, never half of one.
+    """
+    artifacts = {**entry.manifest.artifacts, role: artifact}
+    try:
+        manifest = Manifest.model_validate({**entry.manifest.model_dump(), "artifacts": artifacts})
+    except ValidationError as error:
+        raise ManifestError(describe_validation_error(error)) from error
+    verified_path(entry.folder, manifest.artifacts[role])
+    handle, staged = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=entry.folder)
+    os.close(handle)
+    try:
+        write_manifest(manifest, Path(staged))
+        read_manifest(Path(staged))
+        os.replace(staged, entry.folder / MANIFEST_FILE)
+    finally:
+        Path(staged).unlink(missing_ok=True)
+    return ModelEntry(read_manifest(entry.folder / MANIFEST_FILE), entry.folder)
 
 
 def _mkdirs(path: Path) -> Path:

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST_FILE = "manifest.yaml"
+# The artifact role of an ONNX explainer graph (``classlens models export-onnx``); optional.
+ONNX_EXPLAINER = "onnx_explainer"
 # Names and versions become folder names and URL path segments.
 _SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -131,6 +133,9 @@ class Manifest(_Strict):
             raise ValueError("artifacts must include 'weights'")
         if self.framework == "timm" and self.artifacts["weights"].format == "onnx":
             raise ValueError("a timm model's weights are safetensors or pytorch, not onnx")
+        explainer = self.artifacts.get(ONNX_EXPLAINER)
+        if explainer is not None and explainer.format != "onnx":
+            raise ValueError(f"the {ONNX_EXPLAINER} artifact is an onnx file, not {explainer.format}")
         return self
 
     @property

@@ -82,7 +82,9 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         settings = _settings or Settings()
         jobs = JobStore(open_store(settings), ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
-        _runtime = Runtime(settings, jobs, ModelCache(Catalog.default(settings.model_roots)), os.getpid())
+        _runtime = Runtime(
+            settings, jobs, ModelCache(Catalog.default(settings.model_roots), onnx=settings.onnx), os.getpid()
+        )
     return _runtime
 
 

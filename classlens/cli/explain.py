@@ -92,7 +92,7 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
 
     entry = resolve(open_catalog(settings), reference)
     try:
-        model = load(entry)
+        model = load(entry, onnx=settings.onnx)
     except UnsupportedModelError as error:
         raise click.ClickException(f"{entry.reference}: {error}") from error
     depth = len(model.model.blocks)

@@ -189,3 +189,30 @@ def models_add(settings: Settings, **options: Any) -> None:
     except (ManifestError, ArtifactError, ModelLoadError, FileExistsError, OSError) as error:
         raise click.ClickException(f"{error}\nnothing was registered") from error
     click.echo(f"registered {entry.reference} in {entry.folder}")
+
+
+@models.command("export-onnx")
+@click.argument("reference")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
+@click.pass_obj
+def models_export_onnx(settings: Settings, reference: str, opset: int) -> None:
+    """Export NAME[@VERSION]'s explainer graph (logits and every block's streams) to ONNX.
+
+    Writes explainer.onnx into the model's folder and records it in the manifest,
+    but only after onnxruntime reproduces torch on sample images; workers then
+    explain with onnxruntime when the request needs no gradient map.
+    """
+    entry = resolve(open_catalog(settings), reference)
+    from worker.lens.vit import UnsupportedModelError
+    from worker.model_loader import ModelLoadError
+    from worker.onnx_export import ExportError, export_entry
+
+    try:
+        entry, agreement = export_entry(entry, opset)
+    except (UnsupportedModelError, ExportError, ModelLoadError, ManifestError, ArtifactError, OSError) as error:
+        raise click.ClickException(f"{error}\nnothing was recorded") from error
+    except ImportError as error:
+        raise click.ClickException(f"{error}: install the onnx extra (pip install 'classlens[onnx]')") from error
+    artifact = entry.manifest.artifacts["onnx_explainer"]
+    click.echo(f"verified against torch: {agreement.describe()}")
+    click.echo(f"recorded {entry.reference} onnx_explainer: {entry.folder / artifact.file} ({artifact.size} bytes)")

@@ -9,7 +9,7 @@ that one set of logits: more targets cost comparisons, not forward passes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,11 @@ from classlens.contract import (
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
-from worker.lens.vit import ViTSpec, inspect_vit, trace
+from worker.lens.vit import Trace, ViTSpec, inspect_vit, trace
+
+# Computes the trace of a batch of images (``sublayers``: with ``a_b`` and ``m_b``) without
+# gradients, e.g. an ONNX explainer graph (:class:`worker.onnx_explainer.OnnxExplainer`).
+Tracer = Callable[[torch.Tensor, bool], Trace]
 
 
 class ExplainError(ValueError):
@@ -93,8 +97,15 @@ def explain(
     labels: Sequence[str],
     request: ExplainRequest,
     model_ref: ModelRef,
+    *,
+    tracer: Tracer | None = None,
 ) -> list[Explanation]:
-    """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image."""
+    """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image.
+
+    ``tracer`` replaces the torch forward pass (not the gradient map, which needs
+    autograd on the model): the streams may come from anywhere that reproduces
+    :func:`trace`, and everything after them is the same code.
+    """
     spec = inspect_vit(model)
     check_images(images, model)
     if len(labels) != spec.num_classes:
@@ -105,7 +116,7 @@ def explain(
     depth, prefix = spec.depth, spec.num_prefix
 
     with torch.no_grad():
-        run = trace(model, images, sublayers=request.sublayers)
+        run = tracer(images, request.sublayers) if tracer else trace(model, images, sublayers=request.sublayers)
         probabilities = run.logits.softmax(-1)
         if fixed_targets is not None:
             targets = torch.tensor(fixed_targets).expand(len(images), -1)

@@ -1,0 +1,114 @@
+"""Run a model's ONNX explainer graph with onnxruntime, as a drop-in for the lens's torch trace.
+
+The graph (:mod:`worker.onnx_export`) returns what :func:`worker.lens.vit.trace`
+returns, so :class:`OnnxExplainer` hands back a :class:`~worker.lens.vit.Trace` and
+the projection, ranks and maps run on it unchanged. Only passes without gradients
+can use it: the gradient map needs autograd and stays on torch.
+
+The graph is an artifact like the weights: its bytes are checked against the
+manifest's size and sha256 as they are read, and onnxruntime only ever sees
+those checked bytes (a tampered file is refused before it is parsed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import torch
+
+from model_store.artifacts import ArtifactError
+from model_store.catalog import ModelEntry
+from model_store.manifest import ONNX_EXPLAINER
+from worker.lens.vit import Trace
+from worker.onnx_export import INPUT_NAME, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` (the ``onnx`` or ``onnx-gpu`` extra) is installed, without importing it."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def has_explainer(entry: ModelEntry) -> bool:
+    """Whether the manifest records an explainer graph exported from the weights it has now."""
+    artifact = entry.manifest.artifacts.get(ONNX_EXPLAINER)
+    return artifact is not None and artifact.details.get("weights_sha256") == entry.manifest.weights.sha256
+
+
+def choose_providers(device: torch.device) -> tuple[list[str], str]:
+    """onnxruntime's execution providers for a model on ``device``, and why, for the log.
+
+    CUDA only when onnxruntime was built with it (``onnxruntime-gpu``) *and* the
+    model lives on a CUDA device; CPU otherwise.
+    """
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if device.type == "cuda":
+        if CUDA in available and torch.cuda.is_available():
+            return [CUDA, CPU], "the model is on CUDA and onnxruntime has the CUDA provider"
+        return [CPU], (
+            "the model is on CUDA but this onnxruntime has no CUDA provider (install the onnx-gpu extra); "
+            "falling back to CPU"
+        )
+    return [CPU], f"the model is on {device.type}"
+
+
+class OnnxExplainer:
+    """An onnxruntime session over a verified explainer graph, producing lens traces."""
+
+    def __init__(self, entry: ModelEntry, device: torch.device | None = None, threads: int | None = None):
+        import onnxruntime
+
+        artifact = entry.manifest.artifacts.get(ONNX_EXPLAINER)
+        if artifact is None:
+            raise ArtifactError(f"{entry.reference} has no {ONNX_EXPLAINER!r} artifact")
+        outputs = artifact.details.get("outputs")
+        if outputs is not None and list(outputs) != list(OUTPUT_NAMES):
+            raise ArtifactError(f"{entry.reference}: explainer outputs {outputs}, expected {list(OUTPUT_NAMES)}")
+        graph = entry.artifact_bytes(ONNX_EXPLAINER)  # checked before onnxruntime parses a byte
+
+        self.entry = entry
+        self.device = device or torch.device("cpu")
+        providers, why = choose_providers(self.device)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: onnxruntime warns about every unused initializer
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(graph, sess_options=options, providers=providers)
+        self.providers = list(self.session.get_providers())
+        if providers[0] not in self.providers:
+            log.warning(
+                "%s: onnxruntime could not start %s (%s); running the explainer graph on %s",
+                entry.reference,
+                providers[0],
+                why,
+                self.providers[0],
+            )
+        else:
+            log.info("%s: explainer graph on onnxruntime %s (%s)", entry.reference, self.providers[0], why)
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the graph (the first one onnxruntime accepted)."""
+        return self.providers[0]
+
+    def trace(self, images: torch.Tensor, sublayers: bool = True) -> Trace:
+        """The lens's trace of ``images`` ``[B, C, H, W]``, computed by the graph; tensors on ``self.device``.
+
+        The graph always computes the sublayers (they are the residual's
+        summands); without ``sublayers`` they are dropped, as torch's trace would.
+        """
+        wanted = list(OUTPUT_NAMES) if sublayers else list(OUTPUT_NAMES[:2])
+        batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        outputs = self.session.run(wanted, {INPUT_NAME: batch})
+        tensors = [torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs]
+        logits, residual = tensors[0], tensors[1]
+        attention, mlp = (tensors[2], tensors[3]) if sublayers else (None, None)
+        return Trace(logits=logits, residual=residual, attention=attention, mlp=mlp, attention_probs=None)

@@ -1,0 +1,229 @@
+"""Export a timm ViT as an *explainer graph*: one ONNX graph whose outputs are everything the lens reads.
+
+The graph returns the logits and, for every block, the residual stream and the two
+sublayer outputs, the same tensors as :func:`worker.lens.vit.trace` (see
+:class:`worker.lens.vit.Trace` for their shapes). The projection, ranks and maps
+stay in torch: they are a few matrix products on tensors the graph already
+returns, and keeping them out of the graph keeps one implementation of the lens.
+
+Hooks cannot be exported, so :class:`StreamsGraph` re-runs the model block by
+block with the timm ``Block`` identity ``x' = x + ls1(attn(norm1(x)))``,
+``x_b = x' + ls2(mlp(norm2(x')))`` (``drop_path`` is the identity in eval
+mode). :func:`inspect_vit` has checked that every block is a plain timm
+``Block``, so the identity holds; :func:`verify_explainer` checks it again on
+real inputs before a graph is trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from model_store.artifacts import describe_file
+from model_store.catalog import ModelEntry, record_artifact
+from model_store.manifest import ONNX_EXPLAINER
+from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
+
+log = logging.getLogger(__name__)
+
+EXPLAINER_FILE = "explainer.onnx"
+SAMPLES = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "fashion-mnist"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "residual", "attention", "mlp")
+DEFAULT_OPSET = 18
+# Agreement asked of an exported graph, per output: |onnx - torch| <= ATOL + RTOL * max |torch|.
+# onnxruntime on CPU reproduces torch within ~1e-6; these leave room for other kernels, not for bugs.
+ATOL = 1e-4
+RTOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or the exported graph disagrees with torch."""
+
+
+class StreamsGraph(nn.Module):
+    """The ViT's forward pass returning ``(logits, residual, attention, mlp)`` instead of the logits alone.
+
+    Same parameters as the wrapped model (nothing is copied), so it exports the
+    model's weights as they are.
+    """
+
+    def __init__(self, model: VisionTransformer):
+        super().__init__()
+        inspect_vit(model)  # refuses models whose blocks do not follow the identity below
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        residual, attention, mlp = [x], [], []
+        for block in blocks_of(model):
+            a = block.ls1(block.attn(block.norm1(x)))
+            x = x + a
+            m = block.ls2(block.mlp(block.norm2(x)))
+            x = x + m
+            residual.append(x)
+            attention.append(a)
+            mlp.append(m)
+        logits = model.forward_head(model.norm(x))
+        return logits, torch.stack(residual, dim=1), torch.stack(attention, dim=1), torch.stack(mlp, dim=1)
+
+
+def export_explainer(model: VisionTransformer, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write the explainer graph of ``model`` (on CPU, eval mode) to ``path``, with a dynamic batch size.
+
+    The file is self-contained (no external data), so that one sha256 covers it.
+    """
+    if model.training:
+        raise ExportError("export a model in eval mode (dropout and drop-path would be baked into the graph)")
+    graph = StreamsGraph(model).eval()
+    channels = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    example = torch.zeros(2, channels, height, width)  # batch 2: a batch of 1 may be specialised away
+    with warnings.catch_warnings():
+        # The exporter is chatty about things that do not concern a ViT (e.g. its own deprecations).
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as error:  # the exporter raises many types; all mean "no graph"
+            raise ExportError(f"cannot export {type(model).__name__} to ONNX: {error}") from error
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely an exported graph reproduces torch on some inputs."""
+
+    max_abs_diff: dict[str, float]  # per output
+    tolerance: dict[str, float]  # per output
+    top_k: int
+    same_top_k: bool
+    images: int
+
+    @property
+    def ok(self) -> bool:
+        return self.same_top_k and all(self.max_abs_diff[n] <= self.tolerance[n] for n in self.max_abs_diff)
+
+    def describe(self) -> str:
+        diffs = ", ".join(f"{n} {self.max_abs_diff[n]:.2e} (<= {self.tolerance[n]:.2e})" for n in self.max_abs_diff)
+        return f"{self.images} images, top-{self.top_k} {'identical' if self.same_top_k else 'DIFFERENT'}; {diffs}"
+
+
+def compare_traces(reference: Trace, candidate: Trace, top_k: int = 3) -> Agreement:
+    """Every output of ``candidate`` against the torch ``reference``, and the top-k classes of each image."""
+    diffs, tolerances = {}, {}
+    for name in OUTPUT_NAMES:
+        want, got = getattr(reference, name), getattr(candidate, name)
+        if want is None or got is None or want.shape != got.shape:
+            raise ExportError(f"output {name!r}: shape {_shape(got)}, torch has {_shape(want)}")
+        want, got = want.detach().float().cpu(), got.detach().float().cpu()
+        diffs[name] = float((want - got).abs().max())
+        tolerances[name] = ATOL + RTOL * float(want.abs().max())
+    k = min(top_k, reference.logits.shape[-1])
+    same = bool(torch.equal(reference.logits.topk(k).indices.cpu(), candidate.logits.topk(k).indices.cpu()))
+    return Agreement(diffs, tolerances, k, same, int(reference.logits.shape[0]))
+
+
+def verify_explainer(model: VisionTransformer, path: Path, images: torch.Tensor, top_k: int = 3) -> Agreement:
+    """Run the graph at ``path`` with onnxruntime (CPU) and the lens's own torch trace on ``images``; compare."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch is allowed, no more
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images.cpu().numpy(), np.float32)})
+    logits, residual, attention, mlp = (torch.from_numpy(np.asarray(output)) for output in outputs)
+    candidate = Trace(logits=logits, residual=residual, attention=attention, mlp=mlp, attention_probs=None)
+    with torch.no_grad():
+        reference = trace(model, images.cpu(), sublayers=True)
+    return compare_traces(reference, candidate, top_k)
+
+
+def graph_details(opset: int, agreement: Agreement, weights_sha256: str) -> dict[str, Any]:
+    """What the manifest records beside the graph's checksum.
+
+    ``weights_sha256`` ties the graph to the weights it was exported from: a graph
+    left behind after the weights changed is not used.
+    """
+    return {
+        "opset": opset,
+        "input": INPUT_NAME,
+        "outputs": list(OUTPUT_NAMES),
+        "weights_sha256": weights_sha256,
+        "exporter": f"torch.onnx (dynamo) {torch.__version__}",
+        "verified_on": agreement.images,
+        "max_abs_diff": {name: float(f"{value:.3g}") for name, value in agreement.max_abs_diff.items()},
+    }
+
+
+def _shape(tensor: torch.Tensor | None) -> str:
+    return "none" if tensor is None else str(list(tensor.shape))
+
+
+def sample_images(entry: ModelEntry, count: int = 8, seed: int = 0) -> torch.Tensor:
+    """Preprocessed inputs to verify a graph on: the bundled Fashion-MNIST samples for 28x28 grey
+    models (real activations, real near-ties), seeded Gaussian noise of the input's shape otherwise."""
+    spec = entry.manifest.input
+    samples = sorted(SAMPLES.glob("*.png"))
+    if (spec.height, spec.width, spec.colour_mode) == (28, 28, "L") and samples:
+        from PIL import Image
+
+        from worker.preprocess import preprocess
+
+        images = []
+        for path in samples:
+            with Image.open(path) as image:
+                images.append(preprocess(image, spec, entry.manifest.preprocessing))
+        return torch.stack(images)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, spec.channels, spec.height, spec.width, generator=generator)
+
+
+def export_entry(entry: ModelEntry, opset: int = DEFAULT_OPSET) -> tuple[ModelEntry, Agreement]:
+    """Export a registered ViT's explainer graph into its folder, verify it, record it in the manifest.
+
+    The graph is written under a temporary name and verified against torch on
+    :func:`sample_images`; only a graph that agrees is renamed to
+    ``explainer.onnx`` and recorded (role ``onnx_explainer``, with its sha256, size,
+    opset and outputs). A graph that disagrees raises :class:`ExportError` and
+    leaves the folder and manifest as they were.
+    """
+    from worker.runtime import load
+
+    loaded = load(entry, torch.device("cpu"), onnx="off")  # verified weights; refuses non-ViTs
+    handle, name = tempfile.mkstemp(prefix=f".{EXPLAINER_FILE}.", dir=entry.folder)
+    os.close(handle)
+    staged = Path(name)
+    try:
+        export_explainer(loaded.model, staged, opset)
+        agreement = verify_explainer(loaded.model, staged, sample_images(entry))
+        if not agreement.ok:
+            raise ExportError(f"{entry.reference}: the ONNX graph disagrees with torch: {agreement.describe()}")
+        details = graph_details(opset, agreement, entry.manifest.weights.sha256)
+        artifact = describe_file(staged, "onnx", **details).model_copy(update={"file": EXPLAINER_FILE})
+        os.replace(staged, entry.folder / EXPLAINER_FILE)
+    finally:
+        staged.unlink(missing_ok=True)
+    log.info("%s: explainer graph verified: %s", entry.reference, agreement.describe())
+    return record_artifact(entry, ONNX_EXPLAINER, artifact), agreement
