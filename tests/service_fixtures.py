@@ -19,6 +19,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,17 @@ def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Pat
         if time.monotonic() > deadline:
             pytest.fail(f"no worker heartbeat after {timeout_s} s:\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
+
+
+@contextmanager
+def worker_running(settings, store, log: Path, queues: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker for ``settings`` on ``queues`` (or all), ready once its heartbeat is in ``store``; stopped after."""
+    process = start_worker(worker_env(settings), log, queues)
+    try:
+        wait_for_heartbeat(store, process, log)
+        yield process
+    finally:
+        stop_worker(process)
 
 
 def checked(app, response):

@@ -30,11 +30,8 @@ from tests.service_fixtures import (
     noise_png,
     problem,
     sample_png,
-    start_worker,
-    stop_worker,
-    wait_for_heartbeat,
     watch_progress,
-    worker_env,
+    worker_running,
 )
 
 DB = 3  # a Redis database of this module's own (the explain tests use 0 and 1, the audits 2)
@@ -73,10 +70,8 @@ def store(settings):
 @pytest.fixture(scope="module")
 def analysis_worker(settings, store, tmp_path_factory):
     log = tmp_path_factory.mktemp("analysis-worker") / "worker.log"
-    process = start_worker(worker_env(settings), log, ANALYSIS_QUEUE)
-    wait_for_heartbeat(store, process, log)
-    yield process
-    stop_worker(process)
+    with worker_running(settings, store, log, ANALYSIS_QUEUE) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,7 @@ from tests.service_fixtures import (
     png_header_only,
     problem,
     sample_png,
-    start_worker,
-    stop_worker,
-    wait_for_heartbeat,
-    worker_env,
+    worker_running,
 )
 
 MAX_UPLOAD = 2_000_000
@@ -53,12 +50,8 @@ def store(settings):
 
 @pytest.fixture(scope="module")
 def running_worker(settings, store, tmp_path_factory):
-    env = worker_env(settings)
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker(env, log)
-    wait_for_heartbeat(store, process, log)
-    yield process
-    stop_worker(process)
+    with worker_running(settings, store, tmp_path_factory.mktemp("worker") / "worker.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

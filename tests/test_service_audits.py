@@ -29,10 +29,7 @@ from tests.service_fixtures import (
     noise_png,
     problem,
     sample_png,
-    start_worker,
-    stop_worker,
-    wait_for_heartbeat,
-    worker_env,
+    worker_running,
 )
 
 MAX_IMAGES = 25
@@ -71,12 +68,10 @@ def store(settings):
 
 @pytest.fixture(scope="module")
 def audit_worker(settings, store, tmp_path_factory):
-    env = worker_env(settings)
-    log = tmp_path_factory.mktemp("audit-worker") / "worker.log"
-    process = start_worker(env, log, AUDIT_QUEUE)
-    wait_for_heartbeat(store, process, log)
-    yield process
-    stop_worker(process)
+    with worker_running(
+        settings, store, tmp_path_factory.mktemp("audit-worker") / "worker.log", AUDIT_QUEUE
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from classlens.settings import Settings
 from classlens.store import SqliteStore, open_store
 from service.app import create_app
-from tests.service_fixtures import TINY_MODEL, sample_png, start_worker, stop_worker, wait_for_heartbeat, worker_env
+from tests.service_fixtures import TINY_MODEL, sample_png, worker_running
 
 
 @pytest.fixture
@@ -18,12 +18,9 @@ def embedded(tmp_path, tiny_model_root, monkeypatch):
     settings = Settings(data_dir=tmp_path / "data", model_dirs=[tiny_model_root], worker_heartbeat_s=1)
     store = open_store(settings)
     assert isinstance(store, SqliteStore)
-    env = worker_env(settings)
     log = tmp_path / "worker.log"
-    process = start_worker(env, log)
-    wait_for_heartbeat(store, process, log)
-    yield create_app(settings, store=store), log
-    stop_worker(process)
+    with worker_running(settings, store, log):
+        yield create_app(settings, store=store), log
 
 
 def test_embedded_job_flow(embedded):

@@ -20,6 +20,7 @@ from classlens.queue import EXPLAIN_TASK, enqueue
 from classlens.render import render_overlay, to_png_bytes
 from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
+from service.batches import read_input
 from service.errors import Problem
 from service.job_responses import find_job, job_response, stored_result, wait_seconds
 from service.model_info import model_info
@@ -48,20 +49,11 @@ def _respond(
     )
 
 
-def _read_input() -> ExplainInput:
-    if request.mimetype == "application/json":
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise Problem(400, "Malformed request body", "the body is not a JSON object", problem="malformed_body")
-        return from_json(body)
-    return from_form(request.form, request.files)
-
-
 @blueprint.post("")
 def create_explanation() -> Response:
     """Answer from the cache, join the equal job in flight, or queue a new job."""
     parts = services()
-    submitted = _read_input()
+    submitted: ExplainInput = read_input(from_json, from_form)
     try:
         entry = parts.catalog.resolve(submitted.model)
     except ModelNotFoundError as error:
