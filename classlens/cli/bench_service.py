@@ -17,7 +17,7 @@ from classlens.settings import Settings
 
 # Images per model: fewer for ViT-S, whose explanations are the slow ones on CPU, so that a full
 # run stays within minutes; --quick is a smoke run.
-FULL = {"vit-small": 48, "other": 200, "cache_hits": 200}
+FULL = {"vit-small": 96, "other": 200, "cache_hits": 200}
 QUICK = {"vit-small": 12, "other": 40, "cache_hits": 40}
 
 
@@ -45,7 +45,7 @@ def _sigterm_as_exit() -> Iterator[None]:
     help="Registered model(s) to measure besides the random ViT-S; skipped with a warning when not registered.",
 )
 @click.option("--no-vit-small", is_flag=True, help="Skip the random-initialised vit_small_patch16_224.")
-@click.option("--requests", type=click.IntRange(1, 10_000), help="Images per model [default: 48 for ViT-S, else 200].")
+@click.option("--requests", type=click.IntRange(1, 10_000), help="Images per model [default: 96 for ViT-S, else 200].")
 @click.option("--cache-hits", type=click.IntRange(1, 100_000), help="Cache-hit requests per model [default: 200].")
 @click.option("--clients", default=8, show_default=True, type=click.IntRange(1, 64), help="Concurrent HTTP clients.")
 @click.option(
