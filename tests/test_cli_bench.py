@@ -12,12 +12,12 @@ def run_cli(*args):
     )
 
 
-def test_bench_writes_ratios_for_every_method(tmp_path):
+def test_bench_writes_ratios_for_every_method(tmp_path, bundled_catalog):
     out = tmp_path / "lens.json"
     result = run_cli("bench", "--no-vit-base", "--batch", "2", "--repeats", "1", "--no-ig", "--out", out)
     assert result.returncode == 0, result.stderr
     [record] = json.loads(out.read_text())["lens"]
-    assert record["model"] == "fmnist-vit@1" and record["batch"] == 2
+    assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference and record["batch"] == 2
     assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam"}
     assert record["methods"]["forward"]["ratio_to_forward"] == 1.0
     assert all(m["median_ms"] > 0 for m in record["methods"].values())
