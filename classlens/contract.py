@@ -216,7 +216,7 @@ class AuditResult(_Frozen):
 # memories and perturbations), run over a batch of images as one job. ---
 
 AnalysisKind = Literal[
-    "cka", "attention-distance", "skip-ratio", "localization", "probes", "memories", "perturb", "compare"
+    "cka", "attention-distance", "skip-ratio", "localization", "probes", "memories", "perturb", "residual", "compare"
 ]
 Representation = Literal["tokens", "cls", "gap"]
 

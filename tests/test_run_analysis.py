@@ -58,6 +58,7 @@ def run(kind, models, samples, labels=True, **fields):
         ("probes", {"probes"}, {"probes", "projection", "split"}),
         ("memories", {"memories", "memories_agreement"}, {"mlp", "attention", "top_memories"}),
         ("perturb", {"perturb"}, {"identifiability", "top1_hits", "region"}),
+        ("residual", {"composition", "updates"}, {"update_rises", "composition_composed", "target"}),
     ],
 )
 def test_every_kind_on_the_vit(models, samples, kind, figures, keys):
@@ -65,6 +66,21 @@ def test_every_kind_on_the_vit(models, samples, kind, figures, keys):
     assert set(outcome.figures) == figures
     assert all(png.startswith(b"\x89PNG") for png in outcome.figures.values())
     assert keys <= set(outcome.data)
+
+
+def test_residual_analyses_are_image_weighted_means_of_the_library_values(models, samples):
+    from worker.analyses.residual import categorical_updates, residual_composition
+
+    loaded = models["fmnist-vit"]
+    images, truth = samples
+    data = run("residual", [loaded], samples).data  # in batches of 4
+    batch = loaded.preprocess(images)
+    direct = categorical_updates(loaded.model, batch, torch.as_tensor(truth))
+    shares = residual_composition(loaded.model, batch)
+    assert data["target"] == "true class" and len(data["layers"]) == len(loaded.model.blocks)
+    assert np.allclose(data["update_rises"], direct["rises"].numpy(), atol=1e-4)
+    assert np.allclose(data["update_mlp_update"], direct["mlp_update"].numpy(), atol=1e-3)
+    assert np.allclose(data["composition_composed"], shares["composed"].numpy(), atol=1e-4)
 
 
 def test_numbers_where_they_are_known(models, samples):

@@ -41,7 +41,9 @@ from worker.analyses.memories import (
 from worker.analyses.perturbation import default_region, perturbation_effects, region_keep
 from worker.analyses.report import Section, Table, html_report
 from worker.analyses.representations import LayerSpec, RepresentationError, check_representation, describe
+from worker.analyses.residual import categorical_updates, residual_composition
 from worker.analyses.skip_ratio import cnn_skip_ratios, residual_blocks, skip_ratios
+from worker.lens.projection import ClassProjection
 from worker.lens.vit import UnsupportedModelError, ViTSpec, inspect_vit
 from worker.model_loader import ModelLoadError, create_architecture
 from worker.runtime import LoadedModel
@@ -695,6 +697,54 @@ def _part_table(key: str, part: dict[str, Any]) -> Table:
     return Table(headers, rows, caption=f"{part['model']}: held-out accuracy ({part['split']['test']} images)")
 
 
+def _run_residual(job: _Job) -> AnalysisOutcome:
+    """Categorical updates and residual composition per block (METHODS.md section 1), image-weighted over batches."""
+    loaded = job.models[0]
+    model, spec = _vit(loaded, "residual")
+    projection = ClassProjection(model)
+    job.steps.plan(len(job.spans))
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch, labels in job.steps.over(job.labelled(loaded)):
+        with torch.no_grad():
+            targets = labels if labels is not None else model(batch).argmax(-1)
+        parts = {
+            **{f"update_{k}": v for k, v in categorical_updates(model, batch, targets, projection).items()},
+            **{f"composition_{k}": v for k, v in residual_composition(model, batch, projection).items()},
+        }
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value.double().cpu() * len(batch)
+        count += len(batch)
+    data = {
+        "model": _name(loaded),
+        "target": "true class" if job.labels is not None else "predicted class",
+        "layers": [f"block {b}" for b in range(1, spec.depth + 1)],
+        **{name: _numbers(total / count, 4) for name, total in sums.items()},
+    }
+    composition = figures.layer_curves(
+        data["layers"],
+        {
+            "x_b top-1 = a_b's": data["composition_attention"],
+            "x_b top-1 = m_b's": data["composition_mlp"],
+            "x_b top-1 = x_(b-1)'s": data["composition_previous"],
+            "none of them": data["composition_composed"],
+        },
+        title=f"{data['model']}: residual composition (image tokens)",
+        ylabel="share of image tokens",
+    )
+    updates = figures.layer_curves(
+        data["layers"],
+        {
+            f"{data['target']} logit rises (share)": data["update_rises"],
+            "attention update z(a_b) - z(x_(b-1))": data["update_attention_update"],
+            "MLP update z(m_b) - z(x')": data["update_mlp_update"],
+        },
+        title=f"{data['model']}: categorical updates (image tokens)",
+        ylabel="share / logit",
+    )
+    return AnalysisOutcome(data, {"composition": composition, "updates": updates})
+
+
 _RUNNERS: dict[str, Callable[[_Job], AnalysisOutcome]] = {
     "cka": _run_cka,
     "attention-distance": _run_attention_distance,
@@ -703,5 +753,6 @@ _RUNNERS: dict[str, Callable[[_Job], AnalysisOutcome]] = {
     "probes": _run_probes,
     "memories": _run_memories,
     "perturb": _run_perturb,
+    "residual": _run_residual,
     "compare": _run_compare,
 }
