@@ -18,7 +18,12 @@ def test_bench_writes_ratios_for_every_method(tmp_path, bundled_catalog):
     assert result.returncode == 0, result.stderr
     [record] = json.loads(out.read_text())["lens"]
     assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference and record["batch"] == 2
-    assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam"}
+    assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam", "onnx_forward", "onnx_explain"}
+    assert set(record["onnxruntime"]) == {
+        "explain_speedup_over_torch",
+        "explain_to_onnx_forward",
+        "forward_speedup_over_torch",
+    }
     assert record["methods"]["forward"]["ratio_to_forward"] == 1.0
     assert all(m["median_ms"] > 0 for m in record["methods"].values())
     assert "explain" in result.stdout

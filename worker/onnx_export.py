@@ -84,9 +84,17 @@ def export_explainer(model: VisionTransformer, path: Path, opset: int = DEFAULT_
 
     The file is self-contained (no external data), so that one sha256 covers it.
     """
+    _export(StreamsGraph(model).eval(), model, path, list(OUTPUT_NAMES), opset)
+
+
+def export_plain(model: VisionTransformer, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """The model itself (logits only), exported as the explainer graph is: onnxruntime's plain forward pass."""
+    _export(model, model, path, [OUTPUT_NAMES[0]], opset)
+
+
+def _export(module: nn.Module, model: VisionTransformer, path: Path, outputs: list[str], opset: int) -> None:
     if model.training:
         raise ExportError("export a model in eval mode (dropout and drop-path would be baked into the graph)")
-    graph = StreamsGraph(model).eval()
     channels = model.patch_embed.proj.in_channels
     height, width = model.patch_embed.img_size
     example = torch.zeros(2, channels, height, width)  # batch 2: a batch of 1 may be specialised away
@@ -95,13 +103,13 @@ def export_explainer(model: VisionTransformer, path: Path, opset: int = DEFAULT_
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                graph,
+                module,
                 (example,),
                 str(path),
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=outputs,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 external_data=False,
                 verbose=False,

@@ -23,6 +23,12 @@ from classlens.settings import Settings
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
 @click.option("--repeats", default=7, show_default=True, help="Timed runs of the fast methods (median reported).")
 @click.option("--no-ig", is_flag=True, help="Skip Captum Integrated Gradients (the slowest method).")
+@click.option(
+    "--onnx/--no-onnx",
+    default=True,
+    show_default=True,
+    help="Also time onnxruntime's forward pass and explain through the exported explainer graph (the onnx extra).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/lens.json"))
 @click.option("--analyses-only", is_flag=True, help="Run only the analyses benchmark (CKA, attention distance).")
 @click.option("--no-analyses", is_flag=True, help="Skip the analyses benchmark.")
@@ -99,7 +105,14 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
         for batch in options["batches"]:
             click.echo(f"measuring {subject.label} at batch {batch} ...", err=True)
             records.append(
-                bench_model(subject, batch, device, repeats=options["repeats"], with_ig=not options["no_ig"])
+                bench_model(
+                    subject,
+                    batch,
+                    device,
+                    repeats=options["repeats"],
+                    with_ig=not options["no_ig"],
+                    with_onnx=options["onnx"],
+                )
             )
     click.echo(format_table(records))
     out: Path = options["out"]

@@ -10,11 +10,14 @@ memory. Run with ``make bench`` or ``classlens bench``.
 from __future__ import annotations
 
 import platform
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -57,8 +60,40 @@ def integrated_gradients(model: VisionTransformer, steps: int = 50) -> Callable[
     return run
 
 
+def onnxruntime_methods(
+    subject: BenchModel, images: torch.Tensor, request: ExplainRequest, device: torch.device
+) -> dict[str, Callable[[], object]]:
+    """``onnx_forward`` (the model itself on onnxruntime) and ``onnx_explain`` (explain traced by its explainer graph).
+
+    Both graphs are exported afresh from the model (issue #6), with as many onnxruntime
+    threads as torch uses, so that the two engines are compared like with like.
+    """
+    from worker.onnx_explainer import OnnxExplainer, open_session
+    from worker.onnx_export import INPUT_NAME, export_explainer, export_plain
+
+    model = subject.model
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        plain_path, explainer_path = Path(folder) / "plain.onnx", Path(folder) / "explainer.onnx"
+        export_plain(model, plain_path)
+        export_explainer(model, explainer_path)
+        plain = open_session(plain_path.read_bytes(), subject.label, device, threads)
+        explainer = OnnxExplainer.unregistered(explainer_path.read_bytes(), subject.label, device, threads)
+    feed = {INPUT_NAME: np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)}
+    return {
+        "onnx_forward": lambda: plain.run(None, feed),
+        "onnx_explain": lambda: explain(model, images, subject.labels, request, subject.ref, tracer=explainer.trace),
+    }
+
+
 def bench_model(
-    subject: BenchModel, batch: int, device: torch.device, repeats: int = 7, slow_repeats: int = 1, with_ig: bool = True
+    subject: BenchModel,
+    batch: int,
+    device: torch.device,
+    repeats: int = 7,
+    slow_repeats: int = 1,
+    with_ig: bool = True,
+    with_onnx: bool = False,
 ) -> dict[str, Any]:
     model = subject.model.to(device).eval()
     for parameter in model.parameters():
@@ -84,13 +119,16 @@ def bench_model(
     }
     fewer = max(3, repeats // 2)
     repeat = {"forward": repeats, "explain": repeats, "gradient_map": fewer, "grad_cam": fewer}
+    if with_onnx:
+        methods.update(onnxruntime_methods(subject, images, request, device))
+        repeat.update({"onnx_forward": repeats, "onnx_explain": repeats})
     if with_ig:
         ig = integrated_gradients(model)
         methods["integrated_gradients"] = lambda: ig(images, top3[:, 0])
         repeat["integrated_gradients"] = slow_repeats
     results = measure_round_robin(methods, repeat, device)
     forward_median = results["forward"].median
-    return {
+    record: dict[str, Any] = {
         "model": subject.label,
         "batch": batch,
         "device": str(device),
@@ -105,6 +143,14 @@ def bench_model(
             for name, result in results.items()
         },
     }
+    if with_onnx:  # issue #6: explain on onnxruntime against torch's explain and against onnxruntime's own forward
+        onnx_explain = results["onnx_explain"].median
+        record["onnxruntime"] = {
+            "explain_speedup_over_torch": round(results["explain"].median / onnx_explain, 3),
+            "explain_to_onnx_forward": round(onnx_explain / results["onnx_forward"].median, 3),
+            "forward_speedup_over_torch": round(forward_median / results["onnx_forward"].median, 3),
+        }
+    return record
 
 
 def environment() -> dict[str, Any]:
