@@ -29,4 +29,4 @@ def bundled_catalog() -> Catalog:
 
 
 # The service's real parts (redis-server, a tiny ViT, workers): see tests/service_fixtures.py.
-from tests.service_fixtures import redis_url, tiny_model_root  # noqa: E402, F401
+from tests.service_fixtures import app, client, redis_url, store, tiny_model_root  # noqa: E402, F401

@@ -182,6 +182,26 @@ def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Pat
         time.sleep(0.1)
 
 
+# The API over a module's ``settings`` fixture (each service test module states its own limits).
+@pytest.fixture(scope="module")
+def store(settings):
+    from classlens.store import RedisStore
+
+    return RedisStore(settings.redis_url)
+
+
+@pytest.fixture(scope="module")
+def app(settings, store):
+    from service.app import create_app
+
+    return create_app(settings, store=store)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
 @contextmanager
 def worker_running(settings, store, log: Path, queues: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """A worker for ``settings`` on ``queues`` (or all), ready once its heartbeat is in ``store``; stopped after."""

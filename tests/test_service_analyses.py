@@ -15,7 +15,6 @@ import pytest
 from classlens.contract import Job
 from classlens.queue import ANALYSIS_QUEUE, create_celery, queue_depths
 from classlens.settings import Settings
-from classlens.store import RedisStore
 from service.app import create_app
 from tests.service_fixtures import (
     FASHION_LABELS,
@@ -63,11 +62,6 @@ def settings(tmp_path_factory, redis_url, tiny_model_root, second_version_root):
 
 
 @pytest.fixture(scope="module")
-def store(settings):
-    return RedisStore(settings.redis_url)
-
-
-@pytest.fixture(scope="module")
 def analysis_worker(settings, store, tmp_path_factory):
     log = tmp_path_factory.mktemp("analysis-worker") / "worker.log"
     with worker_running(settings, store, log, ANALYSIS_QUEUE) as process:
@@ -75,19 +69,9 @@ def analysis_worker(settings, store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(settings, store):
-    return create_app(settings, store=store)
-
-
-@pytest.fixture(scope="module")
 def idle_app(settings, store, redis_url):
     idle = create_celery(settings.model_copy(update={"redis_url": f"{redis_url}/{IDLE_DB}"}))
     return create_app(settings, store=store, celery=idle)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def images(names=NAMES) -> list[tuple[str, bytes]]:

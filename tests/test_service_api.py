@@ -13,7 +13,6 @@ from PIL import Image
 
 from classlens.queue import EXPLAIN_QUEUE, create_celery, queue_depths
 from classlens.settings import Settings
-from classlens.store import RedisStore
 from service.app import create_app
 from tests.service_fixtures import (
     TINY_DEPTH,
@@ -44,24 +43,9 @@ def settings(tmp_path_factory, redis_url, tiny_model_root):
 
 
 @pytest.fixture(scope="module")
-def store(settings):
-    return RedisStore(settings.redis_url)
-
-
-@pytest.fixture(scope="module")
 def running_worker(settings, store, tmp_path_factory):
     with worker_running(settings, store, tmp_path_factory.mktemp("worker") / "worker.log") as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def app(settings, store):
-    return create_app(settings, store=store)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def post_form(client, image: bytes, query: str = "", **fields):

@@ -17,8 +17,6 @@ import pytest
 from classlens.contract import Job
 from classlens.queue import AUDIT_QUEUE
 from classlens.settings import Settings
-from classlens.store import RedisStore
-from service.app import create_app
 from tests.service_fixtures import (
     FASHION_LABELS,
     SAMPLES,
@@ -62,26 +60,11 @@ def settings(tmp_path_factory, redis_url, tiny_model_root):
 
 
 @pytest.fixture(scope="module")
-def store(settings):
-    return RedisStore(settings.redis_url)
-
-
-@pytest.fixture(scope="module")
 def audit_worker(settings, store, tmp_path_factory):
     with worker_running(
         settings, store, tmp_path_factory.mktemp("audit-worker") / "worker.log", AUDIT_QUEUE
     ) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def app(settings, store):
-    return create_app(settings, store=store)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def make_zip(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
