@@ -13,7 +13,9 @@ from worker.lens.projection import ClassProjection
 from worker.lens.vit import trace
 
 
-def _streams(model: VisionTransformer, images: torch.Tensor, projection: ClassProjection) -> dict[str, torch.Tensor]:
+def stream_logits(
+    model: VisionTransformer, images: torch.Tensor, projection: ClassProjection
+) -> dict[str, torch.Tensor]:
     """Logits ``[B, L, N, C]`` at image tokens of ``x_{b-1}``, ``x'``, ``x_b``, ``a_b`` and ``m_b`` for every block."""
     spec = projection.spec
     with torch.no_grad():
@@ -28,17 +30,21 @@ def _streams(model: VisionTransformer, images: torch.Tensor, projection: ClassPr
 
 
 def categorical_updates(
-    model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection | None = None
+    model: VisionTransformer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    projection: ClassProjection | None = None,
+    logits: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per block, for each image's target class (``targets``: ``[B]``), averaged over images and image tokens:
 
     - ``rises``: share of image tokens whose class logit rises from ``x_{b-1}`` to ``x_b``;
     - ``attention_update``: mean of ``z_c(a_b) - z_c(x_{b-1})``;
     - ``mlp_update``: mean of ``z_c(m_b) - z_c(x')``.
-    Each ``[L]``.
+    Each ``[L]``. ``logits``: :func:`stream_logits` of ``images``, when the caller has them already.
     """
-    projection = projection or ClassProjection(model)
-    logits = _streams(model, images, projection)
+    if logits is None:
+        logits = stream_logits(model, images, projection or ClassProjection(model))
 
     def target(name: str) -> torch.Tensor:
         values = logits[name]
@@ -54,15 +60,20 @@ def categorical_updates(
 
 
 def residual_composition(
-    model: VisionTransformer, images: torch.Tensor, projection: ClassProjection | None = None
+    model: VisionTransformer,
+    images: torch.Tensor,
+    projection: ClassProjection | None = None,
+    logits: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per block, the share of image tokens whose top-1 class at ``x_b`` equals the top-1 of ``a_b``
     (``attention``), of ``m_b`` (``mlp``), of ``x_{b-1}`` (``previous``), or of none of them (``composed``).
 
     The first three can overlap (one token's top-1 may match several); ``composed`` is exclusive. Each ``[L]``.
+    ``logits``: :func:`stream_logits` of ``images``, when the caller has them already.
     """
-    projection = projection or ClassProjection(model)
-    top = {name: values.argmax(dim=-1) for name, values in _streams(model, images, projection).items()}
+    if logits is None:
+        logits = stream_logits(model, images, projection or ClassProjection(model))
+    top = {name: values.argmax(dim=-1) for name, values in logits.items()}
     result = {
         "attention": top["after"] == top["attention"],
         "mlp": top["after"] == top["mlp"],

@@ -41,7 +41,7 @@ from worker.analyses.memories import (
 from worker.analyses.perturbation import default_region, perturbation_effects, region_keep
 from worker.analyses.report import Section, Table, html_report
 from worker.analyses.representations import LayerSpec, RepresentationError, check_representation, describe
-from worker.analyses.residual import categorical_updates, residual_composition
+from worker.analyses.residual import categorical_updates, residual_composition, stream_logits
 from worker.analyses.skip_ratio import cnn_skip_ratios, residual_blocks, skip_ratios
 from worker.lens.projection import ClassProjection
 from worker.lens.vit import UnsupportedModelError, ViTSpec, inspect_vit
@@ -708,9 +708,10 @@ def _run_residual(job: _Job) -> AnalysisOutcome:
     for batch, labels in job.steps.over(job.labelled(loaded)):
         with torch.no_grad():
             targets = labels if labels is not None else model(batch).argmax(-1)
+        logits = stream_logits(model, batch, projection)  # one traced pass serves both analyses
         parts = {
-            **{f"update_{k}": v for k, v in categorical_updates(model, batch, targets, projection).items()},
-            **{f"composition_{k}": v for k, v in residual_composition(model, batch, projection).items()},
+            **{f"update_{k}": v for k, v in categorical_updates(model, batch, targets, logits=logits).items()},
+            **{f"composition_{k}": v for k, v in residual_composition(model, batch, logits=logits).items()},
         }
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value.double().cpu() * len(batch)
