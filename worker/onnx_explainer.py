@@ -1,9 +1,10 @@
 """Run a model's ONNX explainer graph with onnxruntime, as a drop-in for the lens's torch trace.
 
-The graph (:mod:`worker.onnx_export`) returns what :func:`worker.lens.vit.trace`
-returns, so :class:`OnnxExplainer` hands back a :class:`~worker.lens.vit.Trace` and
-the projection, ranks and maps run on it unchanged. Only passes without gradients
-can use it: the gradient map needs autograd and stays on torch.
+The graph (:mod:`worker.onnx_export`) returns the logits, the residual stream and
+every stream's projection products, so :class:`OnnxExplainer` hands back a
+:class:`~worker.lens.vit.Trace` with ``centred_logits`` and ``scales`` filled in, and
+the lens finishes the projection, ranks and maps on it as it would on torch's. Only
+passes without gradients can use it: the gradient map needs autograd and stays on torch.
 
 The graph is an artifact like the weights: its bytes are checked against the
 manifest's size and sha256 as they are read, and onnxruntime only ever sees
@@ -23,7 +24,7 @@ from model_store.artifacts import ArtifactError
 from model_store.catalog import ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
 from worker.lens.vit import Trace
-from worker.onnx_export import INPUT_NAME, OUTPUT_NAMES
+from worker.onnx_export import GRAPH_LAYOUT, INPUT_NAME, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,14 @@ def onnxruntime_available() -> bool:
 def has_explainer(entry: ModelEntry) -> bool:
     """Whether the manifest records an explainer graph exported from the weights it has now."""
     artifact = entry.manifest.artifacts.get(ONNX_EXPLAINER)
-    return artifact is not None and artifact.details.get("weights_sha256") == entry.manifest.weights.sha256
+    if artifact is None or artifact.details.get("weights_sha256") != entry.manifest.weights.sha256:
+        return False
+    if artifact.details.get("layout") != GRAPH_LAYOUT:
+        log.warning(
+            "%s: explainer graph of an older layout; re-export it (classlens models export-onnx)", entry.reference
+        )
+        return False
+    return True
 
 
 def choose_providers(device: torch.device) -> tuple[list[str], str]:
@@ -121,13 +129,11 @@ class OnnxExplainer:
     def trace(self, images: torch.Tensor, sublayers: bool = True) -> Trace:
         """The lens's trace of ``images`` ``[B, C, H, W]``, computed by the graph; tensors on ``self.device``.
 
-        The graph always computes the sublayers (they are the residual's
-        summands); without ``sublayers`` they are dropped, as torch's trace would.
+        The graph always projects the sublayers (they are the residual's summands);
+        :meth:`~worker.lens.projection.ClassProjection.of_trace` drops them when
+        ``sublayers`` is false, so the argument is only here to match the torch tracer.
         """
-        wanted = list(OUTPUT_NAMES) if sublayers else list(OUTPUT_NAMES[:2])
         batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        outputs = self.session.run(wanted, {INPUT_NAME: batch})
-        tensors = [torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs]
-        logits, residual = tensors[0], tensors[1]
-        attention, mlp = (tensors[2], tensors[3]) if sublayers else (None, None)
-        return Trace(logits=logits, residual=residual, attention=attention, mlp=mlp, attention_probs=None)
+        outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        logits, residual, centred, scales = (torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs)
+        return Trace(logits, residual, None, None, None, centred_logits=centred, scales=scales)

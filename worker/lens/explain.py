@@ -123,7 +123,7 @@ def explain(
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        token_logits = projection.streams(run.residual, run.attention, run.mlp)  # [B, S, T, C]
+        token_logits = projection.of_trace(run, request.sublayers)  # [B, S, T, C]
         token_ranks = class_rank(token_logits, targets)  # [B, K, S, T]
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)

@@ -38,7 +38,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from worker.lens.vit import inspect_vit
+from worker.lens.vit import Trace, inspect_vit
 
 NormMode = Literal["fresh", "cached"]
 
@@ -75,7 +75,7 @@ class ClassProjection:
             raise ValueError("the cached-scale projection needs the last layer's vectors")
         norm = self.final_norm
         assert isinstance(norm, nn.LayerNorm)
-        scale = _scale(scale_from, norm).unsqueeze(-1)
+        scale = _scale(scale_from, norm.eps).unsqueeze(-1)
         centred = v - v.mean(dim=-1, keepdim=True)
         return centred / scale * norm.weight + norm.bias
 
@@ -101,8 +101,25 @@ class ClassProjection:
             return self(residual, last)
         if not isinstance(self.final_norm, nn.LayerNorm):  # no closed form: project each stream
             return self(torch.cat([residual, attention, mlp], dim=1), last)
+        return self.finish(*self.centred(residual, attention, mlp))
+
+    def of_trace(self, run: Trace, sublayers: bool = True) -> torch.Tensor:
+        """:meth:`streams` of a trace: finished from the graph's centred logits when it has them."""
+        if run.centred_logits is None or run.scales is None:
+            return self.streams(run.residual, run.attention if sublayers else None, run.mlp if sublayers else None)
+        count = run.centred_logits.shape[1] if sublayers else self.spec.depth + 1
+        return self.finish(run.centred_logits[:, :count], run.scales[:, :count])
+
+    def centred(
+        self, residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The settings-free half of :meth:`streams`: ``E_c v`` ``[B, S, T, C]`` and ``s(v)`` ``[B, S, T]``.
+
+        What an ONNX explainer graph computes (:func:`centred_stream_logits`); this is
+        the same arithmetic for torch, written into preallocated memory.
+        """
         batch, depth, tokens, _ = attention.shape
-        weight, offset = self._folded_norm()
+        weight = self.centred_embedding()
         out = residual.new_empty(batch, 1 + 3 * depth, tokens, weight.shape[0])
         classes = weight.shape[0]
 
@@ -116,24 +133,35 @@ class ClassProjection:
             product(mlp[b], out[b, 1 + 2 * depth :])
             torch.add(out[b, 1 + depth : 1 + 2 * depth], out[b, 1 + 2 * depth :], out=out[b, 1 : 1 + depth])
             out[b, : 1 + depth].cumsum_(0)
-        if self.settings.norm == "fresh":
-            scale = torch.cat(
-                [_scale(residual, self.final_norm), _scale(attention, self.final_norm), _scale(mlp, self.final_norm)],
-                dim=1,
-            )
-        else:
-            scale = _scale(last, self.final_norm)
-        return out.div_(scale.unsqueeze(-1)).add_(offset)
+        return out, stream_scales(residual, attention, mlp, self.eps)
 
-    def _folded_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``E_c`` (``[C, D]``) and ``E beta_F + beta`` (``[C]``) of the main head (see the module docstring)."""
+    def finish(self, centred: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Stream logits from :meth:`centred`'s two tensors under this projection's settings, in place.
+
+        ``fresh`` divides each vector by its own scale; ``cached`` by the scale of
+        ``x_L`` at the same token (``scales[:, L]``; the residual streams come first).
+        """
+        if self.settings.norm == "cached":
+            scales = scales[:, self.spec.depth : self.spec.depth + 1]
+        return centred.div_(scales.unsqueeze(-1)).add_(self.offset())
+
+    def centred_embedding(self) -> torch.Tensor:
+        """``E_c`` (``[C, D]``): the main head's class embeddings through the final norm's gain, rows centred."""
         norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
         weight = head.weight if norm.weight is None else head.weight * norm.weight
-        weight = weight - weight.mean(dim=-1, keepdim=True)
+        return weight - weight.mean(dim=-1, keepdim=True)
+
+    def offset(self) -> torch.Tensor:
+        """``E beta_F + beta`` (``[C]``; without ``beta`` when the bias is off): what the closed form adds back."""
+        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
         offset = torch.zeros_like(head.weight[:, 0]) if norm.bias is None else head.weight @ norm.bias
         if self.settings.bias and head.bias is not None:
             offset = offset + head.bias
-        return weight, offset
+        return offset
+
+    @property
+    def eps(self) -> float:
+        return float(cast(nn.LayerNorm, self.final_norm).eps)
 
     def pooled(self, tokens: torch.Tensor, last_layer: torch.Tensor | None = None) -> torch.Tensor:
         """The model's readout applied to token sequences ``[..., T, D]`` of any layer: ``[..., C]``.
@@ -155,9 +183,28 @@ class ClassProjection:
         return tokens[..., token, :]
 
 
-def _scale(v: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def centred_stream_logits(
+    residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """:meth:`ClassProjection.centred`'s products as one functional expression, for graph export.
+
+    ``weight`` is ``E_c`` ``[C, D]``. The residual streams' ``E_c x_b`` are running sums of
+    ``E_c x_0`` and the sublayers' products; the result is ``[B, 1 + 3L, T, C]``.
+    """
+    depth = attention.shape[1]
+    products = torch.cat([residual[:, :1], attention, mlp], dim=1) @ weight.T  # [B, 1 + 2L, T, C]
+    steps = torch.cat([products[:, :1], products[:, 1 : 1 + depth] + products[:, 1 + depth :]], dim=1)
+    return torch.cat([torch.cumsum(steps, dim=1), products[:, 1:]], dim=1)
+
+
+def stream_scales(residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor, eps: float) -> torch.Tensor:
+    """``s(v)`` of every token of every stream, in :meth:`ClassProjection.streams`'s order: ``[B, S, T]``."""
+    return torch.cat([_scale(residual, eps), _scale(attention, eps), _scale(mlp, eps)], dim=1)
+
+
+def _scale(v: torch.Tensor, eps: float) -> torch.Tensor:
     """The LayerNorm's divisor ``sqrt(var(v) + eps)`` for every vector of ``v``: ``[..., D] -> [...]``."""
     # Not Tensor.var: on CPU it is a single-threaded two-pass kernel, measured 15x slower than
     # this (40 ms vs 2.4 ms for 37 x 197 vectors of 768, vit_base's streams of one image).
     centred_norm = torch.linalg.vector_norm(v - v.mean(dim=-1, keepdim=True), dim=-1)
-    return torch.sqrt(centred_norm.square() / v.shape[-1] + norm.eps)
+    return torch.sqrt(centred_norm.square() / v.shape[-1] + eps)

@@ -115,6 +115,10 @@ class Trace:
     attention: torch.Tensor | None  # [B, L, T, D]: a_b, or None if not asked for
     mlp: torch.Tensor | None  # [B, L, T, D]: m_b
     attention_probs: list[torch.Tensor] | None  # L x [B, H, T, T]
+    # An ONNX explainer graph projects in the graph (worker.onnx_export.ExplainerGraph) and returns,
+    # instead of the sublayers, ClassProjection.centred's two tensors: [B, S, T, C] and [B, S, T].
+    centred_logits: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
 
 class TensorSink(Protocol):
