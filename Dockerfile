@@ -37,4 +37,6 @@ USER classlens
 # Healthy while a worker's heartbeat is fresh in the store (see classlens/heartbeat.py).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s \
     CMD python -c "import sys; from classlens.settings import Settings; from classlens.store import open_store; from classlens.heartbeat import last_beat; sys.exit(last_beat(open_store(Settings())) is None)"
-CMD ["classlens", "worker", "--queues", "gpu,audits,analyses"]
+# One worker process per GPU that nvidia-smi lists (or CUDA_VISIBLE_DEVICES names), each on its
+# own card, supervised by this one; no GPU: one worker on the CPU, as before (docs/gpu.md).
+CMD ["classlens", "worker", "--gpus", "all", "--queues", "gpu,audits,analyses"]

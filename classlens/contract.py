@@ -125,6 +125,9 @@ class Job(_Frozen):
     image_key: str | None = Field(default=None, description="sha256 of the uploaded image bytes.")
     progress: Progress = Progress(done=0, total=1)
     error: JobError | None = None
+    batch_size: int | None = Field(
+        default=None, description="Explanations only: how many jobs shared the forward pass that ran this one."
+    )
 
 
 # --- Audits (issue #4): many images explained in one job, summarised per image and overall. ---

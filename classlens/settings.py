@@ -55,6 +55,18 @@ class Settings(BaseSettings):
     # Polling of the embedded (filesystem) broker, in seconds.
     embedded_poll_s: float = Field(default=0.05, gt=0)
 
+    # Speed (issue #6). Where a worker runs its models: "auto" is CUDA when present, else CPU;
+    # the device is chosen in the worker process after it forks, never in a parent.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Forward passes on CUDA in float16 or bfloat16 ("float32": none); the projection, ranks and
+    # gradient map stay in float32. Ignored on CPU (with a log line). See docs/gpu.md for the tolerance.
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Cross-request batching of explain jobs: a worker that starts a job also takes up to
+    # batch_max - 1 other queued jobs of the same model and parameters (waiting at most
+    # batch_wait_ms for them) and explains them in one forward pass. 1 turns it off.
+    batch_max: int = Field(default=1, ge=1, le=64)
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=1000)
+
     # Batch audits (POST /v1/audits). An audit runs one task over all its images, so it
     # gets its own, longer time limits (the explain limits would cut a large audit short).
     audit_max_images: int = Field(default=1000, gt=0)

@@ -58,6 +58,14 @@ class Store(Protocol):
         """Add to an integer counter (created at 0, never expires) and return the new value."""
         ...
 
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Append ``value`` to the list at ``key``; the whole list expires ``ttl_s`` after the last push."""
+        ...
+
+    def pop(self, key: str, count: int) -> list[bytes]:
+        """Remove and return up to ``count`` values from the head of the list at ``key`` (oldest first), atomically."""
+        ...
+
     def ping(self) -> None:
         """Return when the store answers; :class:`StoreError` otherwise."""
         ...
@@ -142,6 +150,22 @@ class RedisStore:
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, value)
+                pipe.pexpire(key, _milliseconds(ttl_s))
+                pipe.execute()
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def pop(self, key: str, count: int) -> list[bytes]:
+        try:
+            values = self._client.lpop(key, count)
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        return [v.encode() if isinstance(v, str) else bytes(v) for v in values or []]
+
     def ping(self) -> None:
         try:
             self._client.ping()
@@ -170,6 +194,11 @@ class RedisStore:
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
+# Lists: one row per item, in insertion order (seq); a list's items share its latest expiry.
+_LIST_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS lists (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, "
+    "value BLOB NOT NULL, expires REAL NOT NULL)"
+)
 
 
 class SqliteStore:
@@ -186,6 +215,7 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as connection:
             connection.execute(_SCHEMA)
+            connection.execute(_LIST_SCHEMA)
 
     def _connection(self) -> sqlite3.Connection:
         pid = os.getpid()
@@ -218,24 +248,44 @@ class SqliteStore:
     def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._run("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, time.time() + ttl_s))
 
-    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
-        now = time.time()
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): what happens inside is atomic for every other process."""
         connection = self._connection()
         try:
-            # One write transaction: the expired row goes and the new one comes in atomically.
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.execute("DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now))
-                cursor = connection.execute(
-                    "INSERT OR IGNORE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, now + ttl_s)
-                )
+                yield connection
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
         except sqlite3.Error as error:
             raise StoreError(f"sqlite {self.path}: {error}") from error
+
+    def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        now = time.time()
+        with self._transaction() as connection:  # the expired row goes and the new one comes in atomically
+            connection.execute("DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now))
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, now + ttl_s)
+            )
         return cursor.rowcount == 1
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        expires = time.time() + ttl_s
+        with self._transaction() as connection:
+            connection.execute("INSERT INTO lists (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
+            connection.execute("UPDATE lists SET expires = ? WHERE key = ?", (expires, key))
+
+    def pop(self, key: str, count: int) -> list[bytes]:
+        with self._transaction() as connection:
+            rows = connection.execute(
+                "SELECT seq, value FROM lists WHERE key = ? AND expires > ? ORDER BY seq LIMIT ?",
+                (key, time.time(), count),
+            ).fetchall()
+            connection.executemany("DELETE FROM lists WHERE seq = ?", [(row[0],) for row in rows])
+        return [bytes(row[1]) for row in rows]
 
     def delete(self, key: str) -> None:
         self._run("DELETE FROM kv WHERE key = ?", (key,))
@@ -260,7 +310,9 @@ class SqliteStore:
 
     def purge_expired(self) -> int:
         """Delete expired rows (the embedded server calls this now and then); the number deleted."""
-        return self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (time.time(),)).rowcount
+        now = time.time()
+        lists = self._run("DELETE FROM lists WHERE expires <= ?", (now,)).rowcount
+        return lists + self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount
 
 
 def open_store(settings: Settings) -> Store:

@@ -73,4 +73,4 @@ def _common(job: Job, links: dict[str, Any], cached: bool) -> dict[str, Any]:
         "error": job.error.model_dump() if job.error else None,
         "cached": cached,
         "links": links,
-    }
+    } | ({"batch_size": job.batch_size} if job.batch_size is not None else {})

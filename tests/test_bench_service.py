@@ -19,7 +19,7 @@ def test_bench_service_quick_run_writes_positive_figures(tmp_path, tiny_model_ro
     out = tmp_path / "service.json"
     arguments = ["bench-service", "--no-vit-small", "--model", TINY_MODEL, "--model", "no-such-model"]
     arguments += ["--quick", "--requests", "4", "--cache-hits", "4", "--clients", "2", "--threads", "1"]
-    arguments += ["--timeout", "60", "--out", str(out)]
+    arguments += ["--timeout", "60", "--batch-max", "4", "--out", str(out)]
     env = {
         "CLASSLENS_MODEL_DIRS": str(tiny_model_root),
         "CLASSLENS_DATA_DIR": str(tmp_path / "data"),
@@ -40,6 +40,10 @@ def test_bench_service_quick_run_writes_positive_figures(tmp_path, tiny_model_ro
     assert figures["raw"]["images_per_s"] > 0
     assert figures["service"]["images_per_s"] > 0
     assert figures["service"]["ratio_to_raw"] > 0
+    batched = figures["batched"]  # the same phase against a service that batches across requests
+    assert batched["images"] == 4 and batched["images_per_s"] > 0 and batched["gain"] > 0
+    assert 1 <= batched["mean_batch_size"] <= 4 and figures["service"]["mean_batch_size"] == 1
+    assert record["environment"]["batch_max"] == 4
     hits = figures["cache_hits"]
     assert hits["requests"] == 4
     assert 0 < hits["p50_ms"] <= hits["p99_ms"]

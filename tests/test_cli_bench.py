@@ -14,7 +14,9 @@ def run_cli(*args):
 
 def test_bench_writes_ratios_for_every_method(tmp_path, bundled_catalog):
     out = tmp_path / "lens.json"
-    result = run_cli("bench", "--no-vit-base", "--batch", "2", "--repeats", "1", "--no-ig", "--out", out)
+    result = run_cli(
+        "bench", "--no-vit-small", "--no-vit-base", "--batch", "2", "--repeats", "1", "--no-ig", "--out", out
+    )
     assert result.returncode == 0, result.stderr
     [record] = json.loads(out.read_text())["lens"]
     assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference and record["batch"] == 2

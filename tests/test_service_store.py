@@ -152,3 +152,31 @@ def test_a_notice_nobody_listens_to_is_harmless(store):
     with store.listen("somebody") as listener:
         store.notify("somebody")
         listener.wait(5)  # returns at once on Redis, after a short sleep on SQLite
+
+
+def test_lists_pop_in_order_atomically_and_expire(store):
+    k = key()
+    assert store.pop(k, 3) == []
+    for value in (b"a", b"b", b"c", b"d"):
+        store.push(k, value, 60)
+    assert store.pop(k, 3) == [b"a", b"b", b"c"]
+    assert store.pop(k, 3) == [b"d"]
+    assert store.pop(k, 3) == []
+    # Two threads popping one list never get the same item.
+    for number in range(200):
+        store.push(k, str(number).encode(), 60)
+    got: list[bytes] = []
+
+    def drain() -> None:
+        while items := store.pop(k, 7):
+            got.extend(items)
+
+    threads = [threading.Thread(target=drain) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(got, key=int) == [str(n).encode() for n in range(200)]
+    store.push(k, b"old", 0.2)
+    time.sleep(0.3)
+    assert store.pop(k, 1) == []

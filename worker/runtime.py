@@ -3,15 +3,23 @@
 The cache is per process and filled lazily, so a Celery worker loads a model
 after it has forked and never shares CUDA state with its parent. The CLI, the
 workers and the benchmark all explain through :meth:`LoadedModel.explain`.
+
+Half precision (``settings.precision``) is for the forward pass on CUDA only: a
+copy of the model in float16 or bfloat16 computes the trace, and everything read
+from the float32 model (the head weights of the projection, the gradient map)
+stays float32. The tolerance it costs is measured in ``tests/test_gpu_path.py``
+and stated in docs/gpu.md.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, TypeGuard, cast
 
 import torch
 from PIL import Image
@@ -22,8 +30,9 @@ from classlens.contract import ExplainRequest, Explanation, ModelRef
 from classlens.images import fit_to_input
 from model_store.catalog import Catalog, ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
-from worker.lens.explain import explain
-from worker.lens.vit import UnsupportedModelError, inspect_vit
+from worker.devices import DeviceSetting, resolve_device
+from worker.lens.explain import Tracer, explain
+from worker.lens.vit import Trace, UnsupportedModelError, inspect_vit, trace
 from worker.model_loader import load_model
 from worker.onnx_explainer import OnnxExplainer, has_explainer, onnxruntime_available
 from worker.preprocess import preprocess
@@ -34,10 +43,63 @@ log = logging.getLogger(__name__)
 # is installed; "off": always torch (settings.onnx, CLASSLENS_ONNX).
 OnnxMode = Literal["auto", "off"]
 
+# The dtype of the forward pass (settings.precision, CLASSLENS_PRECISION).
+Precision = Literal["float32", "float16", "bfloat16"]
+HALF_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU. Call only after fork (it initialises CUDA)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
+
+
+def forward_dtype(precision: Precision, device: torch.device, *, half_on_cpu: bool = False) -> torch.dtype | None:
+    """The dtype of the half-precision forward pass, or None for float32.
+
+    On CPU, half precision is ignored (logged once per process): CPU kernels for float16
+    and bfloat16 matrix products are slower than float32's, not faster, so it would cost
+    accuracy for nothing. ``half_on_cpu`` runs it anyway, to measure its tolerance.
+    """
+    if precision == "float32":
+        return None
+    if device.type != "cuda" and not half_on_cpu:
+        _log_ignored_precision(precision, device.type)
+        return None
+    return HALF_DTYPES[precision]
+
+
+@functools.cache
+def _log_ignored_precision(precision: str, device: str) -> None:
+    """Log once per process, not once per model loaded."""
+    log.info(
+        "precision %s ignored on %s: half-precision matrix products are slower there than float32; "
+        "forward passes stay float32",
+        precision,
+        device,
+    )
+
+
+def half_tracer(model: VisionTransformer, dtype: torch.dtype) -> Tracer:
+    """A tracer for :func:`~worker.lens.explain.explain` whose forward pass runs a ``dtype`` copy of ``model``.
+
+    The copy holds the weights a second time (at half the size); ``model`` itself stays
+    float32, since the projection reads its head weights and the gradient map runs on it.
+    The trace comes back in float32, so the projection, ranks and maps are computed in
+    float32 from half-precision streams: the tolerance is what the forward pass rounds.
+    """
+    half = copy.deepcopy(model).to(dtype)
+
+    def run(images: torch.Tensor, sublayers: bool) -> Trace:
+        found = trace(half, images.to(dtype), sublayers=sublayers)
+        return Trace(
+            logits=found.logits.float(),
+            residual=found.residual.float(),
+            attention=None if found.attention is None else found.attention.float(),
+            mlp=None if found.mlp is None else found.mlp.float(),
+            attention_probs=None,
+        )
+
+    return run
 
 
 @dataclass
@@ -51,6 +113,8 @@ class LoadedModel:
     device: torch.device
     # The ONNX explainer graph, for explain requests that need no gradients (see :func:`load`).
     onnx: OnnxExplainer | None = None
+    # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
+    half: Tracer | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -75,15 +139,23 @@ class LoadedModel:
     def explain(self, images: Sequence[Image.Image], request: ExplainRequest) -> list[Explanation]:
         """Explain through the ONNX graph when loaded and the request needs no gradient map, else torch.
 
-        The streams are the only thing the graph replaces; the results are those of
-        torch within the graph's verified tolerance.
+        The streams are the only thing the graph (float32) or the half-precision forward
+        replaces; the results are those of torch within the graph's verified tolerance or
+        half precision's measured one (docs/gpu.md). The graph comes first: it was chosen
+        for the model, and ``CLASSLENS_ONNX=off`` leaves every request to the half forward.
         """
-        tracer = self.onnx.trace if self.onnx is not None and not request.gradient_map else None
+        tracer = self.onnx.trace if self.onnx is not None and not request.gradient_map else self.half
         return explain(self.model, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
 
 
 def load(
-    entry: ModelEntry, device: torch.device | None = None, *, require_vit: bool = True, onnx: OnnxMode = "auto"
+    entry: ModelEntry,
+    device: torch.device | None = None,
+    *,
+    require_vit: bool = True,
+    onnx: OnnxMode = "auto",
+    precision: Precision = "float32",
+    half_on_cpu: bool = False,
 ) -> LoadedModel:
     """Load and check a catalog entry (verified weights, a supported ViT).
 
@@ -91,6 +163,8 @@ def load(
     analyses, which check what each of them needs (:mod:`worker.analyses.run`).
     ``onnx="auto"`` also opens the manifest's ONNX explainer graph when onnxruntime is
     installed; like the weights, a graph whose checksum differs is refused (``ArtifactError``).
+    ``precision`` other than float32 adds a half-precision forward pass for a ViT on CUDA
+    (:func:`forward_dtype`; ``half_on_cpu`` measures it on CPU); the graph stays float32.
     """
     device = device or default_device()
     model = load_model(entry, device)
@@ -100,9 +174,25 @@ def load(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     explainer = _open_explainer(entry, model, device) if onnx == "auto" else None
+    dtype = forward_dtype(precision, device, half_on_cpu=half_on_cpu)
+    half = half_tracer(model, dtype) if dtype is not None and _is_vit(model) else None
     return LoadedModel(
-        entry=entry, model=cast(VisionTransformer, model), labels=entry.labels(), device=device, onnx=explainer
+        entry=entry,
+        model=cast(VisionTransformer, model),
+        labels=entry.labels(),
+        device=device,
+        onnx=explainer,
+        half=half,
     )
+
+
+def _is_vit(model: nn.Module) -> TypeGuard[VisionTransformer]:
+    """Whether the lens can trace ``model`` (a CNN loaded for an analysis gets no half copy)."""
+    try:
+        inspect_vit(model)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _open_explainer(entry: ModelEntry, model: nn.Module, device: torch.device) -> OnnxExplainer | None:
@@ -119,22 +209,38 @@ def _open_explainer(entry: ModelEntry, model: nn.Module, device: torch.device) -
             "%s: has an ONNX explainer graph but onnxruntime is not installed; explaining with torch", entry.reference
         )
         return None
-    try:
-        inspect_vit(model)
-    except UnsupportedModelError:
+    if not _is_vit(model):
         return None
     return OnnxExplainer(entry, device, threads=torch.get_num_threads())
 
 
 class ModelCache:
-    """Loaded models of this process, keyed by ``name@version`` (thread-safe)."""
+    """Loaded models of this process, keyed by ``name@version`` (thread-safe).
 
-    def __init__(self, catalog: Catalog, device: torch.device | None = None, onnx: OnnxMode = "auto"):
+    ``device`` may be a setting (``"auto"``, ``"cpu"``, ``"cuda"``): it is resolved when the
+    first model loads, not when the cache is built, so building one touches no CUDA.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        device: torch.device | DeviceSetting | None = None,
+        onnx: OnnxMode = "auto",
+        precision: Precision = "float32",
+    ):
         self.catalog = catalog
-        self.device = device
+        self._device = device
         self.onnx: OnnxMode = onnx
+        self.precision: Precision = precision
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        """The device models load on (resolving the setting the first time: call after fork)."""
+        if not isinstance(self._device, torch.device):
+            self._device = resolve_device(self._device or "auto")
+        return self._device
 
     def get(self, reference: str, *, require_vit: bool = True) -> LoadedModel:
         """The loaded model; ``require_vit=False`` also serves non-ViTs (see :func:`load`)."""
@@ -142,7 +248,9 @@ class ModelCache:
         with self._lock:
             loaded = self._models.get(entry.reference)
             if loaded is None:
-                loaded = self._models[entry.reference] = load(entry, self.device, require_vit=False, onnx=self.onnx)
+                loaded = self._models[entry.reference] = load(
+                    entry, self.device, require_vit=False, onnx=self.onnx, precision=self.precision
+                )
         if require_vit:
             inspect_vit(loaded.network)  # the same refusal as load(), for a model cached by an analysis
         return loaded

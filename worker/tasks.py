@@ -26,6 +26,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from classlens import stats
+from classlens.batching import BatchQueue
 from classlens.contract import (
     TERMINAL_STATUSES,
     AnalysisRequest,
@@ -35,7 +36,6 @@ from classlens.contract import (
     AuditResult,
     AuditRow,
     ExplainRequest,
-    Explanation,
     Job,
 )
 from classlens.images import ImageError, decode_image
@@ -65,6 +65,11 @@ class Runtime:
     models: ModelCache
     pid: int
 
+    @property
+    def batches(self) -> BatchQueue:
+        """Cross-request batching's offers and claims; a claim lasts as long as a batch may run."""
+        return BatchQueue(self.jobs.store, lease_s=self.settings.task_time_limit_s)
+
 
 _settings: Settings | None = None
 _runtime: Runtime | None = None
@@ -83,7 +88,10 @@ def runtime() -> Runtime:
         settings = _settings or Settings()
         jobs = JobStore(open_store(settings), ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
         _runtime = Runtime(
-            settings, jobs, ModelCache(Catalog.default(settings.model_roots), onnx=settings.onnx), os.getpid()
+            settings,
+            jobs,
+            ModelCache(Catalog.default(settings.model_roots), settings.device, settings.onnx, settings.precision),
+            os.getpid(),
         )
     return _runtime
 
@@ -145,40 +153,97 @@ def _resume(rt: Runtime, job_id: str) -> tuple[Job | None, bool]:
 
 
 def explain_job(rt: Runtime, job_id: str) -> Job | None:
-    """Run one explanation job to a terminal status; None when the job record is gone (expired)."""
-    jobs = rt.jobs
+    """Run one explanation job to a terminal status; None when the job record is gone (expired).
+
+    With ``batch_max > 1`` the job is explained together with other queued jobs of the same
+    model and parameters, in one forward pass (:mod:`classlens.batching`).
+    """
     job, needs_work = _resume(rt, job_id)
     if job is None or not needs_work:
         return job
-    job = jobs.start(job)
-    started = time.monotonic()
-    try:
-        explanation = _explain(rt, job)
-    except SoftTimeLimitExceeded:
-        limit = rt.settings.task_soft_time_limit_s
-        job = jobs.fail(job, "Time limit exceeded", f"the explanation took longer than {limit} s")
-    except Exception as error:
-        job = _record_failure(rt, job, error)
-    else:
-        job = jobs.succeed(job, explanation.model_dump_json().encode())
-        for target in explanation.targets:
-            stats.record_emergence(jobs.store, model=job.model, layer=target.emergence_layer)
-    stats.record_job(
-        jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
+    if rt.settings.batch_max == 1:
+        return _explain_together(rt, [job])[0]
+    batches = rt.batches
+    if not batches.claim(job.id):
+        held = _wait_for_batch(rt, job)
+        if held is None or held.status in TERMINAL_STATUSES:
+            return held
+        job = held  # the lease lapsed (the batch's worker died): this task runs it
+    others = batches.companions(
+        job, rt.settings.batch_max - 1, rt.settings.batch_wait_ms / 1000, lambda other: _needs_work(rt, other)
     )
-    return job
+    try:
+        return _explain_together(rt, [job, *others])[0]
+    finally:
+        batches.release([job.id, *(other.id for other in others)])
 
 
-def _explain(rt: Runtime, job: Job) -> Explanation:
+def _needs_work(rt: Runtime, job_id: str) -> Job | None:
+    job, needs_work = _resume(rt, job_id)
+    return job if needs_work else None
+
+
+def _wait_for_batch(rt: Runtime, job: Job) -> Job | None:
+    """Another worker holds ``job`` in its batch: the job once finished, or claimed by us once its lease lapses."""
+    batches = rt.batches
+    while True:
+        job = rt.jobs.wait(job, 1.0)
+        if job.status in TERMINAL_STATUSES:
+            return job
+        if batches.claim(job.id):
+            current = rt.jobs.get(job.id)
+            if current is None or current.status in TERMINAL_STATUSES:
+                batches.release([job.id])
+            return current
+
+
+def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
+    """Explain the images of ``jobs`` (one model, one set of parameters) in one forward pass.
+
+    Each job ends on its own terms: an image that cannot be decoded fails its job only;
+    a failure of the pass itself fails every job of the batch, each with the reason.
+    """
+    store = rt.jobs
+    started = time.monotonic()
+    running = [store.start(job) for job in jobs]
+    finished: dict[str, Job] = {}
+    ready, images = [], []
+    for job in running:
+        try:
+            images.append(_job_image(rt, job))
+            ready.append(job)
+        except Exception as error:
+            finished[job.id] = _record_failure(rt, job, error)
+    explanations = []
+    try:
+        if ready:
+            request = ExplainRequest.model_validate(ready[0].parameters)
+            explanations = rt.models.get(ready[0].model).explain(images, request)
+    except SoftTimeLimitExceeded:
+        detail = f"the explanation took longer than {rt.settings.task_soft_time_limit_s} s"
+        finished |= {job.id: store.fail(job, "Time limit exceeded", detail) for job in ready}
+    except Exception as error:
+        finished |= {job.id: _record_failure(rt, job, error) for job in ready}
+    else:
+        for job, explanation in zip(ready, explanations, strict=True):
+            batched = job.model_copy(update={"batch_size": len(ready)})
+            finished[job.id] = store.succeed(batched, explanation.model_dump_json().encode())
+            for target in explanation.targets:
+                stats.record_emergence(store.store, model=job.model, layer=target.emergence_layer)
+    duration_s = time.monotonic() - started
+    for job in running:
+        done = finished[job.id]
+        stats.record_job(store.store, kind=done.kind, model=done.model, status=done.status, duration_s=duration_s)
+    return [finished[job.id] for job in jobs]
+
+
+def _job_image(rt: Runtime, job: Job) -> Image.Image:
     if job.image_key is None:
         raise ExplainError("the job has no image")
     data = rt.jobs.image(job.image_key)
     if data is None:
         raise ExplainError("the uploaded image has expired; submit it again")
-    image = decode_image(data, max_pixels=rt.settings.max_image_pixels)
-    request = ExplainRequest.model_validate(job.parameters)
-    [explanation] = rt.models.get(job.model).explain([image], request)
-    return explanation
+    return decode_image(data, max_pixels=rt.settings.max_image_pixels)
 
 
 @shared_task(name=EXPLAIN_TASK, ignore_result=True)

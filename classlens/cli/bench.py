@@ -20,6 +20,7 @@ from classlens.settings import Settings
     help="Skip the random-initialised vit_base_patch16_224 (and with it the analyses benchmark, unless "
     "--analyses-only).",
 )
+@click.option("--no-vit-small", is_flag=True, help="Skip the random-initialised vit_small_patch16_224.")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
 @click.option("--repeats", default=7, show_default=True, help="Timed runs of the fast methods (median reported).")
 @click.option("--no-ig", is_flag=True, help="Skip Captum Integrated Gradients (the slowest method).")
@@ -98,6 +99,8 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
     device = default_device()
     loaded = load(resolve(open_catalog(settings), reference), device)
     subjects = [BenchModel(loaded.entry.reference, loaded.model, loaded.labels, loaded.ref)]
+    if not options["no_vit_small"]:
+        subjects.append(random_imagenet_vit("vit_small_patch16_224"))
     if not options["no_vit_base"]:
         subjects.append(random_imagenet_vit("vit_base_patch16_224"))
     records = []

@@ -54,6 +54,13 @@ def _sigterm_as_exit() -> Iterator[None]:
 @click.option(
     "--timeout", default=900.0, show_default=True, type=click.FloatRange(1), help="Seconds per phase at most."
 )
+@click.option(
+    "--batch-max",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Also measure a service that batches up to this many jobs across requests (1: skip).",
+)
 @click.option("--quick", is_flag=True, help="A short run: 12 ViT-S images, 40 of the others, 40 cache hits.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/service.json"))
 @click.pass_obj
@@ -66,6 +73,7 @@ def bench_service_command(
     clients: int,
     threads: int | None,
     timeout: float,
+    batch_max: int,
     quick: bool,
     out: Path,
 ) -> None:
@@ -77,7 +85,7 @@ def bench_service_command(
     from worker.benchmarks.service import BenchError, Plan, bench_service, format_table, register_random_vit
 
     counts = QUICK if quick else FULL
-    plan = Plan(cache_hits=cache_hits or counts["cache_hits"], clients=clients, timeout_s=timeout)
+    plan = Plan(cache_hits=cache_hits or counts["cache_hits"], clients=clients, timeout_s=timeout, batch_max=batch_max)
     with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="classlens-bench-service-") as temporary:
         work = Path(temporary)
         models: list[tuple[str, int]] = []

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, request
 
+from classlens import batching
 from classlens.contract import Job
 from classlens.images import ImageError, decode_image, fit_to_input
 from classlens.jobs import content_key, sha256_hex
@@ -77,6 +78,8 @@ def create_explanation() -> Response:
         if seen_before:  # the result expired between the check and now: the worker needs the image
             parts.jobs.put_image(submitted.image)
         enqueue(parts.celery, EXPLAIN_TASK, job.id)
+        if parts.settings.batch_max > 1:  # let the worker that takes a job up take this one along
+            batching.offer(parts.jobs.store, job, parts.settings.result_ttl_s)
 
     submission = parts.jobs.submit(
         kind="explanation",

@@ -51,7 +51,7 @@ LOOPBACK = "127.0.0.1"
 RANDOM_VIT = "vit_small_patch16_224"
 RANDOM_VIT_NAME = "vit-small-random"
 # Distinct seeds per phase, so that no image of one phase can be a cache hit in another.
-_RAW_SEED, _WARMUP_SEED, _SERVICE_SEED = 1, 2, 3
+_RAW_SEED, _WARMUP_SEED, _SERVICE_SEED, _BATCHED_SEED = 1, 2, 3, 4
 
 
 class BenchError(RuntimeError):
@@ -64,6 +64,9 @@ class Plan:
 
     cache_hits: int = 200
     clients: int = 8
+    # Cross-request batching (issue #6): the service phase again, on a service whose worker and
+    # API batch up to this many jobs (CLASSLENS_BATCH_MAX); 1 skips it.
+    batch_max: int = 8
     wait_s: float = 30.0
     timeout_s: float = 900.0
 
@@ -208,8 +211,12 @@ def _wait_until_ready(service: Service, redis_port: int, timeout_s: float) -> No
 
 
 @contextlib.contextmanager
-def running_service(work: Path, model_roots: Sequence[Path], threads: int, http_threads: int) -> Iterator[Service]:
+def running_service(
+    work: Path, model_roots: Sequence[Path], threads: int, http_threads: int, batch_max: int = 1
+) -> Iterator[Service]:
     """redis-server, one ``classlens worker`` (solo pool, queue gpu) and ``classlens serve``, all on loopback.
+
+    ``batch_max`` > 1 turns on cross-request batching in both (they read the same setting).
 
     The children get their own data dir under ``work`` and both Redis variables (the
     prefixed one wins in Settings, so a user's CLASSLENS_REDIS_URL must not leak in).
@@ -229,6 +236,7 @@ def running_service(work: Path, model_roots: Sequence[Path], threads: int, http_
         "CLASSLENS_DATA_DIR": str(work / "data"),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
+        "CLASSLENS_BATCH_MAX": str(batch_max),
     }
     cli = [sys.executable, "-m", "classlens.cli"]
     service = Service(LOOPBACK, api_port, threads)
@@ -342,6 +350,7 @@ def service_throughput(service: Service, model: str, images: Sequence[bytes], pl
     pending = iter(images)
     lock = threading.Lock()
     latencies: list[float] = []
+    batch_sizes: list[int] = []
     errors: list[BaseException] = []
     start_line = threading.Barrier(plan.clients + 1)
 
@@ -355,9 +364,10 @@ def service_throughput(service: Service, model: str, images: Sequence[bytes], pl
                 if png is None:
                     return
                 started = time.perf_counter()
-                client.explain(model, png, deadline)
+                job = client.explain(model, png, deadline)
                 with lock:
                     latencies.append(time.perf_counter() - started)
+                    batch_sizes.append(int(job.get("batch_size") or 1))
         except BaseException as error:  # reported below; the other clients stop at their next image
             errors.append(error)
         finally:
@@ -380,6 +390,7 @@ def service_throughput(service: Service, model: str, images: Sequence[bytes], pl
         "clients": plan.clients,
         "images_per_s": round(len(images) / elapsed, 3),
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "mean_batch_size": round(statistics.mean(batch_sizes), 2),
     }
 
 
@@ -455,6 +466,8 @@ def bench_service(
                     "cache_hits": hits,
                 }
             )
+    if plan.batch_max > 1:
+        _batched_phase(work / "batched", roots, threads, entries, records, plan)
     env = {
         **environment(),
         "cores": os.cpu_count(),
@@ -462,20 +475,50 @@ def bench_service(
         "worker_torch_threads": threads,
         "device": str(device),
         "worker": "one classlens worker, solo pool, queue gpu",
+        "batch_max": plan.batch_max,
         "api": "classlens serve (waitress) with Redis",
     }
     return {"environment": env, "service": records}
 
 
+def _batched_phase(
+    work: Path,
+    roots: Sequence[Path],
+    threads: int,
+    entries: Sequence[tuple[ModelEntry, int]],
+    records: list[dict[str, Any]],
+    plan: Plan,
+) -> None:
+    """The service phase once more, against a service that batches across requests; ``gain`` is the
+    ratio of its throughput to the unbatched service's, measured minutes apart on the same machine."""
+    work.mkdir(parents=True, exist_ok=True)
+    with running_service(
+        work, roots, threads, http_threads=max(16, plan.clients + 4), batch_max=plan.batch_max
+    ) as service:
+        for record, (entry, count) in zip(records, entries, strict=True):
+            spec = entry.manifest.input
+            warm_up_worker(service, entry.reference, spec, plan)
+            batched = service_throughput(service, entry.reference, noise_pngs(spec, count, _BATCHED_SEED), plan)
+            batched["gain"] = round(batched["images_per_s"] / record["service"]["images_per_s"], 3)
+            batched["ratio_to_raw"] = round(batched["images_per_s"] / record["raw"]["images_per_s"], 3)
+            record["batched"] = batched
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"{'model':<24} {'input':<12} {'raw img/s':>10} {'service img/s':>14} {'service/raw':>12} "
-        f"{'hit p50 ms':>11} {'hit p99 ms':>11}"
+        f"{'hit p50 ms':>11} {'hit p99 ms':>11} {'batched img/s':>14} {'gain':>6} {'mean batch':>11}"
     ]
     for record in records:
         raw, served, hits = record["raw"], record["service"], record["cache_hits"]
         lines.append(
             f"{record['model']:<24} {record['input']:<12} {raw['images_per_s']:>10.2f} {served['images_per_s']:>14.2f} "
             f"{served['ratio_to_raw']:>12.2f} {hits['p50_ms']:>11.1f} {hits['p99_ms']:>11.1f}"
+            + (
+                f" {record['batched']['images_per_s']:>14.2f} {record['batched']['gain']:>6.2f}"
+                f" {record['batched']['mean_batch_size']:>11.2f}"
+                if "batched" in record
+                else ""
+            )
         )
     return "\n".join(lines)

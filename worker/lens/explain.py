@@ -119,7 +119,7 @@ def explain(
         run = tracer(images, request.sublayers) if tracer else trace(model, images, sublayers=request.sublayers)
         probabilities = run.logits.softmax(-1)
         if fixed_targets is not None:
-            targets = torch.tensor(fixed_targets).expand(len(images), -1)
+            targets = torch.tensor(fixed_targets, device=images.device).expand(len(images), -1)
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
@@ -132,7 +132,10 @@ def explain(
         map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
     gradient = gradient_relevance(model, images, targets, projection) if request.gradient_map else None
 
-    token_ranks_np = token_ranks.numpy()
+    # The response is built on the CPU: one copy of each tensor from the device, not one per value.
+    token_ranks_np = token_ranks.cpu().numpy()
+    map_values = map_values.cpu()
+    gradient = None if gradient is None else gradient.detach().cpu()
     h, w = spec.grid
     explanations = []
     for b in range(len(images)):

@@ -1,0 +1,87 @@
+"""Cross-request batching of explain jobs (issue #6): which queued jobs one forward pass may serve.
+
+Jobs for the same model with the same canonical parameters can share a pass: the lens
+explains a batch of images under one request. The API *offers* each new explain job on a
+list named after that pair (:func:`batch_key`); the worker that starts a job *claims* it,
+then takes up to ``batch_max - 1`` companions off the list and claims each. A claim is a
+store key with a lease (``batched:<job id>``), so:
+
+- Late acknowledgement is untouched: every job keeps its own Celery message, acknowledged
+  only after its own task returns. A companion's message, delivered later, finds its job
+  finished and returns at once.
+- Nothing accepted is lost when a worker dies mid-batch: its own message is redelivered
+  (late ack, reject on worker lost), and the companions' claims lapse after the lease,
+  after which their own messages run them.
+- A message whose job another worker holds waits for that batch, or for the lease to lapse.
+
+Why not celery-batches: it buffers messages inside one consumer (with a prefetch as large
+as the batch) and acknowledges them as a group; keeping prefetch 1 and one late ack per
+message, and forming batches from the store, keeps every guarantee the service has without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from classlens.contract import Job
+from classlens.jobs import canonical_json, sha256_hex
+from classlens.store import Store
+
+
+def batch_key(model: str, parameters: dict[str, object]) -> str:
+    """The list of jobs that can share a forward pass: same resolved model, same canonical parameters."""
+    return "batch:" + sha256_hex(canonical_json({"model": model, "parameters": parameters}).encode())
+
+
+def offer(store: Store, job: Job, ttl_s: float) -> None:
+    """The API side: make a queued job visible to workers forming a batch (after it is enqueued)."""
+    key = batch_key(job.model, job.parameters)
+    store.push(key, job.id.encode(), ttl_s)
+    store.notify(key)
+
+
+class BatchQueue:
+    """The worker side: companions taken off the offer lists, and claims, in the service's store."""
+
+    def __init__(self, store: Store, *, lease_s: float):
+        self.store = store
+        self.lease_s = lease_s
+
+    def claim(self, job_id: str) -> bool:
+        """Take the job into this worker's batch; False when another worker holds it."""
+        return self.store.set_if_absent(f"batched:{job_id}", b"1", self.lease_s)
+
+    def release(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.store.delete(f"batched:{job_id}")
+
+    def companions(self, job: Job, count: int, wait_s: float, usable: Callable[[str], Job | None]) -> list[Job]:
+        """Up to ``count`` other offered jobs of ``job``'s batch, claimed for the caller.
+
+        ``usable`` says whether a popped id still needs work (a job that ran on its own, or
+        whose result another job stored meanwhile, does not). Waits at most ``wait_s`` for
+        the batch to fill; returns at once when it is full.
+        """
+        key = batch_key(job.model, job.parameters)
+        taken: list[Job] = []
+        deadline = time.monotonic() + wait_s
+        with self.store.listen(key) as offers:
+            while len(taken) < count:
+                # Exactly as many as are missing: an id popped is taken or dropped, never put back.
+                # (A dropped one still has its own message; it only misses this batch.)
+                popped = self.store.pop(key, count - len(taken))
+                for raw in popped:
+                    job_id = raw.decode()
+                    if job_id == job.id:
+                        continue
+                    other = usable(job_id)
+                    if other is not None and other.parameters == job.parameters and self.claim(job_id):
+                        taken.append(other)
+                if popped:
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                offers.wait(remaining)
+        return taken
