@@ -143,7 +143,8 @@ class ClassProjection:
         """
         if self.settings.norm == "cached":
             scales = scales[:, self.spec.depth : self.spec.depth + 1]
-        return centred.div_(scales.unsqueeze(-1)).add_(self.offset())
+        # One fused pass (offset + centred / scale) written over ``centred``: half the memory traffic of div_ then add_.
+        return torch.addcdiv(self.offset(), centred, scales.unsqueeze(-1), out=centred)
 
     def centred_embedding(self) -> torch.Tensor:
         """``E_c`` (``[C, D]``): the main head's class embeddings through the final norm's gain, rows centred."""

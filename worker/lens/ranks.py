@@ -37,17 +37,22 @@ def class_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _count_greater(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """``[B, K, M]``: per row of ``values`` ``[B, M, C]``, how many exceed each of its ``thresholds`` ``[B, M, K]``.
 
-    numpy's count_nonzero over a boolean mask is about 5x faster on CPU than torch's
-    sum, which first widens the mask to int64 (measured: ranks of 3 targets over
-    7,289 x 1,000 logits, 14 ms vs 69 ms). It runs on one core, so the rows are split
-    over as many threads as torch uses (numpy releases the GIL in both steps).
+    numpy, not torch: the comparison goes into a reused boolean buffer and is summed as
+    bytes into 16-bit counters, where torch's sum widens the mask to int64 first and
+    ``np.count_nonzero`` to the platform integer (measured, ranks of 3 targets over
+    7,289 x 1,000 logits on one core: 6.3 ms, against 11.9 ms for count_nonzero and
+    about 35 ms for torch). It runs on one core, so the rows are split over as many
+    threads as torch uses (numpy releases the GIL in both steps).
     """
     counts = np.empty((values.shape[0], thresholds.shape[-1], values.shape[1]), dtype=np.int64)
+    wide = values.shape[-1] >= 2**16  # counts up to C must fit the accumulator
 
     def count(rows: slice) -> None:
+        block = values[:, rows]
+        greater = np.empty(block.shape, dtype=bool)
         for k in range(thresholds.shape[-1]):
-            greater = values[:, rows] > thresholds[:, rows, k : k + 1]
-            counts[:, k, rows] = np.count_nonzero(greater, axis=-1)
+            np.greater(block, thresholds[:, rows, k : k + 1], out=greater)
+            counts[:, k, rows] = greater.view(np.uint8).sum(axis=-1, dtype=np.uint32 if wide else np.uint16)
 
     chunks = [slice(start, start + _ROWS_PER_TASK) for start in range(0, values.shape[1], _ROWS_PER_TASK)]
     if len(chunks) == 1 or torch.get_num_threads() == 1:
