@@ -65,23 +65,28 @@ class BatchQueue:
         """
         key = batch_key(job.model, job.parameters)
         taken: list[Job] = []
+        self._take(key, job, count, usable, taken)
+        if len(taken) == count or wait_s <= 0:
+            return taken  # no subscription when there is nothing to wait for
         deadline = time.monotonic() + wait_s
         with self.store.listen(key) as offers:
-            while len(taken) < count:
-                # Exactly as many as are missing: an id popped is taken or dropped, never put back.
-                # (A dropped one still has its own message; it only misses this batch.)
-                popped = self.store.pop(key, count - len(taken))
-                for raw in popped:
-                    job_id = raw.decode()
-                    if job_id == job.id:
-                        continue
-                    other = usable(job_id)
-                    if other is not None and other.parameters == job.parameters and self.claim(job_id):
-                        taken.append(other)
-                if popped:
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            while len(taken) < count and (remaining := deadline - time.monotonic()) > 0:
                 offers.wait(remaining)
+                self._take(key, job, count, usable, taken)
         return taken
+
+    def _take(self, key: str, job: Job, count: int, usable: Callable[[str], Job | None], taken: list[Job]) -> None:
+        """Pop offered ids until ``taken`` holds ``count`` jobs or the list is empty."""
+        while len(taken) < count:
+            # Exactly as many as are missing: an id popped is taken or dropped, never put back.
+            # (A dropped one still has its own message; it only misses this batch.)
+            popped = self.store.pop(key, count - len(taken))
+            if not popped:
+                return
+            for raw in popped:
+                job_id = raw.decode()
+                if job_id == job.id:
+                    continue
+                other = usable(job_id)
+                if other is not None and other.parameters == job.parameters and self.claim(job_id):
+                    taken.append(other)
