@@ -27,7 +27,6 @@ from model_store.catalog import BUNDLED_ROOT, Catalog
 from worker import devices, runtime
 from worker.devices import DeviceError, parse_nvidia_smi, resolve_device, visible_gpus, worker_plan
 from worker.lens.projection import ClassProjection
-from worker.lens.ranks import class_rank
 from worker.lens.vit import trace
 from worker.runtime import ModelCache, forward_dtype, load
 
@@ -370,8 +369,8 @@ def test_half_precision_tolerance_on_cpu_kernels(
     assert rounded.residual.dtype == torch.float32
     projection = ClassProjection(full.model)
     classes = torch.arange(len(full.labels)).expand(len(images), -1)
-    exact_ranks = class_rank(projection.of_trace(exact), classes)
-    rounded_ranks = class_rank(projection.of_trace(rounded), classes)
+    exact_ranks = projection.of_trace(exact).ranks(classes)
+    rounded_ranks = projection.of_trace(rounded).ranks(classes)
     changed = (exact_ranks != rounded_ranks).double().mean().item()
     logits = (exact.logits - rounded.logits).abs().max().item()
     top1 = (exact.logits.argmax(-1) == rounded.logits.argmax(-1)).double().mean().item()

@@ -113,7 +113,8 @@ def test_cli_export_records_the_graph_and_verify_passes(rgb_root: Path) -> None:
     assert artifact.file == "explainer.onnx" and artifact.format == "onnx"
     assert artifact.size == (folder / "explainer.onnx").stat().st_size
     assert artifact.details["opset"] == 18
-    assert artifact.details["outputs"] == ["logits", "residual", "centred_logits", "scales"]
+    assert artifact.details["outputs"] == list(onnx_export.OUTPUT_NAMES)
+    assert "centred_attention" in artifact.details["outputs"]
     assert artifact.details["layout"] == onnx_export.GRAPH_LAYOUT
     assert artifact.details["weights_sha256"] == manifest.weights.sha256
     assert manifest.artifacts["weights"] == read_manifest(folder / "manifest.yaml").weights
@@ -200,7 +201,8 @@ def test_random_vit_small_onnxruntime_agrees_with_torch(tmp_path: Path) -> None:
         projection = ClassProjection(model, settings)
         with torch.no_grad():
             want_run, got_run = trace(model, images), explainer.trace(images)
-            want, got = projection.of_trace(want_run), projection.of_trace(got_run)
+            # Joined for the comparison: every stream of every kind, [B, S, T, C].
+            want, got = (torch.cat(projection.of_trace(run).parts(), dim=1) for run in (want_run, got_run))
         targets = want_run.logits.topk(3).indices
         assert torch.equal(got_run.logits.topk(3).indices, targets)
         assert (got - want).abs().max() <= MAP_TOLERANCE  # the logit maps of every layer, sublayers included

@@ -2,7 +2,7 @@
 
 The graph (:mod:`worker.onnx_export`) returns the logits, the residual stream and
 every stream's projection products, so :class:`OnnxExplainer` hands back a
-:class:`~worker.lens.vit.Trace` with ``centred_logits`` and ``scales`` filled in, and
+:class:`~worker.lens.vit.Trace` with ``centred`` and ``scales`` filled in, and
 the lens finishes the projection, ranks and maps on it as it would on torch's. Only
 passes without gradients can use it: the gradient map needs autograd and stays on torch.
 
@@ -23,6 +23,7 @@ import torch
 from model_store.artifacts import ArtifactError
 from model_store.catalog import ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
+from worker.lens.projection import StreamLogits
 from worker.lens.vit import Trace
 from worker.onnx_export import GRAPH_LAYOUT, INPUT_NAME, OUTPUT_NAMES
 
@@ -135,5 +136,8 @@ class OnnxExplainer:
         """
         batch = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        logits, residual, centred, scales = (torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs)
-        return Trace(logits, residual, None, None, None, centred_logits=centred, scales=scales)
+        logits, residual, centred_residual, attention, mlp, scales = (
+            torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs
+        )
+        centred = StreamLogits(centred_residual, attention, mlp)
+        return Trace(logits, residual, None, None, None, centred=centred, scales=scales)

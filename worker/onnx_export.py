@@ -36,7 +36,7 @@ from torch import nn
 from model_store.artifacts import describe_file
 from model_store.catalog import ModelEntry, record_artifact
 from model_store.manifest import ONNX_EXPLAINER
-from worker.lens.projection import ClassProjection, centred_stream_logits, stream_scales
+from worker.lens.projection import ClassProjection, StreamLogits, centred_stream_logits, stream_scales
 from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 EXPLAINER_FILE = "explainer.onnx"
 SAMPLES = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "fashion-mnist"
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "residual", "centred_logits", "scales")
+OUTPUT_NAMES = ("logits", "residual", "centred_residual", "centred_attention", "centred_mlp", "scales")
 # Version of what the outputs mean; a graph recorded with another layout is not used (re-export it).
-GRAPH_LAYOUT = 2
+GRAPH_LAYOUT = 3
 DEFAULT_OPSET = 18
 # Agreement asked of an exported graph, per output: |onnx - torch| <= ATOL + RTOL * max |torch|.
 # onnxruntime on CPU reproduces torch within ~1e-6; these leave room for other kernels, not for bugs.
@@ -59,7 +59,7 @@ class ExportError(RuntimeError):
 
 
 class ExplainerGraph(nn.Module):
-    """The ViT's forward pass returning ``(logits, residual, centred_logits, scales)`` instead of the logits alone.
+    """The ViT's forward pass returning :data:`OUTPUT_NAMES` instead of the logits alone.
 
     Same parameters as the wrapped model (nothing is copied), so it exports the
     model's weights as they are; ``E_c`` is added as one constant.
@@ -76,7 +76,7 @@ class ExplainerGraph(nn.Module):
         self.centred_embedding: torch.Tensor
         self.register_buffer("centred_embedding", projection.centred_embedding().detach().clone())
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         residual, attention, mlp = [x], [], []
@@ -91,7 +91,8 @@ class ExplainerGraph(nn.Module):
         logits = model.forward_head(model.norm(x))
         streams = torch.stack(residual, dim=1), torch.stack(attention, dim=1), torch.stack(mlp, dim=1)
         centred = centred_stream_logits(*streams, self.centred_embedding)
-        return logits, streams[0], centred, stream_scales(*streams, self.eps)
+        assert centred.attention is not None and centred.mlp is not None
+        return logits, streams[0], centred.residual, centred.attention, centred.mlp, stream_scales(*streams, self.eps)
 
 
 def export_explainer(model: VisionTransformer, path: Path, opset: int = DEFAULT_OPSET) -> None:
@@ -152,11 +153,25 @@ class Agreement:
         return f"{self.images} images, top-{self.top_k} {'identical' if self.same_top_k else 'DIFFERENT'}; {diffs}"
 
 
+def graph_outputs(run: Trace) -> dict[str, torch.Tensor | None]:
+    """A trace's tensors under the graph's output names."""
+    centred = run.centred
+    return {
+        "logits": run.logits,
+        "residual": run.residual,
+        "centred_residual": None if centred is None else centred.residual,
+        "centred_attention": None if centred is None else centred.attention,
+        "centred_mlp": None if centred is None else centred.mlp,
+        "scales": run.scales,
+    }
+
+
 def compare_traces(reference: Trace, candidate: Trace, top_k: int = 3) -> Agreement:
     """Every graph output of ``candidate`` against the torch ``reference``, and the top-k classes of each image."""
     diffs, tolerances = {}, {}
+    wanted, found = graph_outputs(reference), graph_outputs(candidate)
     for name in OUTPUT_NAMES:
-        want, got = getattr(reference, name), getattr(candidate, name)
+        want, got = wanted[name], found[name]
         if want is None or got is None or want.shape != got.shape:
             raise ExportError(f"output {name!r}: shape {_shape(got)}, torch has {_shape(want)}")
         want, got = want.detach().float().cpu(), got.detach().float().cpu()
@@ -172,8 +187,9 @@ def torch_reference(model: VisionTransformer, images: torch.Tensor) -> Trace:
     with torch.no_grad():
         run = trace(model, images.cpu(), sublayers=True)
         assert run.attention is not None and run.mlp is not None
-        centred, scales = ClassProjection(model).centred(run.residual, run.attention, run.mlp)
-    return dataclasses.replace(run, centred_logits=centred, scales=scales)
+        projection = ClassProjection(model)
+        centred, scales = projection.centred(run.residual, run.attention, run.mlp)
+    return dataclasses.replace(run, centred=StreamLogits.split(centred, projection.spec.depth), scales=scales)
 
 
 def verify_explainer(model: VisionTransformer, path: Path, images: torch.Tensor, top_k: int = 3) -> Agreement:

@@ -123,12 +123,12 @@ def explain(
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        token_logits = projection.of_trace(run, request.sublayers)  # [B, S, T, C]
-        token_ranks = class_rank(token_logits, targets)  # [B, K, S, T]
+        stream_logits = projection.of_trace(run, request.sublayers)
+        token_ranks = stream_logits.ranks(targets)  # [B, K, S, T]
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)
         output_ranks = class_rank(run.logits, targets)  # [B, K]
-        residual_logits = token_logits[:, : depth + 1, prefix:]  # [B, L + 1, N, C]
+        residual_logits = stream_logits.residual[:, :, prefix:]  # [B, L + 1, N, C]
         map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
     gradient = gradient_relevance(model, images, targets, projection) if request.gradient_map else None
 

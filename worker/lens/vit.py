@@ -15,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
+if TYPE_CHECKING:  # the projection imports this module
+    from worker.lens.projection import StreamLogits
 
 
 class UnsupportedModelError(ValueError):
@@ -116,8 +119,9 @@ class Trace:
     mlp: torch.Tensor | None  # [B, L, T, D]: m_b
     attention_probs: list[torch.Tensor] | None  # L x [B, H, T, T]
     # An ONNX explainer graph projects in the graph (worker.onnx_export.ExplainerGraph) and returns,
-    # instead of the sublayers, ClassProjection.centred's two tensors: [B, S, T, C] and [B, S, T].
-    centred_logits: torch.Tensor | None = None
+    # instead of the sublayers, E_c v of every stream (a worker.lens.projection.StreamLogits) and
+    # the norm's scale s(v) of every stream, [B, S, T] in the order x, a, m.
+    centred: StreamLogits | None = None
     scales: torch.Tensor | None = None
 
 
