@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import classlens.cli.serve as serve
+import classlens.cli.gpu_workers as gpu_workers
 from classlens.cli import main
 from classlens.contract import ExplainRequest
 from model_store.catalog import BUNDLED_ROOT, Catalog
@@ -219,7 +219,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], dict[str, 
         calls.append((command, env))
         return FinishedProcess()
 
-    monkeypatch.setattr(serve, "_start_child", record)
+    monkeypatch.setattr(gpu_workers, "_start_child", record)
     return calls
 
 
@@ -274,8 +274,8 @@ def test_worker_gpus_rejects_other_values() -> None:
 
 def test_gpu_plan_without_gpus_runs_one_worker_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
-    assert serve.gpu_plan(None, {}) == []
-    assert serve.gpu_plan(0, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []  # --gpus 0: as configured
+    assert gpu_workers.gpu_plan(None, {}) == []
+    assert gpu_workers.gpu_plan(0, {"CUDA_VISIBLE_DEVICES": "0,1"}) == []  # --gpus 0: as configured
 
 
 def test_the_supervisor_exits_with_the_first_worker_and_stops_the_others() -> None:
@@ -285,7 +285,7 @@ def test_the_supervisor_exits_with_the_first_worker_and_stops_the_others() -> No
         subprocess.Popen([python, "-c", "import sys, time; time.sleep(0.3); sys.exit(3)"]),
     ]
     try:
-        assert serve.supervise(children, poll_s=0.05) == 3
+        assert gpu_workers.supervise(children, poll_s=0.05) == 3
         assert children[0].poll() is not None  # stopped, not left running
     finally:
         for child in children:
@@ -303,10 +303,10 @@ def test_workers_started_before_a_failed_start_are_stopped(monkeypatch: pytest.M
         running.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
         return running[0]
 
-    monkeypatch.setattr(serve, "_start_child", start)
+    monkeypatch.setattr(gpu_workers, "_start_child", start)
     plan = worker_plan(["0", "1"], {})
     with pytest.raises(OSError, match="second worker"):
-        serve._run_gpu_workers(plan, "gpu", "INFO")
+        gpu_workers.run_gpu_workers(plan, "gpu", "INFO")
     assert running[0].poll() is not None
 
 
