@@ -4,9 +4,9 @@ The graph returns the logits, the residual stream and, for every token of every
 stream (``x_0 .. x_L, a_1 .. a_L, m_1 .. m_L``), the settings-free half of the
 projection: ``E_c v`` and ``s(v)`` (:meth:`worker.lens.projection.ClassProjection.centred`).
 Putting the class-embedding products inside the graph lets onnxruntime run them
-with the rest of the pass (measured on vit_base, batch 1: explain 1.6x faster
-than returning the streams and projecting them in torch would leave it); the
-request's settings (fresh or cached scale, head bias), the ranks and the maps
+with the rest of the pass (measured on vit_base, batch 1: explain went from 1.65x
+to 1.39x onnxruntime's own forward pass, against returning the streams and
+projecting them in torch); the request's settings (fresh or cached scale, head bias), the ranks and the maps
 stay in torch, in :meth:`ClassProjection.finish` and the lens, one
 implementation for both engines.
 
@@ -74,7 +74,7 @@ class ExplainerGraph(nn.Module):
         self.model = model
         self.eps = projection.eps
         self.centred_embedding: torch.Tensor
-        self.register_buffer("centred_embedding", projection.centred_embedding().detach().clone())
+        self.register_buffer("centred_embedding", projection.centred_embedding.detach().clone())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model

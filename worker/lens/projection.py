@@ -29,6 +29,7 @@ running sum of ``E_c x_0`` and the sublayers' ``E_c a_j + E_c m_j``, so only
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -73,7 +74,7 @@ class StreamLogits:
 
     @classmethod
     def split(cls, whole: torch.Tensor, depth: int) -> StreamLogits:
-        """Views of a ``[B, S, T, C]`` tensor in the streams' order."""
+        """Views of a tensor whose dimension 1 runs over the streams (``[B, S, ...]``), one per kind of stream."""
         if whole.shape[1] == depth + 1:
             return cls(whole)
         return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :])
@@ -139,14 +140,11 @@ class ClassProjection:
         if run.centred is None or run.scales is None:
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
             return StreamLogits.split(self.streams(run.residual, attention, mlp), self.spec.depth)
-        depth, scales = self.spec.depth, run.scales
-        last = scales[:, depth : depth + 1]
-        centred = run.centred
-        finished = StreamLogits(self.finish(centred.residual, scales[:, : depth + 1], last))
-        if not sublayers or centred.attention is None or centred.mlp is None:
-            return finished
-        attention = self.finish(centred.attention, scales[:, depth + 1 : 2 * depth + 1], last)
-        return StreamLogits(finished.residual, attention, self.finish(centred.mlp, scales[:, 2 * depth + 1 :], last))
+        depth = self.spec.depth
+        last = run.scales[:, depth : depth + 1]
+        parts = run.centred.parts() if sublayers else [run.centred.residual]
+        scales = StreamLogits.split(run.scales, depth).parts()[: len(parts)]
+        return StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
 
     def centred(
         self, residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor
@@ -157,7 +155,7 @@ class ClassProjection:
         the same arithmetic for torch, written into preallocated memory.
         """
         batch, depth, tokens, _ = attention.shape
-        weight = self.centred_embedding()
+        weight = self.centred_embedding
         out = residual.new_empty(batch, 1 + 3 * depth, tokens, weight.shape[0])
         classes = weight.shape[0]
 
@@ -181,16 +179,22 @@ class ClassProjection:
         """
         divisor = last if self.settings.norm == "cached" else scales
         # One fused pass (offset + centred / scale) written over ``centred``: half the memory traffic of div_ then add_.
-        return torch.addcdiv(self.offset(), centred, divisor.unsqueeze(-1), out=centred)
+        return torch.addcdiv(self.offset, centred, divisor.unsqueeze(-1), out=centred)
 
+    @functools.cached_property
     def centred_embedding(self) -> torch.Tensor:
         """``E_c`` (``[C, D]``): the main head's class embeddings through the final norm's gain, rows centred."""
         norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
         weight = head.weight if norm.weight is None else head.weight * norm.weight
         return weight - weight.mean(dim=-1, keepdim=True)
 
+    @functools.cached_property
     def offset(self) -> torch.Tensor:
-        """``E beta_F + beta`` (``[C]``; without ``beta`` when the bias is off): what the closed form adds back."""
+        """``E beta_F + beta`` (``[C]``; without ``beta`` when the bias is off): what the closed form adds back.
+
+        Like :attr:`centred_embedding`, computed once per projection (the weights are frozen while it lives),
+        not once per stream kind that :meth:`finish` is called on.
+        """
         norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
         offset = torch.zeros_like(head.weight[:, 0]) if norm.bias is None else head.weight @ norm.bias
         if self.settings.bias and head.bias is not None:
