@@ -46,14 +46,41 @@ class InputSpec(_Strict):
         return self
 
 
+# PIL's resampling filters, by the names timm's data config uses.
+Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+# How the picture is resized before the optional centre crop:
+# - "exact": to ``resize`` (height, width), aspect ratio not kept (timm's crop_mode "squash",
+#   Hugging Face image processors);
+# - "shorter": the shorter edge to ``resize[0]`` (square ``resize``), the longer edge in
+#   proportion, truncated (torchvision ``Resize(int)``, timm's default "center" mode);
+# - "keep_ratio": both edges divided by one ratio ``max(rh, rw) * longest + min(rh, rw) *
+#   (1 - longest)`` of the image to ``resize``, rounded (timm's ``ResizeKeepRatio``: a
+#   non-square "center" target with ``longest`` 0, crop_mode "border" with ``longest`` 1).
+ResizeMode = Literal["exact", "shorter", "keep_ratio"]
+
+
 class Preprocessing(_Strict):
-    """Resize to ``resize`` (height, width), centre-crop to ``crop``, scale to [0, 1], normalise."""
+    """The model's own eval transform, step by step: what the production model sees.
+
+    Colour conversion (``InputSpec.colour_mode``), trim ``trim_border`` pixels from every
+    edge, resize (``resize_mode``), centre-crop to ``crop`` (padding with ``crop_fill``
+    where the resized picture is smaller, as timm's ``CenterCropOrPad`` and torchvision's
+    ``CenterCrop`` do), scale to [0, 1], normalise with ``mean`` and ``std``.
+    ``source`` keeps the configuration these steps were derived from (timm's data config:
+    ``input_size``, ``crop_pct``, ``crop_mode``, ``interpolation``; or a Hugging Face
+    ``preprocessor_config.json``), for people; the steps alone decide the tensor.
+    """
 
     resize: tuple[int, int]
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    resize_mode: ResizeMode = "exact"
+    longest: float = Field(default=0.0, ge=0.0, le=1.0)
+    interpolation: Interpolation = "bilinear"
     crop: tuple[int, int] | None = None
+    crop_fill: tuple[int, ...] | None = None
+    trim_border: int = Field(default=0, ge=0)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    source: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("std")
     @classmethod
@@ -61,6 +88,21 @@ class Preprocessing(_Strict):
         if any(s <= 0 for s in std):
             raise ValueError("every std must be positive")
         return std
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> Preprocessing:
+        if min(self.resize) < 1 or (self.crop is not None and min(self.crop) < 1):
+            raise ValueError("resize and crop sizes must be positive")
+        if self.resize_mode != "exact" and self.crop is None:
+            raise ValueError(f"resize_mode {self.resize_mode!r} keeps the aspect ratio: it needs a crop to fix the size")
+        if self.resize_mode == "shorter" and self.resize[0] != self.resize[1]:
+            raise ValueError("resize_mode 'shorter' takes one edge length: resize must be square")
+        return self
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the picture these steps end with."""
+        return self.crop or self.resize
 
 
 class LabelsSpec(_Strict):
@@ -104,14 +146,34 @@ class Provenance(_Strict):
     notes: str = ""
 
 
+class Structure(_Strict):
+    """The explained shape of a ViT-family model, read from the built model when it was registered.
+
+    Lets the API validate layers and describe a model before any worker loads it.
+    """
+
+    family: str = Field(min_length=1, description="the lens adapter that opens the model up")
+    layers: int = Field(gt=0)
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    prefix_tokens: tuple[str, ...]
+    pooling: str
+    width: int = Field(gt=0)
+    heads: int = Field(gt=0)
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = 1
     name: str = Field(pattern=_SAFE_NAME)
     version: str = Field(pattern=_SAFE_NAME)
     description: str = ""
-    framework: Literal["timm", "onnx"]
-    architecture: str = Field(min_length=1, description="timm model name given to timm.create_model")
+    # "timm": ``timm.create_model(architecture, **model_args)``; "transformers": the Hugging Face
+    # class named ``architecture`` built from the config ``model_args`` (config.json's content).
+    framework: Literal["timm", "transformers", "onnx"]
+    architecture: str = Field(min_length=1, description="timm model name, or a transformers model class")
     model_args: dict[str, Any] = Field(default_factory=dict)
+    # None for models the lens does not open (a CNN kept for the representation analyses).
+    structure: Structure | None = None
     input: InputSpec
     preprocessing: Preprocessing
     labels: LabelsSpec
@@ -124,15 +186,15 @@ class Manifest(_Strict):
         channels = self.input.channels
         if len(self.preprocessing.mean) != channels or len(self.preprocessing.std) != channels:
             raise ValueError(f"preprocessing mean and std need {channels} value(s), one per input channel")
-        final = self.preprocessing.crop or self.preprocessing.resize
+        final = self.preprocessing.output_size
         if tuple(final) != (self.input.height, self.input.width):
             raise ValueError(
                 f"preprocessing ends at {final[0]}x{final[1]} but the input is {self.input.height}x{self.input.width}"
             )
         if "weights" not in self.artifacts:
             raise ValueError("artifacts must include 'weights'")
-        if self.framework == "timm" and self.artifacts["weights"].format == "onnx":
-            raise ValueError("a timm model's weights are safetensors or pytorch, not onnx")
+        if self.framework != "onnx" and self.artifacts["weights"].format == "onnx":
+            raise ValueError(f"a {self.framework} model's weights are safetensors or pytorch, not onnx")
         explainer = self.artifacts.get(ONNX_EXPLAINER)
         if explainer is not None and explainer.format != "onnx":
             raise ValueError(f"the {ONNX_EXPLAINER} artifact is an onnx file, not {explainer.format}")
