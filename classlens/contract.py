@@ -13,6 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAP_DECIMALS = 4
+# The version of the explanation method, part of every result's content key (classlens.jobs.content_key).
+# Bump it whenever a change alters what an explanation, an audit or an analysis contains (another
+# statistic, a fixed rank, a map computed differently): every cached result of an older version is then
+# simply never found again, instead of being served as if the new code had computed it.
+LENS_VERSION = 1
 MapKind = Literal["identifiability", "logit", "probability"]
 NormMode = Literal["fresh", "cached"]
 
@@ -85,7 +90,7 @@ class Explanation(_Frozen):
     patch_size: tuple[int, int]
     prefix_tokens: list[str]
     layers: int = Field(description="Number of blocks L; layer 0 is the embedding.")
-    pooling: Literal["token", "avg"]
+    pooling: Literal["token", "avg", "max", "avgmax"]
     prediction: list[ClassScore]
     targets: list[TargetExplanation]
 
@@ -93,7 +98,8 @@ class Explanation(_Frozen):
 # --- Jobs (issue #4): the records the API and the workers share through the store. ---
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
-JobKind = Literal["explanation", "audit", "analysis"]
+# "model": registering a model uploaded through POST /v1/models (the job's result is a ModelRegistration).
+JobKind = Literal["explanation", "audit", "analysis", "model"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
 
 
@@ -121,13 +127,36 @@ class Job(_Frozen):
     finished_at: float | None = None
     model: str = Field(description="The resolved model, name@version.")
     parameters: dict[str, Any] = Field(description="The canonical request parameters (an ExplainRequest).")
-    content_key: str = Field(description="sha256 of weights digest, image digest and canonical parameters.")
+    content_key: str = Field(
+        description="sha256 of the lens version, the model's result fingerprint, the input digest and the "
+        "canonical parameters (classlens.jobs.content_key)."
+    )
     image_key: str | None = Field(default=None, description="sha256 of the uploaded image bytes.")
     progress: Progress = Progress(done=0, total=1)
     error: JobError | None = None
     batch_size: int | None = Field(
         default=None, description="Explanations only: how many jobs shared the forward pass that ran this one."
     )
+    fingerprints: dict[str, str] = Field(
+        default_factory=dict,
+        description="name@version -> the result fingerprint of that model as the API resolved it; a worker "
+        "whose catalog entry differs looks again and refuses the job rather than store a result under a key "
+        "that names other content.",
+    )
+
+
+class ModelRegistration(_Frozen):
+    """The result of a ``model`` job: what was registered, as the catalog now serves it."""
+
+    reference: str = Field(description="name@version")
+    name: str
+    version: str
+    framework: str
+    architecture: str
+    classes: int
+    weights_sha256: str
+    structure: dict[str, Any] | None = Field(description="The manifest's structure; null for analyses-only models.")
+    result_fingerprint: str = Field(description="What result content keys of this version are made of.")
 
 
 # --- Audits (issue #4): many images explained in one job, summarised per image and overall. ---

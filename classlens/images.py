@@ -71,27 +71,114 @@ def decode_image(
     return image
 
 
+# Pillow's filters by the manifest's names (timm's ``str_to_interp_mode`` names the same six).
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
 def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> Image.Image:
-    """Colour mode, resize and centre crop as the manifest says: the picture the network sees.
+    """The picture the network sees: every preprocessing step of the manifest, with Pillow alone.
 
+    In order: colour conversion (``spec.colour_mode``; Pillow's ``convert``, so RGBA loses its
+    alpha and grey is replicated, as timm's datasets convert), ``trim_border``, the resize of
+    ``resize_mode``, then the centre crop, padded with ``crop_fill`` where the picture is
+    smaller. Each step restates the arithmetic of timm's eval transform on PIL images (see
+    :mod:`model_store.preprocessing`), so the tensor made from this picture equals timm's.
     The relevance grid covers exactly this picture, so overlays are drawn on it.
+
+    Raises :class:`ImageError` for an image these steps cannot make an input of: one the
+    border trim empties, or one so elongated that the aspect-keeping resize would reach more
+    than :data:`DEFAULT_MAX_PIXELS` pixels (or none) before the crop.
     """
     image = image.convert(spec.colour_mode)
-    height, width = steps.resize
-    if image.size != (width, height):
-        image = image.resize((width, height), _RESAMPLE[steps.interpolation])
+    if steps.trim_border:
+        image = _trim_border(image, steps.trim_border)
+    size = _resized_size(image.size, steps)
+    if image.size != size:  # torchvision's Resize also leaves a picture of the right size alone
+        image = image.resize(size, _RESAMPLE[steps.interpolation])
     if steps.crop is not None:
-        crop_h, crop_w = steps.crop
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+        image = _centre_crop_or_pad(image, steps.crop, _fill(image, steps.crop_fill))
     return image
+
+
+def _trim_border(image: Image.Image, border: int) -> Image.Image:
+    """``border`` pixels off every edge (timm's ``TrimBorder``)."""
+    width, height = image.size
+    if width <= 2 * border or height <= 2 * border:
+        raise ImageError(
+            "empty", f"the image is {width}x{height}; trimming {border} pixels from every edge leaves nothing"
+        )
+    return image.crop((border, border, width - border, height - border))
+
+
+def _resized_size(size: tuple[int, int], steps: Preprocessing) -> tuple[int, int]:
+    """(width, height) after the resize step, from the image's (width, height)."""
+    width, height = size
+    target_h, target_w = steps.resize
+    if steps.resize_mode == "exact":
+        return target_w, target_h
+    if steps.resize_mode == "shorter":
+        # torchvision Resize(int): the shorter edge to the size, the longer ``int(size * long / short)``.
+        edge = target_h
+        if width <= height:
+            new_w, new_h = edge, int(edge * height / width)
+        else:
+            new_w, new_h = int(edge * width / height), edge
+    else:
+        # timm ResizeKeepRatio: one ratio between the image-to-target ratios of the two edges,
+        # ``max * longest + min * (1 - longest)``, then each edge ``round(edge / ratio)``.
+        ratio_h, ratio_w = height / target_h, width / target_w
+        ratio = max(ratio_h, ratio_w) * steps.longest + min(ratio_h, ratio_w) * (1.0 - steps.longest)
+        new_h, new_w = round(height / ratio), round(width / ratio)
+    if new_w < 1 or new_h < 1 or new_w * new_h > DEFAULT_MAX_PIXELS:
+        raise ImageError(
+            "too_many_pixels" if new_w * new_h > DEFAULT_MAX_PIXELS else "empty",
+            f"the {width}x{height} image would be resized to {new_w}x{new_h} before its centre crop; "
+            "its aspect ratio is too extreme for this model",
+        )
+    return new_w, new_h
+
+
+def _fill(image: Image.Image, crop_fill: tuple[int, ...] | None) -> int | tuple[int, ...]:
+    """The padding colour in the form Pillow takes for the image's mode; 0 (black) by default."""
+    bands = len(image.getbands())
+    values = crop_fill or (0,)
+    if len(values) == 1:
+        values = values * bands
+    if len(values) != bands:
+        raise ValueError(f"crop_fill has {len(values)} values for a {image.mode} picture of {bands} channel(s)")
+    return values[0] if bands == 1 else tuple(values)
+
+
+def _centre_crop_or_pad(image: Image.Image, crop: tuple[int, int], fill: int | tuple[int, ...]) -> Image.Image:
+    """The centred (height, width) window, padding first where the picture is smaller.
+
+    As torchvision's ``CenterCrop`` and timm's ``CenterCropOrPad`` on PIL images: an edge
+    shorter than the window is padded by ``(window - edge) // 2`` before and the rest after;
+    then the window's offset is ``round((edge - window) / 2)``, Python's round (half to
+    even), not a floor division.
+    """
+    crop_h, crop_w = crop
+    width, height = image.size
+    if crop_w > width or crop_h > height:
+        # What an edge lacks, split with the smaller half before the picture.
+        missing_w, missing_h = max(crop_w - width, 0), max(crop_h - height, 0)
+        left, top = missing_w // 2, missing_h // 2
+        padded = Image.new(image.mode, (width + missing_w, height + missing_h), fill)
+        padded.paste(image, (left, top))
+        image = padded
+        width, height = image.size
+        if (width, height) == (crop_w, crop_h):
+            return image
+    top = round((height - crop_h) / 2)  # round() of one argument is an int, rounded half to even
+    left = round((width - crop_w) / 2)
+    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 def _reason(error: BaseException) -> str:

@@ -14,8 +14,12 @@ key                       value                               TTL
 ``figure:<sha256>``       an analysis figure (PNG or HTML)    result TTL
 ========================  ==================================  ===================
 
-A content key names a result by everything it depends on (weights, image, canonical
-parameters), so equal requests share one result and one computation.
+A content key names a result by everything it depends on: the lens version
+(:data:`classlens.contract.LENS_VERSION`), the model's result fingerprint
+(:attr:`model_store.catalog.ModelEntry.result_fingerprint`: weights, labels, input,
+preprocessing, architecture, structure), the input's digest and the canonical parameters.
+Equal requests share one result and one computation, and a result can never answer for
+another model, another labelling or an older method.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from classlens import contract
 from classlens.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
 from classlens.store import Store
 
@@ -45,9 +50,17 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def content_key(weights_sha256: str, image_sha256: str, parameters: Mapping[str, Any]) -> str:
-    """sha256 of the weights digest, the image digest and the canonical parameters."""
-    text = "\n".join([weights_sha256, image_sha256, canonical_json(dict(parameters))])
+def content_key(model_fingerprint: str, input_sha256: str, parameters: Mapping[str, Any]) -> str:
+    """sha256 of the lens version, the model's result fingerprint, the input's digest and the canonical parameters.
+
+    ``model_fingerprint`` is :attr:`~model_store.catalog.ModelEntry.result_fingerprint`, so re-registering
+    the same weights with other labels or preprocessing (or under another name) gives other keys. The lens
+    version is read when the key is made, not when this module is imported: bumping it retires every
+    stored result at once.
+    """
+    text = "\n".join(
+        [f"lens:{contract.LENS_VERSION}", model_fingerprint, input_sha256, canonical_json(dict(parameters))]
+    )
     return sha256_hex(text.encode())
 
 
@@ -150,6 +163,7 @@ class JobStore:
         enqueue: Callable[[Job], None],
         total: int = 1,
         inflight_ttl_s: float | None = None,
+        fingerprints: Mapping[str, str] | None = None,
     ) -> Submission:
         """A cached result, the job already computing ``key``, or a new job handed to ``enqueue``.
 
@@ -158,6 +172,8 @@ class JobStore:
         is stale and is taken over. If ``enqueue`` raises, the job is marked failed, the claim
         released and the error re-raised: nothing accepted is silently dropped.
         ``inflight_ttl_s`` overrides the claim's lifetime for tasks with a longer hard limit (audits).
+        ``fingerprints`` (name@version -> result fingerprint) are the models as the key was made from them:
+        the worker checks its own catalog against them (:attr:`Job.fingerprints`).
         """
         now = time.time()
         job = Job(
@@ -171,6 +187,7 @@ class JobStore:
             content_key=key,
             image_key=image_key,
             progress=Progress(done=0, total=total),
+            fingerprints=dict(fingerprints or {}),
         )
         for _ in range(3):
             cached = self.result(key)
@@ -196,6 +213,40 @@ class JobStore:
             if claimed is not None:
                 self.store.delete(f"inflight:{key}")
         raise RuntimeError(f"could not claim content key {key} after 3 attempts")
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        kind: JobKind,
+        model: str,
+        parameters: Mapping[str, Any],
+        enqueue: Callable[[Job], None],
+    ) -> Job:
+        """A new job that is never answered from the cache nor joined: work with side effects (registering a model).
+
+        Its content key is unique to the job (where its result is kept), and ``job_id`` is chosen by the
+        caller, who may have named files after it. As in :meth:`submit`, a failing ``enqueue`` marks the
+        job failed and re-raises.
+        """
+        now = time.time()
+        job = Job(
+            id=job_id,
+            kind=kind,
+            status="queued",
+            created_at=now,
+            updated_at=now,
+            model=model,
+            parameters=dict(parameters),
+            content_key=sha256_hex(f"{kind}-job:{job_id}".encode()),
+        )
+        self.save(job)
+        try:
+            enqueue(job)
+        except Exception:
+            self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
+            raise
+        return job
 
     # -- the worker side -----------------------------------------------------------------------------
 

@@ -21,16 +21,22 @@ from classlens.settings import Settings
 EXPLAIN_TASK = "classlens.explain"
 AUDIT_TASK = "classlens.audit"
 ANALYSIS_TASK = "classlens.analyse.run"
+MODEL_ADD_TASK = "classlens.models.add"
 
 EXPLAIN_QUEUE = "gpu"
 AUDIT_QUEUE = "audits"
 ANALYSIS_QUEUE = "analyses"
-ALL_QUEUES = (EXPLAIN_QUEUE, AUDIT_QUEUE, ANALYSIS_QUEUE)
+# Registrations (POST /v1/models) have a queue of their own, which every worker consumes by default:
+# on the analyses queue one would wait behind half-hour analyses, and a queue of its own lets an
+# operator give registrations to a CPU-only worker that shares the store roots (--queues=models).
+MODELS_QUEUE = "models"
+ALL_QUEUES = (EXPLAIN_QUEUE, AUDIT_QUEUE, ANALYSIS_QUEUE, MODELS_QUEUE)
 
 TASK_ROUTES = {
     EXPLAIN_TASK: {"queue": EXPLAIN_QUEUE},
     AUDIT_TASK: {"queue": AUDIT_QUEUE},
     "classlens.analyse.*": {"queue": ANALYSIS_QUEUE},
+    "classlens.models.*": {"queue": MODELS_QUEUE},
 }
 
 
@@ -43,7 +49,12 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.redis_url:
         # Redis redelivers an unacknowledged message after the visibility timeout; with late acks it
         # must outlast the longest task (an audit or an analysis), or it would be started a second time.
-        longest = max(settings.task_time_limit_s, settings.audit_time_limit_s, settings.analysis_time_limit_s)
+        longest = max(
+            settings.task_time_limit_s,
+            settings.audit_time_limit_s,
+            settings.analysis_time_limit_s,
+            settings.model_add_time_limit_s,
+        )
         return settings.redis_url, {"visibility_timeout": longest * 2}
     folder = broker_folder(settings)
     for sub in ("queue", "control"):

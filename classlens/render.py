@@ -8,6 +8,10 @@ neighbour, no smoothing that would suggest detail the model never had) and a col
 When several maps are shown together (one per layer, say) they share ONE colour scale and one legend:
 with a scale per map every layer would look equally confident, and layers could not be compared.
 
+The image under a map is the model's input (after the manifest's resize and crop), not the upload: the
+grid covers only what the network saw. Given the manifest's preprocessing steps, a caption under the
+figure says so, so that nobody reads a cropped-away border as "no relevance there".
+
 Torch-free (numpy and Pillow only), so the API process can render too. The colour maps are 256-entry lookup
 tables interpolated between anchor colours of matplotlib's maps; matplotlib itself is not needed.
 """
@@ -18,11 +22,14 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # attributes only: this module needs numpy and Pillow alone at run time
+    from model_store.manifest import Preprocessing
 
 __all__ = [
     "COLORMAPS",
@@ -32,6 +39,7 @@ __all__ = [
     "MIN_SIDE",
     "NAN_COLOR",
     "colorize",
+    "input_caption",
     "render_grid",
     "render_overlay",
     "resolve_limits",
@@ -60,6 +68,7 @@ _PAD = 6
 _BAR_WIDTH = 14
 _LABEL_GAP = 6
 _FONT_SIZE = 13
+_CAPTION_FONT_SIZE = 11
 
 _Font: TypeAlias = ImageFont.ImageFont | ImageFont.FreeTypeFont | ImageFont.TransposedFont
 
@@ -167,9 +176,9 @@ def _format_value(value: float) -> str:
     return "0" if text == "-0" else text
 
 
-def _font() -> _Font:
+def _font(size: int = _FONT_SIZE) -> _Font:
     try:
-        return ImageFont.load_default(size=_FONT_SIZE)
+        return ImageFont.load_default(size=size)
     except (ImportError, OSError, TypeError):  # Pillow without FreeType: the fixed-size bitmap font
         return ImageFont.load_default()
 
@@ -216,6 +225,32 @@ def _text_block(text: str, width: int, font: _Font) -> Image.Image | None:
         x = max((width - _text_width(font, line)) // 2, 0)
         draw.text((x, _PAD + number * line_height), line, font=font, fill=_TEXT)
     return strip
+
+
+def input_caption(image: Image.Image, preprocessing: Preprocessing) -> str:
+    """What the picture under the maps is: the model's input, after which of the manifest's steps.
+
+    ``image`` must be that input (``classlens.images.fit_to_input``): a caption that named a
+    size the picture does not have would mislead, so a mismatch is a ``ValueError``.
+    """
+    height, width = preprocessing.output_size
+    if image.size != (width, height):
+        raise ValueError(
+            f"the image is {image.width}x{image.height} but the preprocessing ends at {width}x{height}: "
+            "draw the maps over the image as the model saw it (fit_to_input)"
+        )
+    steps = ["border trim"] if preprocessing.trim_border else []
+    steps.append("resize")
+    if preprocessing.crop is not None:
+        steps.append("crop")
+    done = steps[0] if len(steps) == 1 else ", ".join(steps[:-1]) + " and " + steps[-1]
+    return f"drawn over the model's {width}x{height} input (after {done})"
+
+
+def _caption_block(image: Image.Image, preprocessing: Preprocessing | None, width: int) -> Image.Image | None:
+    if preprocessing is None:
+        return None
+    return _text_block(input_caption(image, preprocessing), width, _font(_CAPTION_FONT_SIZE))
 
 
 def _scale_for(size: tuple[int, int], scale: int | None) -> int:
@@ -300,12 +335,15 @@ def render_overlay(
     colormap: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
     scale: int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Image.Image:
     """One relevance map over its image, with a title on top and a colour bar at the right.
 
     The ``[h, w]`` map is spread over the image as square patches (pixel row ``y`` belongs to patch row
     ``y * h // H``), blended with weight ``alpha``, and the result is enlarged ``scale`` times with nearest
     neighbour; by default the smallest integer factor that makes the shorter side at least :data:`MIN_SIDE`.
+    ``preprocessing``: the manifest's steps that made ``image`` from the upload; when given, a small
+    caption at the bottom says the map lies over the model's input (:func:`input_caption`).
     Returns an RGB image.
     """
     data = _check_map(relevance)
@@ -317,9 +355,12 @@ def render_overlay(
     heading = _text_block(title, width, font)
     top = heading.height if heading is not None else _PAD
     legend = _legend(top + panel.height + _PAD, top, panel.height, lo, hi, colormap, font)
-    canvas = Image.new("RGB", (width, legend.height), _BACKGROUND)
+    caption = _caption_block(image, preprocessing, width)
+    canvas = Image.new("RGB", (width, legend.height + (caption.height if caption else 0)), _BACKGROUND)
     canvas.paste(panel, (_PAD, top))
     canvas.paste(legend, (_PAD + panel.width, 0))
+    if caption is not None:
+        canvas.paste(caption, (0, legend.height))
     if heading is not None:  # last: the title may run over the legend's column
         canvas.paste(heading, (0, 0))
     return canvas
@@ -335,12 +376,14 @@ def render_grid(
     vmax: float | None = None,
     colormap: str = DEFAULT_COLORMAP,
     suptitle: str = "",
+    preprocessing: Preprocessing | None = None,
 ) -> Image.Image:
     """Several maps over the same image (one per layer, say) in a grid sharing one colour scale and legend.
 
     The scale defaults to the min/max over *all* maps (symmetric around zero for a diverging colormap), so
     colours mean the same value in every cell. Cells are filled row by row, ``min(columns, len(maps))``
-    per row; each has its title, and ``suptitle`` goes above the grid. Returns an RGB image.
+    per row; each has its title, and ``suptitle`` goes above the grid. ``preprocessing``: as in
+    :func:`render_overlay`, a caption under the grid. Returns an RGB image.
     """
     if not maps:
         raise ValueError("render_grid needs at least one map")
@@ -367,7 +410,8 @@ def render_grid(
     bar_top = grid_top + heading_height
     bar_height = grid_height - heading_height
     legend = _legend(grid_top + grid_height + _PAD, bar_top, bar_height, lo, hi, colormap, font)
-    canvas = Image.new("RGB", (width, legend.height), _BACKGROUND)
+    caption = _caption_block(image, preprocessing, width)
+    canvas = Image.new("RGB", (width, legend.height + (caption.height if caption else 0)), _BACKGROUND)
     for index, (panel, heading) in enumerate(zip(panels, headings, strict=True)):
         x = _PAD + (index % per_row) * (cell_width + _PAD)
         y = grid_top + (index // per_row) * (row_height + _PAD)
@@ -375,6 +419,8 @@ def render_grid(
             canvas.paste(heading, (x, y + heading_height - heading.height))
         canvas.paste(panel, (x, y + heading_height))
     canvas.paste(legend, (_PAD + grid_width, 0))
+    if caption is not None:
+        canvas.paste(caption, (0, legend.height))
     if banner is not None:  # last: the title may run over the legend's column
         canvas.paste(banner, (0, 0))
     return canvas

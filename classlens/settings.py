@@ -88,6 +88,23 @@ class Settings(BaseSettings):
     analysis_soft_time_limit_s: int = Field(default=1800, gt=0)
     analysis_time_limit_s: int = Field(default=1900, gt=0)
 
+    # Models managed while the service runs (POST/DELETE /v1/models, `classlens models add`).
+    # The API's and every worker's catalog look for added, replaced or disabled versions at most this
+    # often (a stat of each root's */*/manifest.yaml and DISABLED files, re-read only when they changed),
+    # and at once when a reference is not found; 0 looks on every lookup.
+    catalog_refresh_s: float = Field(default=2.0, ge=0)
+    # A worker keeps at most this many loaded models, and at most this many bytes of their parameters
+    # and buffers; the least recently used is evicted first (logged with its size and the reason).
+    model_cache_max_models: int = Field(default=4, ge=1)
+    model_cache_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    # POST /v1/models: the largest upload (weights and configs together); other routes keep
+    # max_upload_bytes. The files are written under data_dir/uploads/<job id>, which the API and the
+    # workers must share (as they share the store roots), and removed when the job ends.
+    max_model_upload_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # Registering loads the model once to prove it fits (and reads its structure): its own limits.
+    model_add_soft_time_limit_s: int = Field(default=600, gt=0)
+    model_add_time_limit_s: int = Field(default=660, gt=0)
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:
@@ -99,6 +116,11 @@ class Settings(BaseSettings):
     def user_model_dir(self) -> Path:
         """Where ``classlens models add`` writes unless told otherwise."""
         return self.model_dirs[0] if self.model_dirs else self.data_dir / "models"
+
+    @property
+    def upload_dir(self) -> Path:
+        """Where POST /v1/models leaves a registration's files for the worker (one folder per job)."""
+        return self.data_dir / "uploads"
 
     @property
     def model_roots(self) -> list[Path]:

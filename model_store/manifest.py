@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,7 +76,7 @@ class Preprocessing(_Strict):
     longest: float = Field(default=0.0, ge=0.0, le=1.0)
     interpolation: Interpolation = "bilinear"
     crop: tuple[int, int] | None = None
-    crop_fill: tuple[int, ...] | None = None
+    crop_fill: tuple[Annotated[int, Field(ge=0, le=255)], ...] | None = None
     trim_border: int = Field(default=0, ge=0)
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -94,7 +94,7 @@ class Preprocessing(_Strict):
         if min(self.resize) < 1 or (self.crop is not None and min(self.crop) < 1):
             raise ValueError("resize and crop sizes must be positive")
         if self.resize_mode != "exact" and self.crop is None:
-            raise ValueError(f"resize_mode {self.resize_mode!r} keeps the aspect ratio: it needs a crop to fix the size")
+            raise ValueError(f"resize_mode {self.resize_mode!r} keeps the aspect ratio: a crop must fix the size")
         if self.resize_mode == "shorter" and self.resize[0] != self.resize[1]:
             raise ValueError("resize_mode 'shorter' takes one edge length: resize must be square")
         return self
@@ -186,6 +186,9 @@ class Manifest(_Strict):
         channels = self.input.channels
         if len(self.preprocessing.mean) != channels or len(self.preprocessing.std) != channels:
             raise ValueError(f"preprocessing mean and std need {channels} value(s), one per input channel")
+        fill = self.preprocessing.crop_fill
+        if fill is not None and len(fill) != channels:
+            raise ValueError(f"preprocessing crop_fill needs {channels} value(s), one per input channel")
         final = self.preprocessing.output_size
         if tuple(final) != (self.input.height, self.input.width):
             raise ValueError(

@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
     settings = settings or Settings()
     store = store or open_store(settings)
     celery = celery or create_celery(settings)
-    catalog = Catalog.default(settings.model_roots)
+    # Refreshing itself, so that models added (by the CLI, by a worker for POST /v1/models) or disabled
+    # while the API runs are served without a restart.
+    catalog = Catalog.default(settings.model_roots, refresh_s=settings.catalog_refresh_s)
     jobs = JobStore(store, ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
     parts = Services(
         settings,
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
     @app.before_request
     def _validate() -> None:
         g.started = time.perf_counter()
+        if request.endpoint == "models.add_model":  # weights are larger than any image or zip
+            request.max_content_length = settings.max_model_upload_bytes
         parts.contract.validate(request)
 
     @app.after_request

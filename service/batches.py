@@ -73,8 +73,12 @@ def submit_batch(
     soft_time_limit_s: int,
     time_limit_s: int,
     images_counter: Counter,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> tuple[Job, Outcome]:
-    """Queue the job (or find it cached, or join the equal one in flight), count it, and long-poll it."""
+    """Queue the job (or find it cached, or join the equal one in flight), count it, and long-poll it.
+
+    ``fingerprints`` are the result fingerprints of the models the key was made from (see ``JobStore.submit``).
+    """
     submission = parts.jobs.submit(
         kind=kind,
         model=model,
@@ -86,6 +90,7 @@ def submit_batch(
         ),
         total=images,
         inflight_ttl_s=time_limit_s,
+        fingerprints=fingerprints,
     )
     parts.metrics.submissions.labels(kind, submission.outcome).inc()
     images_counter.labels(submission.outcome).inc(images)

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from classlens.images import ImageError
 from classlens.store import StoreError
-from model_store.catalog import ModelNotFoundError
+from model_store.catalog import ModelDisabledError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def _http(error: HTTPException) -> Problem:
 PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
     (Problem, lambda error: error),
     (ImageError, _image),
+    # Asking for a disabled version by itself (GET /v1/models/{name}@{version}): it is gone on purpose.
+    (ModelDisabledError, lambda error: Problem(410, "Model disabled", str(error), problem="model_disabled")),
     (ModelNotFoundError, lambda error: Problem(404, "Unknown model", str(error), problem="unknown_model")),
     (StoreError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
     (

@@ -1,8 +1,10 @@
 """What the explanation, audit and analysis routes share: finding a job, long-polling it, answering with it.
 
 One place for the job-as-HTTP rules: a finished job answers 200, an unfinished one 202
-with its ``Location``; a succeeded job whose result has expired is 410; ``?wait=S``
-long-polls up to the configured cap.
+with its ``Location``; a succeeded job whose result has expired is 410, and so is any job
+of a model version that has been disabled since (``model_disabled``: its results are no
+longer served); ``?wait=S`` long-polls up to the configured cap. And one place for how a
+submission names its model: an unknown one and a disabled one are each a 422 of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from flask import Response, jsonify, request, url_for
 
 from classlens.contract import TERMINAL_STATUSES, Job, JobKind
+from model_store.catalog import ModelDisabledError, ModelEntry, ModelNotFoundError
 from service.app import Services
 from service.errors import Problem
 
@@ -24,10 +27,40 @@ def wait_seconds(parts: Services) -> float:
     return min(float(request.args.get("wait", 0) or 0), parts.settings.max_wait_s)
 
 
+def resolve_model(parts: Services, reference: str, field: str | None = None) -> ModelEntry:
+    """The catalog entry a submission names; a 422 ``unknown_model`` or ``model_disabled`` (after ``field``)."""
+    where = f"{field}: " if field else ""
+    try:
+        return parts.catalog.resolve(reference)
+    except ModelDisabledError as error:
+        raise Problem(422, "Model disabled", f"{where}{error}", problem="model_disabled") from error
+    except ModelNotFoundError as error:
+        raise Problem(422, "Unknown model", f"{where}{error}", problem="unknown_model") from error
+
+
+def job_models(job: Job) -> list[str]:
+    """Every model version a job's result depends on (an analysis may compare two)."""
+    models = [job.model]
+    analysis = job.parameters.get("analysis")
+    if isinstance(analysis, dict) and isinstance(analysis.get("compare_to"), str):
+        models.append(analysis["compare_to"])
+    return models
+
+
 def find_job(parts: Services, job_id: str, kind: JobKind, noun: str) -> Job:
+    """The job, or 404; 410 ``model_disabled`` when a model it depends on has been disabled."""
     job = parts.jobs.get(job_id)
     if job is None or job.kind != kind:
         raise Problem(404, f"Unknown {noun}", f"there is no {noun} {job_id!r} (jobs expire)", problem="unknown_job")
+    if kind != "model":
+        for model in job_models(job):
+            if parts.catalog.is_disabled(model):
+                raise Problem(
+                    410,
+                    "Model disabled",
+                    f"{model} has been disabled: the results of {noun} {job.id} are no longer served",
+                    problem="model_disabled",
+                )
     return job
 
 

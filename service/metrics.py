@@ -26,7 +26,7 @@ from service.model_info import model_info
 
 log = logging.getLogger(__name__)
 
-JOB_KINDS = ("explanation", "audit", "analysis")
+JOB_KINDS = ("explanation", "audit", "analysis", "model")
 
 
 class _SharedCollector(Collector):

@@ -58,6 +58,17 @@ def analysis_view(job: Job, result: bytes | None = None, *, cached: bool = False
     return view
 
 
+def model_job_view(job: Job, result: bytes | None = None, *, cached: bool = False) -> dict[str, Any]:
+    """The ``ModelJob`` of openapi.yaml: a registration, with what was registered and its link once it succeeded."""
+    links: dict[str, Any] = {"self": url_for("models.get_model_job", id=job.id)}
+    view = _common(job, links, cached)
+    if result is not None:
+        registered = json.loads(result)
+        view["result"] = registered
+        links["model"] = url_for("models.get_model", name=registered["reference"])
+    return view
+
+
 def _common(job: Job, links: dict[str, Any], cached: bool) -> dict[str, Any]:
     return {
         "id": job.id,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_store.artifacts import ArtifactError
-from model_store.catalog import Catalog, ModelNotFoundError
+from model_store.catalog import BUNDLED_ROOT, DISABLED_FILE, Catalog, ModelDisabledError, ModelNotFoundError
 from model_store.manifest import read_manifest, write_manifest
 from tests.conftest import DEMO_MODELS
 from worker import model_loader
@@ -91,3 +91,105 @@ def test_pytorch_checkpoint_is_read_with_weights_only(tmp_path):
     torch.save({"state_dict": state, "extra": Payload()}, pickled)  # arbitrary code to unpickle
     with pytest.raises(Exception, match=r"[Ww]eights only load failed"):
         model_loader.read_state_dict(pickled, "pytorch")
+
+
+# -- a catalog that follows its store while the service runs, and disabled versions --------------------------
+
+
+def _add_version(root, version: str, source: str = "fmnist-vit/1"):
+    """Another version of fmnist-vit in ``root``, written the way add_model does (staged, then renamed in)."""
+    staging = root / "fmnist-vit" / f".adding-{version}-x"
+    shutil.copytree(root / source, staging)
+    manifest = read_manifest(staging / "manifest.yaml").model_copy(update={"version": version})
+    write_manifest(manifest, staging / "manifest.yaml")
+    return staging
+
+
+def test_a_refreshing_catalog_sees_versions_added_replaced_and_removed(store_copy):
+    catalog = Catalog([store_copy], refresh_s=0)
+    assert catalog.versions("fmnist-vit") == ["1", "2"]
+    assert not catalog.refresh()  # nothing changed: the stamp (a stat of every manifest) is the same
+
+    staging = _add_version(store_copy, "3")
+    assert catalog.versions("fmnist-vit") == ["1", "2"]  # a staged version is not served, nor reported
+    assert not any(".adding" in error for error in catalog.errors)
+    staging.rename(store_copy / "fmnist-vit" / "3")
+    assert catalog.versions("fmnist-vit") == ["1", "2", "3"]
+    assert catalog.resolve("fmnist-vit").reference == "fmnist-vit@3"
+
+    before = catalog.resolve("fmnist-vit@3")
+    replaced = read_manifest(store_copy / "fmnist-vit" / "3" / "manifest.yaml").model_copy(
+        update={"description": "registered again"}
+    )
+    write_manifest(replaced, store_copy / "fmnist-vit" / "3" / "new.yaml")
+    (store_copy / "fmnist-vit" / "3" / "new.yaml").replace(store_copy / "fmnist-vit" / "3" / "manifest.yaml")
+    after = catalog.resolve("fmnist-vit@3")
+    assert after.manifest.description == "registered again" and after != before
+
+    shutil.rmtree(store_copy / "fmnist-vit" / "3")
+    assert catalog.versions("fmnist-vit") == ["1", "2"]
+
+
+def test_a_catalog_looks_again_at_once_when_a_reference_is_missing(store_copy):
+    catalog = Catalog([store_copy], refresh_s=3600)  # the period alone would not look again in this test
+    _add_version(store_copy, "5").rename(store_copy / "fmnist-vit" / "5")
+    assert catalog.versions("fmnist-vit") == ["1", "2"]  # not yet looked
+    assert catalog.resolve("fmnist-vit@5").folder == store_copy / "fmnist-vit" / "5"  # a miss looks at once
+    with pytest.raises(ModelNotFoundError, match="has no version '6'"):
+        catalog.resolve("fmnist-vit@6")
+
+
+def test_a_static_catalog_reads_its_roots_once(store_copy):
+    catalog = Catalog([store_copy])
+    _add_version(store_copy, "5").rename(store_copy / "fmnist-vit" / "5")
+    with pytest.raises(ModelNotFoundError):
+        catalog.resolve("fmnist-vit@5")
+    assert catalog.refresh() and catalog.resolve("fmnist-vit@5")  # unless told to
+
+
+def test_disabling_a_version_keeps_its_files_and_stops_serving_it(store_copy):
+    catalog = Catalog([store_copy], refresh_s=3600)
+    other = Catalog([store_copy], refresh_s=0)  # another process' catalog over the same store
+    files = sorted(path.name for path in (store_copy / "fmnist-vit" / "2").iterdir())
+
+    disabled = catalog.disable("fmnist-vit@2", note="tests")
+    assert disabled.disabled and (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).is_file()
+    assert "delete this file to enable it again" in (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).read_text()
+    assert sorted(path.name for path in (store_copy / "fmnist-vit" / "2").iterdir()) == sorted([*files, DISABLED_FILE])
+    for seen in (catalog, other):
+        with pytest.raises(ModelDisabledError, match="fmnist-vit@2 is disabled; versions served: 1"):
+            seen.resolve("fmnist-vit@2")
+        assert seen.resolve("fmnist-vit").reference == "fmnist-vit@1"  # the newest version still served
+        assert seen.is_disabled("fmnist-vit@2") and not seen.is_disabled("fmnist-vit@1")
+        assert seen.versions("fmnist-vit") == ["1"]
+        assert seen.versions("fmnist-vit", include_disabled=True) == ["1", "2"]
+        assert [e.reference for e in seen.listing(include_disabled=True) if e.disabled] == ["fmnist-vit@2"]
+        assert "fmnist-vit@2" not in [e.reference for e in seen.listing()]
+        assert seen.resolve("fmnist-vit@2", include_disabled=True).disabled
+    assert catalog.disable("fmnist-vit@2").disabled  # idempotent
+
+    catalog.disable("fmnist-vit@1")
+    with pytest.raises(ModelDisabledError, match=r"every version of model 'fmnist-vit' is disabled \(1, 2\)"):
+        catalog.resolve("fmnist-vit")
+    assert isinstance(ModelDisabledError("x"), ModelNotFoundError)  # code that only asks "available?" refuses it
+
+    (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).unlink()  # enabling is deleting the marker
+    assert other.resolve("fmnist-vit").reference == "fmnist-vit@2"
+    assert catalog.enable("fmnist-vit@1").reference == "fmnist-vit@1"
+    assert catalog.versions("fmnist-vit") == ["1", "2"]
+
+
+def test_disabling_needs_a_version_that_exists(store_copy):
+    catalog = Catalog([store_copy])
+    with pytest.raises(ValueError, match="names no version"):
+        catalog.disable("fmnist-vit")
+    with pytest.raises(ModelNotFoundError):
+        catalog.disable("fmnist-vit@9")
+    assert not list(store_copy.glob(f"*/*/{DISABLED_FILE}"))
+
+
+def test_a_disabled_version_in_an_earlier_root_shadows_the_later_one(store_copy, tmp_path):
+    Catalog([store_copy]).disable("fmnist-vit@2")
+    catalog = Catalog([store_copy, BUNDLED_ROOT])
+    with pytest.raises(ModelDisabledError):
+        catalog.resolve("fmnist-vit@2")  # the user disabled it: the bundled copy does not come back

@@ -159,3 +159,25 @@ def test_add_bad_options_are_clear(run, tmp_path, extra, message):
     _, weights, labels = _user_checkpoint(tmp_path)
     result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS, *extra)
     assert result.exit_code != 0 and message in result.output
+
+
+def test_add_takes_the_path_as_an_argument_and_names_the_model_after_it(run, tmp_path):
+    model, weights, labels = _user_checkpoint(tmp_path)
+    spaced = weights.with_name("my pets.safetensors")
+    weights.rename(spaced)
+    result = run("models", "add", spaced, "--labels", labels, *ADD_ARGS)
+    assert result.exit_code == 0, result.output
+    assert "registered my-pets@1" in result.output
+    assert "read: architecture vit_tiny_patch16_224 as given" in result.output
+    entry = Catalog([tmp_path / "data" / "models"]).resolve("my-pets")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_model(entry)(x), model(x), atol=1e-6)
+
+
+def test_add_needs_one_path(run, tmp_path):
+    _, weights, labels = _user_checkpoint(tmp_path)
+    both = run("models", "add", weights, "--weights", weights, "--labels", labels, *ADD_ARGS)
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = run("models", "add", "--labels", labels, *ADD_ARGS)
+    assert neither.exit_code == 2 and "give the PATH" in neither.output

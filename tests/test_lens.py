@@ -165,7 +165,7 @@ def test_gradient_map_from_one_backward_equals_per_block_gradients(name):
     projection = ClassProjection(model)
     spec = projection.spec
     targets = torch.tensor([[1, 2], [3, 4]])
-    fast = gradient_relevance(model, images, targets, projection)
+    fast = gradient_relevance(images, targets, projection)
     assert fast.shape == (2, 2, spec.num_image_tokens)
 
     # The definition: for each block its own loss and backward, on the ordinary (undetached) graph.

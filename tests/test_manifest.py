@@ -60,7 +60,7 @@ def test_good_manifest_round_trips(tmp_path):
     [
         ("unexpected", 1, "unexpected: Extra inputs are not permitted"),
         ("name", "../etc", "name: String should match pattern"),
-        ("framework", "keras", "framework: Input should be 'timm' or 'onnx'"),
+        ("framework", "keras", "framework: Input should be 'timm', 'transformers' or 'onnx'"),
         ("input.colour_mode", "L", "colour_mode L does not have 3 channel"),
         ("preprocessing.mean", [0.5], "need 3 value"),
         ("preprocessing.std", [0.2, 0.0, 0.2], "every std must be positive"),

@@ -18,6 +18,7 @@ from classlens.render import (
     MIN_SIDE,
     NAN_COLOR,
     colorize,
+    input_caption,
     render_grid,
     render_overlay,
     resolve_limits,
@@ -347,6 +348,40 @@ def test_grid_rejects_bad_input() -> None:
         render_grid(grey_image(), [], [])
     with pytest.raises(ValueError, match="columns"):
         render_grid(grey_image(), [np.zeros((7, 7))], ["a"], columns=0)
+
+
+# The caption: maps lie over the model's input ---------------------------------------------------------------
+
+
+def test_caption_says_the_map_lies_over_the_models_input() -> None:
+    from model_store.manifest import Preprocessing
+
+    cropped = Preprocessing(resize=(32, 32), resize_mode="shorter", crop=(28, 28), mean=(0.5,), std=(0.5,))
+    exact = Preprocessing(resize=(28, 28), mean=(0.5,), std=(0.5,))
+    trimmed = cropped.model_copy(update={"trim_border": 2})
+    assert input_caption(grey_image(), cropped) == "drawn over the model's 28x28 input (after resize and crop)"
+    assert input_caption(grey_image(), exact) == "drawn over the model's 28x28 input (after resize)"
+    trimmed_caption = "drawn over the model's 28x28 input (after border trim, resize and crop)"
+    assert input_caption(grey_image(), trimmed) == trimmed_caption
+    with pytest.raises(ValueError, match="as the model saw it"):
+        input_caption(grey_image(30, 40), cropped)  # not the model's input: the caption would mislead
+
+
+def test_caption_adds_a_strip_below_and_leaves_the_rest_unchanged() -> None:
+    from model_store.manifest import Preprocessing
+
+    steps = Preprocessing(resize=(32, 32), resize_mode="shorter", crop=(28, 28), mean=(0.5,), std=(0.5,))
+    relevance = np.random.default_rng(6).random((7, 7))
+    plain = pixels(render_overlay(grey_image(), relevance, title="t"))
+    captioned = pixels(render_overlay(grey_image(), relevance, title="t", preprocessing=steps))
+    assert captioned.shape[1] == plain.shape[1] and captioned.shape[0] > plain.shape[0]
+    np.testing.assert_array_equal(captioned[: plain.shape[0]], plain)  # map, title and legend as before
+    assert (captioned[plain.shape[0] :] != 255).any()  # the strip holds text
+    maps = [relevance, relevance * 2]
+    grid = pixels(render_grid(grey_image(), maps, ["a", "b"]))
+    captioned_grid = pixels(render_grid(grey_image(), maps, ["a", "b"], preprocessing=steps))
+    assert captioned_grid.shape[0] > grid.shape[0]
+    np.testing.assert_array_equal(captioned_grid[: grid.shape[0]], grid)
 
 
 # PNG and dependencies ---------------------------------------------------------------------------------------

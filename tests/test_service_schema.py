@@ -37,6 +37,8 @@ def api_schema(tmp_path_factory, tiny_model_root):
 FUZZ_EXAMPLES = int(os.environ.get("CLASSLENS_FUZZ_EXAMPLES", "0"))
 # The contract cannot say "a decodable image": a schema-valid upload may still be refused (422).
 NEEDS_A_REAL_IMAGE = {"createExplanation", "createAudit", "createAnalysis"}
+# Nor "a weights file named like one" (415) or "name@version of a registered model" (404, 422).
+NEEDS_A_REAL_MODEL = {"createModel", "disableModel"}
 # Without a worker the app is rightly not ready: /readyz answers its documented 503.
 NOT_READY = {"readyz"}
 
@@ -69,7 +71,7 @@ def test_api_conforms_to_its_contract(api_schema, mode):
     failures = []
     for operation in _operations(api_schema):
         name = operation.definition.raw.get("operationId")
-        excluded = [positive_data_acceptance] if name in NEEDS_A_REAL_IMAGE else []
+        excluded = [positive_data_acceptance] if name in NEEDS_A_REAL_IMAGE | NEEDS_A_REAL_MODEL else []
         excluded += [not_a_server_error] if name in NOT_READY else []
 
         check = _checker(operation, mode, excluded)
@@ -80,3 +82,36 @@ def test_api_conforms_to_its_contract(api_schema, mode):
         except Exception as error:
             failures.append(f"{operation.label}: {error}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_every_route_is_in_the_contract(api_schema):
+    """The fuzzing above covers an operation only if the contract has it: the model routes included."""
+    names = {operation.definition.raw.get("operationId") for operation in _operations(api_schema)}
+    assert {"listModels", "getModel", "createModel", "getModelJob", "disableModel"} <= names
+
+
+def test_the_model_routes_answer_as_the_contract_says(tmp_path, tiny_model_root):
+    """One real case per new response (the fuzzing rarely names a real model or a weights file)."""
+    import io
+    import shutil
+
+    from tests.service_fixtures import TINY_MODEL, checked, problem
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_model_root / TINY_MODEL, root / TINY_MODEL)
+    app = create_app(Settings(redis_url=None, data_dir=tmp_path / "data", model_dirs=[root], max_wait_s=0))
+    client = app.test_client()
+    data = {"weights": (io.BytesIO(b"x" * 64), "w.safetensors"), "name": "fresh", "std": "0.5"}
+    queued = checked(app, client.post("/v1/models", data=data, content_type="multipart/form-data"))
+    assert queued.status_code == 202 and queued.get_json()["kind"] == "model"
+    assert checked(app, client.get(queued.headers["Location"])).get_json()["status"] == "queued"
+    data = {"weights": (io.BytesIO(b"x" * 64), "w.safetensors"), "name": TINY_MODEL}
+    problem(app, client.post("/v1/models", data=data, content_type="multipart/form-data"), 409, "model_exists")
+    assert checked(app, client.delete(f"/v1/models/{TINY_MODEL}@1")).status_code == 204
+    problem(app, client.get(f"/v1/models/{TINY_MODEL}@1"), 410, "model_disabled")
+    listed = checked(app, client.get("/v1/models?include_disabled=true")).get_json()["models"]
+    assert [(row["reference"], row["disabled"]) for row in listed if row["name"] == TINY_MODEL] == [
+        (f"{TINY_MODEL}@1", True)
+    ]
+    checked(app, client.get(f"/v1/models/{TINY_MODEL}@1?include_disabled=true"))
+    problem(app, client.get("/v1/models?include_disabled=maybe"), 400, "bad_parameter")

@@ -180,3 +180,53 @@ def test_lists_pop_in_order_atomically_and_expire(store):
     store.push(k, b"old", 0.2)
     time.sleep(0.3)
     assert store.pop(k, 1) == []
+
+
+def test_a_job_records_the_fingerprints_its_key_was_made_from(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    submitted = jobs.submit(
+        kind="explanation",
+        model="m@1",
+        parameters={},
+        key=key(),
+        image_key="img",
+        enqueue=lambda job: None,
+        fingerprints={"m@1": "f" * 64},
+    )
+    assert jobs.get(submitted.job.id).fingerprints == {"m@1": "f" * 64}
+
+
+def test_a_created_job_is_never_answered_from_the_cache_nor_joined(store):
+    """Registrations have effects: two equal uploads are two jobs, each with its own result key."""
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    queued: list[str] = []
+    first = jobs.create(
+        job_id=uuid.uuid4().hex, kind="model", model="m@1", parameters={}, enqueue=lambda j: queued.append(j.id)
+    )
+    jobs.succeed(jobs.start(first), b'{"reference": "m@1"}')
+    second = jobs.create(
+        job_id=uuid.uuid4().hex, kind="model", model="m@1", parameters={}, enqueue=lambda j: queued.append(j.id)
+    )
+    assert queued == [first.id, second.id] and second.status == "queued"
+    assert first.content_key != second.content_key and jobs.result(second.content_key) is None
+    assert jobs.result(first.content_key) == b'{"reference": "m@1"}'
+
+
+def test_a_created_job_that_cannot_be_queued_is_failed(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    job_id = uuid.uuid4().hex
+
+    def refuse(job):
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        jobs.create(job_id=job_id, kind="model", model="m@1", parameters={}, enqueue=refuse)
+    assert jobs.get(job_id).status == "failed"
+
+
+def test_content_keys_carry_the_lens_version(monkeypatch):
+    from classlens import contract
+
+    before = content_key("w", "i", {})
+    monkeypatch.setattr(contract, "LENS_VERSION", contract.LENS_VERSION + 1)
+    assert content_key("w", "i", {}) != before

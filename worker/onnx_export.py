@@ -257,8 +257,8 @@ def export_entry(entry: ModelEntry, opset: int = DEFAULT_OPSET) -> tuple[ModelEn
     os.close(handle)
     staged = Path(name)
     try:
-        export_explainer(loaded.model, staged, opset)
-        agreement = verify_explainer(loaded.model, staged, sample_images(entry))
+        export_explainer(loaded.timm_vit, staged, opset)
+        agreement = verify_explainer(loaded.timm_vit, staged, sample_images(entry))
         if not agreement.ok:
             raise ExportError(f"{entry.reference}: the ONNX graph disagrees with torch: {agreement.describe()}")
         details = graph_details(opset, agreement, entry.manifest.weights.sha256)

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeGuard, cast
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -28,11 +28,13 @@ from torch import nn
 
 from classlens.contract import ExplainRequest, Explanation, ModelRef
 from classlens.images import fit_to_input
-from model_store.catalog import Catalog, ModelEntry
+from model_store.catalog import Catalog, ModelChangedError, ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
 from worker.devices import DeviceSetting, resolve_device
+from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
 from worker.lens.explain import Tracer, explain
-from worker.lens.vit import Trace, UnsupportedModelError, inspect_vit, trace
+from worker.lens.families import open_model
+from worker.lens.vit import inspect_vit
 from worker.model_loader import load_model
 from worker.onnx_explainer import OnnxExplainer, has_explainer, onnxruntime_available
 from worker.preprocess import preprocess
@@ -79,7 +81,7 @@ def _log_ignored_precision(precision: str, device: str) -> None:
     )
 
 
-def half_tracer(model: VisionTransformer, dtype: torch.dtype) -> Tracer:
+def half_tracer(model: nn.Module, dtype: torch.dtype) -> Tracer:
     """A tracer for :func:`~worker.lens.explain.explain` whose forward pass runs a ``dtype`` copy of ``model``.
 
     The copy holds the weights a second time (at half the size); ``model`` itself stays
@@ -87,10 +89,10 @@ def half_tracer(model: VisionTransformer, dtype: torch.dtype) -> Tracer:
     The trace comes back in float32, so the projection, ranks and maps are computed in
     float32 from half-precision streams: the tolerance is what the forward pass rounds.
     """
-    half = copy.deepcopy(model).to(dtype)
+    half = open_model(copy.deepcopy(model).to(dtype))
 
     def run(images: torch.Tensor, sublayers: bool) -> Trace:
-        found = trace(half, images.to(dtype), sublayers=sublayers)
+        found = half.trace(images.to(dtype), sublayers=sublayers)
         return Trace(
             logits=found.logits.float(),
             residual=found.residual.float(),
@@ -104,17 +106,33 @@ def half_tracer(model: VisionTransformer, dtype: torch.dtype) -> Tracer:
 
 @dataclass
 class LoadedModel:
-    """A loaded model. ``model`` is a checked ViT, except after ``load(..., require_vit=False)``, where it
-    may be any timm model: code that accepts those reads :attr:`network` and checks the type itself."""
+    """A loaded model. ``model`` is one the lens opens (``lens``), except after ``load(..., require_vit=False)``,
+    where it may be any registered model (a CNN): code that accepts those reads :attr:`network` and checks
+    the type itself."""
 
     entry: ModelEntry
-    model: VisionTransformer
+    model: nn.Module
     labels: list[str]
     device: torch.device
     # The ONNX explainer graph, for explain requests that need no gradients (see :func:`load`).
     onnx: OnnxExplainer | None = None
     # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
     half: Tracer | None = None
+    # The model's family adapter, when the lens can open it (see worker.lens.families).
+    lens: LensModel | None = None
+
+    @property
+    def spec(self) -> ViTSpec:
+        """The shape the lens reads (:class:`UnsupportedModelError` for a model it cannot open)."""
+        return (self.lens or open_model(self.model)).spec
+
+    @property
+    def timm_vit(self) -> VisionTransformer:
+        """The model as a timm ViT, for what only opens those (ONNX export, baselines, faithfulness);
+        :class:`UnsupportedModelError` naming the reason for any other model."""
+        inspect_vit(self.model)
+        assert isinstance(self.model, VisionTransformer)
+        return self.model
 
     @property
     def network(self) -> nn.Module:
@@ -145,7 +163,8 @@ class LoadedModel:
         for the model, and ``CLASSLENS_ONNX=off`` leaves every request to the half forward.
         """
         tracer = self.onnx.trace if self.onnx is not None and not request.gradient_map else self.half
-        return explain(self.model, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
+        lens = self.lens or open_model(self.model)  # refuses a model loaded for the analyses only
+        return explain(lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
 
 
 def load(
@@ -168,31 +187,25 @@ def load(
     """
     device = device or default_device()
     model = load_model(entry, device)
-    if require_vit:
-        inspect_vit(model)  # refuses what the lens cannot explain, with the reason
-        assert isinstance(model, VisionTransformer)
+    lens = _lens_of(model)
+    if require_vit and lens is None:
+        open_model(model)  # refuses what the lens cannot explain, with the reason
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    explainer = _open_explainer(entry, model, device) if onnx == "auto" else None
+    explainer = _open_explainer(entry, model, device) if onnx == "auto" and lens is not None else None
     dtype = forward_dtype(precision, device, half_on_cpu=half_on_cpu)
-    half = half_tracer(model, dtype) if dtype is not None and _is_vit(model) else None
+    half = half_tracer(model, dtype) if dtype is not None and lens is not None else None
     return LoadedModel(
-        entry=entry,
-        model=cast(VisionTransformer, model),
-        labels=entry.labels(),
-        device=device,
-        onnx=explainer,
-        half=half,
+        entry=entry, model=model, labels=entry.labels(), device=device, onnx=explainer, half=half, lens=lens
     )
 
 
-def _is_vit(model: nn.Module) -> TypeGuard[VisionTransformer]:
-    """Whether the lens can trace ``model`` (a CNN loaded for an analysis gets no half copy)."""
+def _lens_of(model: nn.Module) -> LensModel | None:
+    """The family adapter, or None where the lens cannot open ``model`` (a CNN loaded for an analysis)."""
     try:
-        inspect_vit(model)
+        return open_model(model)
     except UnsupportedModelError:
-        return False
-    return True
+        return None
 
 
 def _open_explainer(entry: ModelEntry, model: nn.Module, device: torch.device) -> OnnxExplainer | None:
@@ -209,16 +222,22 @@ def _open_explainer(entry: ModelEntry, model: nn.Module, device: torch.device) -
             "%s: has an ONNX explainer graph but onnxruntime is not installed; explaining with torch", entry.reference
         )
         return None
-    if not _is_vit(model):
-        return None
     return OnnxExplainer(entry, device, threads=torch.get_num_threads())
 
 
 class ModelCache:
-    """Loaded models of this process, keyed by ``name@version`` (thread-safe).
+    """Loaded models of this process, keyed by ``name@version`` (thread-safe), bounded in number and bytes.
 
     ``device`` may be a setting (``"auto"``, ``"cpu"``, ``"cuda"``): it is resolved when the
     first model loads, not when the cache is built, so building one touches no CUDA.
+
+    At most ``max_models`` models and ``max_bytes`` bytes of parameters and buffers (a half-precision
+    copy counted too) are kept; the least recently used goes first, and every eviction is logged
+    with the model, its size and why. Room is made before a model loads (estimated from its weights
+    file) and checked again with its real size after, so that the old models and the new one are not
+    all held at once. A model larger than ``max_bytes`` on its own is still served, alone. A model
+    whose catalog entry changed (registered again with ``--overwrite``, an ONNX graph added) is
+    loaded again, and one that was disabled or removed is dropped.
     """
 
     def __init__(
@@ -227,12 +246,19 @@ class ModelCache:
         device: torch.device | DeviceSetting | None = None,
         onnx: OnnxMode = "auto",
         precision: Precision = "float32",
+        *,
+        max_models: int = 4,
+        max_bytes: int = 2 * 1024**3,
     ):
         self.catalog = catalog
         self._device = device
         self.onnx: OnnxMode = onnx
         self.precision: Precision = precision
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        # Least recently used first: a hit moves its model to the end.
         self._models: dict[str, LoadedModel] = {}
+        self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -242,15 +268,104 @@ class ModelCache:
             self._device = resolve_device(self._device or "auto")
         return self._device
 
-    def get(self, reference: str, *, require_vit: bool = True) -> LoadedModel:
-        """The loaded model; ``require_vit=False`` also serves non-ViTs (see :func:`load`)."""
-        entry = self.catalog.resolve(reference)
+    @property
+    def references(self) -> list[str]:
+        """The loaded models, least recently used first."""
         with self._lock:
-            loaded = self._models.get(entry.reference)
-            if loaded is None:
-                loaded = self._models[entry.reference] = load(
-                    entry, self.device, require_vit=False, onnx=self.onnx, precision=self.precision
+            return list(self._models)
+
+    @property
+    def bytes_held(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    @staticmethod
+    def footprint(loaded: LoadedModel) -> int:
+        """Bytes of the model's parameters and buffers, plus its half-precision copy when it has one."""
+        tensors = [*loaded.network.parameters(), *loaded.network.buffers()]
+        size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if loaded.half is not None:  # the copy: floating tensors at 2 bytes each, the others as they are
+            size += sum(
+                tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size()) for tensor in tensors
+            )
+        return size
+
+    def get(self, reference: str, *, require_vit: bool = True, fingerprint: str | None = None) -> LoadedModel:
+        """The loaded model; ``require_vit=False`` also serves non-ViTs (see :func:`load`).
+
+        ``fingerprint`` is the entry's result fingerprint the job was keyed with: when the catalog says
+        otherwise it looks again (this process' view may be a moment old), and raises
+        :class:`~model_store.catalog.ModelChangedError` if the version really changed.
+        """
+        entry = self.catalog.resolve(reference)
+        if fingerprint is not None and entry.result_fingerprint != fingerprint:
+            self.catalog.refresh()
+            entry = self.catalog.resolve(reference)
+            if entry.result_fingerprint != fingerprint:
+                raise ModelChangedError(
+                    f"{entry.reference} was registered again (other weights, labels or preprocessing) after this "
+                    "job was submitted; submit it again to explain it with the model as it is now"
                 )
+        with self._lock:
+            self._prune()
+            loaded = self._models.get(entry.reference)
+            # The manifest alone may not tell (labels corrected, the manifest written again unchanged).
+            changed = loaded is not None and (
+                loaded.entry != entry or loaded.entry.result_fingerprint != entry.result_fingerprint
+            )
+            if changed:
+                self._evict(entry.reference, "its catalog entry changed (registered again); loading it anew")
+                loaded = None
+            if loaded is None:
+                self._make_room(entry.manifest.weights.size, entry.reference)
+                loaded = load(entry, self.device, require_vit=False, onnx=self.onnx, precision=self.precision)
+                size = self.footprint(loaded)
+                self._make_room(size, entry.reference)
+                if size > self.max_bytes:
+                    log.warning(
+                        "%s alone holds %.1f MiB, more than the cache's %.1f MiB (model_cache_max_bytes): "
+                        "it is kept, and no other model with it",
+                        entry.reference,
+                        size / 2**20,
+                        self.max_bytes / 2**20,
+                    )
+                self._sizes[entry.reference] = size
+            else:
+                del self._models[entry.reference]  # re-inserted below: now the most recently used
+            self._models[entry.reference] = loaded
         if require_vit:
-            inspect_vit(loaded.network)  # the same refusal as load(), for a model cached by an analysis
+            open_model(loaded.lens or loaded.network)  # the same refusal as load(), for a model cached by an analysis
         return loaded
+
+    def _prune(self) -> None:
+        """Drop models the catalog no longer serves (disabled, or removed from the store)."""
+        served = self.catalog.entries
+        for reference in list(self._models):
+            name, _, version = reference.partition("@")
+            if (name, version) not in served:
+                why = "disabled" if self.catalog.is_disabled(reference) else "no longer in the catalog"
+                self._evict(reference, why)
+
+    def _make_room(self, incoming: int, reference: str) -> None:
+        """Evict the least recently used models until ``reference`` (``incoming`` bytes, not yet held) fits."""
+        while self._models:
+            held = sum(self._sizes.values())
+            if len(self._models) < self.max_models and held + incoming <= self.max_bytes:
+                return
+            if len(self._models) >= self.max_models:
+                why = f"to make room for {reference} (model_cache_max_models={self.max_models})"
+            else:
+                why = (
+                    f"to make room for {reference} ({incoming / 2**20:.1f} MiB more than the "
+                    f"{self.max_bytes / 2**20:.1f} MiB of model_cache_max_bytes allow)"
+                )
+            self._evict(next(iter(self._models)), why)
+
+    def _evict(self, reference: str, why: str) -> None:
+        self._models.pop(reference, None)
+        size = self._sizes.pop(reference, 0)
+        log.info(
+            "evicted %s (%.1f MiB of parameters and buffers) from the model cache: %s", reference, size / 2**20, why
+        )
+        if isinstance(self._device, torch.device) and self._device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back (a job still holding the model keeps it alive)

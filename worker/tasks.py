@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from celery import shared_task
@@ -37,20 +39,23 @@ from classlens.contract import (
     AuditRow,
     ExplainRequest,
     Job,
+    ModelRegistration,
 )
 from classlens.images import ImageError, decode_image
 from classlens.jobs import JobStore
-from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK
+from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK, MODEL_ADD_TASK
 from classlens.settings import Settings
 from classlens.store import open_store
 from model_store.artifacts import ArtifactError
-from model_store.catalog import Catalog, ModelNotFoundError
+from model_store.catalog import Catalog, ModelChangedError, ModelDisabledError, ModelEntry, ModelNotFoundError
 from model_store.manifest import ManifestError
+from model_store.sources import ModelSources, RegisterOptions
 from worker.analyses.run import AnalysisError, run_analysis
 from worker.audits import Explained, aggregate, audit_row, explain_batch, relevance_layer
 from worker.lens.explain import ExplainError
 from worker.lens.vit import UnsupportedModelError
 from worker.model_loader import ModelLoadError
+from worker.registration import RegistrationError, register
 from worker.runtime import ModelCache
 
 log = logging.getLogger(__name__)
@@ -87,12 +92,17 @@ def runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         settings = _settings or Settings()
         jobs = JobStore(open_store(settings), ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
-        _runtime = Runtime(
-            settings,
-            jobs,
-            ModelCache(Catalog.default(settings.model_roots), settings.device, settings.onnx, settings.precision),
-            os.getpid(),
+        # The catalog refreshes itself, so that models added or disabled while the worker runs are seen.
+        catalog = Catalog.default(settings.model_roots, refresh_s=settings.catalog_refresh_s)
+        models = ModelCache(
+            catalog,
+            settings.device,
+            settings.onnx,
+            settings.precision,
+            max_models=settings.model_cache_max_models,
+            max_bytes=settings.model_cache_max_bytes,
         )
+        _runtime = Runtime(settings, jobs, models, os.getpid())
     return _runtime
 
 
@@ -105,6 +115,9 @@ _EXPECTED: tuple[tuple[type[BaseException], str], ...] = (
     (ImageError, "The image cannot be decoded"),
     (InputExpired, "The uploaded input has expired"),
     (AnalysisError, "The analysis cannot be run"),
+    (RegistrationError, "The model cannot be registered"),
+    (ModelChangedError, "The model changed"),
+    (ModelDisabledError, "The model is disabled"),
     (ExplainError, "The request cannot be explained"),
     (UnsupportedModelError, "The model cannot be explained"),
     (ModelNotFoundError, "Unknown model"),
@@ -218,7 +231,9 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
     try:
         if ready:
             request = ExplainRequest.model_validate(ready[0].parameters)
-            explanations = rt.models.get(ready[0].model).explain(images, request)
+            model = rt.models.get(ready[0].model, fingerprint=ready[0].fingerprints.get(ready[0].model))
+            ready, images = _same_model(rt, ready, images, model.entry, finished)
+            explanations = model.explain(images, request) if ready else []
     except SoftTimeLimitExceeded:
         detail = f"the explanation took longer than {rt.settings.task_soft_time_limit_s} s"
         finished |= {job.id: store.fail(job, "Time limit exceeded", detail) for job in ready}
@@ -235,6 +250,25 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
         done = finished[job.id]
         stats.record_job(store.store, kind=done.kind, model=done.model, status=done.status, duration_s=duration_s)
     return [finished[job.id] for job in jobs]
+
+
+def _same_model(
+    rt: Runtime, jobs: list[Job], images: list[Image.Image], entry: ModelEntry, finished: dict[str, Job]
+) -> tuple[list[Job], list[Image.Image]]:
+    """The jobs (and their images) keyed with ``entry`` as it is; the others fail (submitted before it changed).
+
+    Companions share a model reference and parameters, not necessarily the model's content: one
+    submitted before the version was registered again names the old content in its key.
+    """
+    keep: list[tuple[Job, Image.Image]] = []
+    for job, image in zip(jobs, images, strict=True):
+        expected = job.fingerprints.get(job.model)
+        if expected is None or expected == entry.result_fingerprint:
+            keep.append((job, image))
+        else:
+            error = ModelChangedError(f"{job.model} was registered again after this job was submitted; submit again")
+            finished[job.id] = _record_failure(rt, job, error)
+    return [job for job, _ in keep], [image for _, image in keep]
 
 
 def _job_image(rt: Runtime, job: Job) -> Image.Image:
@@ -314,7 +348,7 @@ def _audit(rt: Runtime, job: Job) -> AuditResult:
     """Explain the audit's images batch by batch (progress after each), then build rows and aggregates."""
     manifest = _manifest(rt, job, "audit")
     request = ExplainRequest.model_validate(job.parameters["explain"])
-    model = rt.models.get(job.model)
+    model = rt.models.get(job.model, fingerprint=job.fingerprints.get(job.model))
     rows: list[AuditRow] = []
     first: Explained | None = None
     size = rt.settings.audit_batch_size
@@ -357,7 +391,10 @@ def _analyse(rt: Runtime, job: Job) -> bytes:
     request = AnalysisRequest.model_validate(job.parameters["analysis"])
     references = [job.model, *([request.compare_to] if request.compare_to else [])]
     # Any registered model (CKA compares a ViT with a CNN, say): run_analysis refuses what a kind cannot use.
-    models = [rt.models.get(reference, require_vit=False) for reference in references]
+    models = [
+        rt.models.get(reference, require_vit=False, fingerprint=job.fingerprints.get(reference))
+        for reference in references
+    ]
     images = _decode(rt, manifest.images, "analysis")
     known = [item.label for item in manifest.images]
     labels = np.array(known, dtype=np.int64) if known and None not in known else None
@@ -384,3 +421,79 @@ def _analyse(rt: Runtime, job: Job) -> bytes:
 def analysis_task(job_id: str) -> None:
     """``classlens.analyse.run(job_id)``: run the job's analysis; the outcome (and figures) are in the store."""
     analysis_job(runtime(), job_id)
+
+
+# -- registering an uploaded model (POST /v1/models) ------------------------------------------------------
+
+
+def upload_folder(settings: Settings, job_id: str) -> Path:
+    """Where the API left the files of registration ``job_id`` (``data_dir`` is shared by API and workers)."""
+    return settings.upload_dir / job_id
+
+
+def model_add_job(rt: Runtime, job_id: str) -> Job | None:
+    """Register the job's upload into the user's store root; its folder is removed whatever happens.
+
+    Not idempotent like the others (registering has an effect): a redelivered registration whose
+    first run put the version in place fails as "exists" unless it was sent with ``overwrite``.
+    """
+    folder = upload_folder(rt.settings, job_id)
+    try:
+        return _run_batch_job(
+            rt, job_id, "registration", rt.settings.model_add_soft_time_limit_s, lambda job: _register(rt, job, folder)
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        _sweep_uploads(rt)
+
+
+def _register(rt: Runtime, job: Job, folder: Path) -> bytes:
+    if not folder.is_dir():
+        raise InputExpired("the uploaded files are no longer there; upload the model again")
+    options = RegisterOptions.model_validate(job.parameters["options"])
+    try:
+        sources = ModelSources.locate(folder)
+    except ManifestError as error:  # no weights, or several: the upload's fault, said as registration says it
+        raise RegistrationError(str(error)) from error
+    entry = register(sources, options, rt.settings.user_model_dir)
+    rt.models.catalog.refresh()  # this worker serves it from its next job on
+    manifest = entry.manifest
+    result = ModelRegistration(
+        reference=manifest.reference,
+        name=manifest.name,
+        version=manifest.version,
+        framework=manifest.framework,
+        architecture=manifest.architecture,
+        classes=manifest.labels.count,
+        weights_sha256=manifest.weights.sha256,
+        structure=None if manifest.structure is None else manifest.structure.model_dump(mode="json"),
+        result_fingerprint=entry.result_fingerprint,
+    )
+    return result.model_dump_json().encode()
+
+
+def _sweep_uploads(rt: Runtime) -> None:
+    """Remove upload folders whose job is gone or finished (their task never ran), once they are old.
+
+    Old: untouched for longer than a registration may run, so that a folder the API is still
+    writing (its job record comes after the files) is never taken.
+    """
+    root = rt.settings.upload_dir
+    if not root.is_dir():
+        return
+    cutoff = time.time() - rt.settings.model_add_time_limit_s
+    for folder in root.iterdir():
+        try:
+            if folder.stat().st_mtime > cutoff:
+                continue
+        except OSError:
+            continue
+        job = rt.jobs.get(folder.name)
+        if job is None or job.status in TERMINAL_STATUSES:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@shared_task(name=MODEL_ADD_TASK, ignore_result=True)
+def model_add_task(job_id: str) -> None:
+    """``classlens.models.add(job_id)``: register the uploaded model; the outcome is in the job record."""
+    model_add_job(runtime(), job_id)

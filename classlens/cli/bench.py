@@ -98,7 +98,7 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
 
     device = default_device()
     loaded = load(resolve(open_catalog(settings), reference), device)
-    subjects = [BenchModel(loaded.entry.reference, loaded.model, loaded.labels, loaded.ref)]
+    subjects = [BenchModel(loaded.entry.reference, loaded.timm_vit, loaded.labels, loaded.ref)]
     if not options["no_vit_small"]:
         subjects.append(random_imagenet_vit("vit_small_patch16_224"))
     if not options["no_vit_base"]:

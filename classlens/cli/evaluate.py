@@ -52,10 +52,10 @@ def evaluate_command(settings: Settings, reference: str, **options: Any) -> None
     count = options["count"]
     batch = loaded.preprocess([Image.fromarray(image, mode="L") for image in images[:count]])
     truth = torch.from_numpy(labels[:count]).to(loaded.device)
-    layer = options["layer"] if options["layer"] is not None else len(loaded.model.blocks)
-    methods = relevance_methods(loaded.model, layer, options["map_kind"], options["seed"])
+    layer = options["layer"] if options["layer"] is not None else loaded.spec.depth
+    methods = relevance_methods(loaded.timm_vit, layer, options["map_kind"], options["seed"])
     chosen = {name: methods[name] for name in (options["methods"] or METHODS)}
-    results = evaluate_methods(loaded.model, batch, truth, chosen, batch_size=options["batch_size"])
+    results = evaluate_methods(loaded.timm_vit, batch, truth, chosen, batch_size=options["batch_size"])
 
     click.echo(f"{loaded.entry.reference}, first {count} Fashion-MNIST test images, AUC over k = 0..90 % removed")
     click.echo(f"{'method':<12} {'positive acc':>13} {'negative acc':>13} {'positive prob':>14} {'negative prob':>14}")

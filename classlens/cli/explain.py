@@ -15,6 +15,7 @@ from classlens.contract import ExplainRequest, Explanation
 from classlens.images import ImageError, decode_image
 from classlens.render import render_grid, render_overlay
 from classlens.settings import Settings
+from model_store.manifest import Preprocessing
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,8 +30,13 @@ def _file_part(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "class"
 
 
-def write_figures(image: Image.Image, result: Explanation, out: Path, stem: str) -> list[Path]:
-    """One overlay per target at the last requested layer, a grid when there are several layers, the gradient map."""
+def write_figures(
+    image: Image.Image, result: Explanation, out: Path, stem: str, preprocessing: Preprocessing | None = None
+) -> list[Path]:
+    """One overlay per target at the last requested layer, a grid when there are several layers, the gradient map.
+
+    ``image`` is the picture the model saw (after resize and crop); with ``preprocessing`` each figure says so.
+    """
     written = []
     for target in result.targets:
         name = f"{stem}_{target.index}-{_file_part(target.label)}"
@@ -40,6 +46,7 @@ def write_figures(image: Image.Image, result: Explanation, out: Path, stem: str)
             image,
             _array(target.projection_maps[last]),
             title=f"{target.label}: {result.map_kind} at layer {last} of {result.layers} (p={target.probability:.3f})",
+            preprocessing=preprocessing,
         )
         written.append(out / f"{name}.png")
         overlay.save(written[-1])
@@ -49,12 +56,17 @@ def write_figures(image: Image.Image, result: Explanation, out: Path, stem: str)
                 [_array(target.projection_maps[layer]) for layer in layers],
                 [f"layer {layer}" for layer in layers],
                 suptitle=f"{target.label}: {result.map_kind} per layer (one scale)",
+                preprocessing=preprocessing,
             )
             written.append(out / f"{name}_layers.png")
             grid.save(written[-1])
         if target.gradient_map is not None:
             gradient = render_overlay(
-                image, _array(target.gradient_map), title=f"{target.label}: gradient relevance", colormap="RdBu_r"
+                image,
+                _array(target.gradient_map),
+                title=f"{target.label}: gradient relevance",
+                colormap="RdBu_r",
+                preprocessing=preprocessing,
             )
             written.append(out / f"{name}_gradient.png")
             gradient.save(written[-1])
@@ -95,7 +107,7 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
         model = load(entry, onnx=settings.onnx)
     except UnsupportedModelError as error:
         raise click.ClickException(f"{entry.reference}: {error}") from error
-    depth = len(model.model.blocks)
+    depth = model.spec.depth
     try:
         layers = _parse_layers(options["layers"], depth)
         request = ExplainRequest(
@@ -133,7 +145,7 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
                 raise click.ClickException(str(error)) from error
             for (path, image), result in zip(batch, explanations, strict=True):
                 (out / f"{path.stem}.json").write_text(result.model_dump_json(indent=1) + "\n", encoding="utf-8")
-                write_figures(model.as_seen(image), result, out, path.stem)
+                write_figures(model.as_seen(image), result, out, path.stem, model.entry.manifest.preprocessing)
                 results.append({"image": str(path), **result.model_dump(mode="json")})
             progress.update(len(batch))
     if options["as_json"]:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from classlens.cli.common import open_catalog, resolve
 from classlens.settings import Settings
 from model_store.artifacts import ArtifactError
-from model_store.catalog import ModelEntry, add_model
-from model_store.manifest import ManifestError
+from model_store.catalog import ModelEntry
+from model_store.manifest import ManifestError, describe_validation_error
 
 
 def _summary(entry: ModelEntry) -> dict[str, Any]:
@@ -109,33 +110,33 @@ def _floats(_: click.Context, __: click.Parameter, value: str | None) -> tuple[f
 
 
 @models.command("add")
-@click.option("--name", required=True, help="Model name (letters, digits, . _ -).")
-@click.option("--version", "version", default="1", show_default=True)
-@click.option("--architecture", required=True, help="timm model name, e.g. vit_small_patch16_224.")
-@click.option(
-    "--model-args", default="{}", help='JSON object of timm.create_model arguments, e.g. {"num_classes": 10}.'
-)
+@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--weights",
+    "weights_alias",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="State dict: .safetensors (preferred) or .pt/.pth (read with weights_only=True).",
+    help="The same as PATH for a weights file (kept for older scripts).",
 )
+@click.option("--name", help="Model name (letters, digits, . _ -); default: PATH's folder or file name.")
+@click.option("--version", "version", default="1", show_default=True)
 @click.option(
     "--labels",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="Text file, one class name a line, in the head's order.",
+    help="Text file, one class name a line, in the head's order (default: labels.txt or the config's labels).",
 )
-@click.option("--input-size", callback=_pair, required=True, help="Network input HEIGHTxWIDTH.")
-@click.option("--colour-mode", type=click.Choice(["RGB", "L"]), default="RGB", show_default=True)
-@click.option("--resize", callback=_pair, help="Resize to HEIGHTxWIDTH first (default: the input size).")
-@click.option("--crop", callback=_pair, help="Then centre-crop to HEIGHTxWIDTH.")
-@click.option(
-    "--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic"]), default="bicubic", show_default=True
-)
-@click.option("--mean", callback=_floats, help="Per-channel mean (default: ImageNet's).")
-@click.option("--std", callback=_floats, help="Per-channel std (default: ImageNet's).")
+@click.option("--architecture", help="timm model name (e.g. vit_small_patch16_224), or the transformers class.")
+@click.option("--model-args", help='JSON object merged over the model arguments read, e.g. {"depth": 6}.')
+@click.option("--ema", is_flag=True, help="Take a timm train.py checkpoint's EMA weights (state_dict_ema).")
+@click.option("--analyses-only", is_flag=True, help="Register a model the lens cannot open, for the analyses only.")
+@click.option("--input-size", callback=_pair, help="Network input HEIGHTxWIDTH (default: the model's).")
+@click.option("--colour-mode", type=click.Choice(["RGB", "L"]), help="Default: L for one channel, else RGB.")
+@click.option("--crop-pct", type=click.FloatRange(min=0, min_open=True), help="timm crop_pct of the eval transform.")
+@click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), help="timm crop_mode.")
+@click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]))
+@click.option("--mean", callback=_floats, help="Per-channel mean, comma-separated.")
+@click.option("--std", callback=_floats, help="Per-channel std, comma-separated.")
+@click.option("--resize", callback=_pair, help="Instead of the derived steps: resize to HEIGHTxWIDTH exactly...")
+@click.option("--crop", callback=_pair, help="... then centre-crop to HEIGHTxWIDTH.")
 @click.option("--description", default="")
 @click.option("--data", default="unknown", help="What the weights were trained on.")
 @click.option("--licence", default="unknown")
@@ -146,49 +147,68 @@ def _floats(_: click.Context, __: click.Parameter, value: str | None) -> tuple[f
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing version.")
 @click.pass_obj
-def models_add(settings: Settings, **options: Any) -> None:
-    """Register your own timm checkpoint: write its folder and manifest, then load it once to prove it fits."""
-    try:
-        model_args = json.loads(options["model_args"])
-    except json.JSONDecodeError as error:
-        raise click.BadParameter(f"not JSON: {error}", param_hint="--model-args") from error
-    if not isinstance(model_args, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--model-args")
-    channels = 1 if options["colour_mode"] == "L" else 3
-    default_mean, default_std = ((0.5,), (0.5,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    height, width = options["input_size"]
-    fields = {
-        "name": options["name"],
-        "version": options["version"],
-        "description": options["description"],
-        "framework": "timm",
-        "architecture": options["architecture"],
-        "model_args": model_args,
-        "input": {"height": height, "width": width, "channels": channels, "colour_mode": options["colour_mode"]},
-        "preprocessing": {
-            "resize": options["resize"] or (height, width),
-            "interpolation": options["interpolation"],
-            "crop": options["crop"],
-            "mean": options["mean"] or default_mean,
-            "std": options["std"] or default_std,
-        },
-        "provenance": {
-            "data": options["data"],
-            "recipe": "registered with classlens models add",
-            "date": date.today().isoformat(),
-            "licence": options["licence"],
-        },
-    }
-    root = options["store"] or settings.user_model_dir
-    from worker.model_loader import ModelLoadError, load_model
+def models_add(settings: Settings, path: Path | None, weights_alias: Path | None, **options: Any) -> None:
+    """Register the model at PATH: a folder saved by timm or transformers, or a weights file.
+
+    \b
+    PATH may be
+      - a timm folder (timm.models.save_for_hf): config.json + model.safetensors or pytorch_model.bin
+      - a transformers folder (save_pretrained of a ViT or DeiT classifier): config.json, weights and
+        preprocessor_config.json when the image processor was saved too
+      - a state dict (.safetensors, .pth, .pt, .bin), with --architecture
+      - a timm train.py checkpoint (.pth.tar); --ema takes its EMA weights
+    What the files say is read (architecture, model arguments, labels, preprocessing); the options
+    override it. The model is loaded once, strictly, before anything is put in place. See docs/models.md.
+    """
+    if path is not None and weights_alias is not None:
+        raise click.UsageError("give PATH or --weights, not both")
+    path = path or weights_alias
+    if path is None:
+        raise click.UsageError("give the PATH of a model folder or weights file")
+    model_args = None
+    if options["model_args"] is not None:
+        try:
+            model_args = json.loads(options["model_args"])
+        except json.JSONDecodeError as error:
+            raise click.BadParameter(f"not JSON: {error}", param_hint="--model-args") from error
+        if not isinstance(model_args, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--model-args")
+    name = options["name"] or _default_name(path)
+    store = options.pop("store") or settings.user_model_dir
+    labels = options.pop("labels")
+    options.update(name=name, model_args=model_args)
+
+    from model_store.sources import ModelSources, RegisterOptions
+    from worker.registration import RegistrationError, register
 
     try:
-        entry = add_model(
-            root, fields, options["weights"], options["labels"], overwrite=options["overwrite"], check=load_model
-        )
-    except (ManifestError, ArtifactError, ModelLoadError, FileExistsError, OSError) as error:
+        register_options = RegisterOptions(**options)
+        sources = ModelSources.locate(path, labels=labels)
+    except ValidationError as error:
+        raise click.ClickException(f"{describe_validation_error(error)}\nnothing was registered") from error
+    except ManifestError as error:
+        raise click.ClickException(f"{error}\nnothing was registered") from error
+
+    def warn(message: str) -> None:
+        click.secho(f"warning: {message}", fg="yellow", err=True)
+
+    try:
+        entry = register(sources, register_options, store, warn=warn)
+    except RegistrationError as error:
         raise click.ClickException(f"{error}\nnothing was registered") from error
     click.echo(f"registered {entry.reference} in {entry.folder}")
+    click.echo(f"read: {entry.manifest.provenance.notes}")
+
+
+def _default_name(path: Path) -> str:
+    """PATH's folder or file name (without its weights suffix), made a valid model name."""
+    from model_store.sources import weights_stem
+
+    stem = path.resolve().name if path.is_dir() else weights_stem(path.name)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:64]
+    if not name:
+        raise click.UsageError(f"cannot make a model name of {path.name!r}: give --name")
+    return name
 
 
 @models.command("export-onnx")

@@ -40,6 +40,7 @@ from model_store.manifest import (
     Metric,
     Preprocessing,
     Provenance,
+    Structure,
     write_manifest,
 )
 
@@ -244,6 +245,7 @@ def train(key: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Man
         framework="timm",
         architecture=recipe.architecture,
         model_args=recipe.model_args,
+        structure=structure_of(model),
         input=InputSpec(height=28, width=28, channels=1, colour_mode="L"),
         preprocessing=Preprocessing(
             resize=(28, 28), interpolation="bilinear", mean=(fashion_mnist.MEAN,), std=(fashion_mnist.STD,)
@@ -274,6 +276,17 @@ def train(key: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Man
     )
     write_manifest(manifest, folder / "manifest.yaml")
     return manifest
+
+
+def structure_of(model: torch.nn.Module) -> Structure | None:
+    """What the lens reads of the trained model (None for the CNN, which only the analyses open)."""
+    from worker.lens.adapter import UnsupportedModelError
+    from worker.lens.families import describe
+
+    try:
+        return describe(model)
+    except UnsupportedModelError:
+        return None
 
 
 def export_samples(per_class: int = 2, out: Path = SAMPLES) -> None:

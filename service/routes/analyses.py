@@ -9,9 +9,10 @@ then sent with the job id. The worker stores each figure under its digest; the r
 them, and this blueprint serves them: ``figures/<name>.png``, and ``report.html`` for
 ``compare``.
 
-The content key covers both models' weights, the images' manifest (files, bytes, labels) and
-the canonical parameters (``compare_to`` resolved to ``name@version``), so an equal analysis
-is a cache hit or joins the one in flight.
+The content key covers both models' result fingerprints (weights, labels, preprocessing,
+architecture, structure: :attr:`~model_store.catalog.ModelEntry.result_fingerprint`), the
+images' manifest (files, bytes, labels) and the canonical parameters (``compare_to`` resolved
+to ``name@version``), so an equal analysis is a cache hit or joins the one in flight.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from classlens.contract import AnalysisRequest, Job
 from classlens.jobs import content_key
 from classlens.queue import ANALYSIS_TASK
-from model_store.catalog import ModelEntry, ModelNotFoundError
+from model_store.catalog import ModelEntry
 from service.app import Services, services
 from service.audit_input import AuditInput, resolve_labels, uploads_from_form, uploads_from_json
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
 from service.errors import Problem
-from service.job_responses import find_job, finished_result, job_response, wait_seconds
+from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
 from service.model_info import model_info
 from service.params import invalid_parameters
 from service.views import REPORT, analysis_view
@@ -75,10 +76,7 @@ def _bad(detail: str, problem: str = "bad_parameter", title: str = "Invalid para
 
 
 def _resolve(parts: Services, reference: str, field: str) -> ModelEntry:
-    try:
-        return parts.catalog.resolve(reference)
-    except ModelNotFoundError as error:
-        raise Problem(422, "Unknown model", f"{field}: {error}", problem="unknown_model") from error
+    return resolve_model(parts, reference, field)
 
 
 def _second_model(parts: Services, fields: Mapping[str, Any]) -> ModelEntry | None:
@@ -162,14 +160,18 @@ def _submit(parts: Services) -> Response:
         "images": count,
         "labelled": sum(1 for label in labels if label is not None),
     }
-    key_parameters = {"analysis": analysis, "compare_to_weights": second.manifest.weights.sha256 if second else None}
+    key_parameters = {"analysis": analysis, "compare_to_fingerprint": second.result_fingerprint if second else None}
+    fingerprints = {entry.reference: entry.result_fingerprint}
+    if second is not None:
+        fingerprints[second.reference] = second.result_fingerprint
     job, outcome = submit_batch(
         parts,
         kind="analysis",
         task=ANALYSIS_TASK,
         model=entry.reference,
         parameters=parameters,
-        key=content_key(entry.manifest.weights.sha256, manifest_key, key_parameters),
+        key=content_key(entry.result_fingerprint, manifest_key, key_parameters),
+        fingerprints=fingerprints,
         images=count,
         soft_time_limit_s=settings.analysis_soft_time_limit_s,
         time_limit_s=settings.analysis_time_limit_s,

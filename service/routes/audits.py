@@ -20,12 +20,11 @@ from flask import Blueprint, Response
 from classlens.contract import ExplainRequest, Job
 from classlens.jobs import content_key
 from classlens.queue import AUDIT_TASK
-from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
 from service.errors import Problem
-from service.job_responses import find_job, finished_result, job_response, wait_seconds
+from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request
 from service.views import audit_view
@@ -72,10 +71,7 @@ def _submit(parts: Services) -> Response:
     submitted = read_input(lambda body: from_json(body, settings), lambda form, files: from_form(form, files, settings))
     if not submitted.uploads:
         raise Problem(422, "No images", "the audit holds no images", problem="missing_images")
-    try:
-        entry = parts.catalog.resolve(submitted.model)
-    except ModelNotFoundError as error:
-        raise Problem(422, "Unknown model", str(error), problem="unknown_model") from error
+    entry = resolve_model(parts, submitted.model)
     classes = entry.labels()
     true_labels = resolve_labels(submitted.uploads, classes)
     explain = audit_request(submitted.fields, classes, model_info(entry.manifest))
@@ -95,7 +91,8 @@ def _submit(parts: Services) -> Response:
         task=AUDIT_TASK,
         model=entry.reference,
         parameters=parameters,
-        key=content_key(entry.manifest.weights.sha256, manifest_key, {"audit": explain_parameters}),
+        key=content_key(entry.result_fingerprint, manifest_key, {"audit": explain_parameters}),
+        fingerprints={entry.reference: entry.result_fingerprint},
         images=len(submitted.uploads),
         soft_time_limit_s=settings.audit_soft_time_limit_s,
         time_limit_s=settings.audit_time_limit_s,

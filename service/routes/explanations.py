@@ -23,7 +23,7 @@ from model_store.catalog import ModelNotFoundError
 from service.app import Services, services
 from service.batches import read_input
 from service.errors import Problem
-from service.job_responses import find_job, job_response, stored_result, wait_seconds
+from service.job_responses import find_job, job_response, resolve_model, stored_result, wait_seconds
 from service.model_info import model_info
 from service.params import ExplainInput, canonical_request, from_form, from_json
 from service.views import job_view
@@ -55,14 +55,11 @@ def create_explanation() -> Response:
     """Answer from the cache, join the equal job in flight, or queue a new job."""
     parts = services()
     submitted: ExplainInput = read_input(from_json, from_form)
-    try:
-        entry = parts.catalog.resolve(submitted.model)
-    except ModelNotFoundError as error:
-        raise Problem(422, "Unknown model", str(error), problem="unknown_model") from error
+    entry = resolve_model(parts, submitted.model)
     explain_request = canonical_request(submitted.fields, entry.labels(), model_info(entry.manifest))
     parameters = explain_request.model_dump(mode="json")
     image_key = sha256_hex(submitted.image)
-    key = content_key(entry.manifest.weights.sha256, image_key, parameters)
+    key = content_key(entry.result_fingerprint, image_key, parameters)
     # A stored result means these exact bytes were decoded and explained before: a cache hit
     # skips decoding and re-storing the image (measured: the bulk of a hit's time for 224x224 PNGs).
     seen_before = parts.jobs.result(key) is not None
@@ -88,6 +85,7 @@ def create_explanation() -> Response:
         key=key,
         image_key=image_key,
         enqueue=enqueue_job,
+        fingerprints={entry.reference: entry.result_fingerprint},
     )
     parts.metrics.submissions.labels("explanation", submission.outcome).inc()
     job = submission.job
@@ -150,7 +148,14 @@ def get_map(id: str, target: str) -> Response:
         decode_image(data, max_pixels=parts.settings.max_image_pixels), manifest.input, manifest.preprocessing
     )
     colormap = "RdBu_r" if kind == "gradient" else "inferno"
-    png = to_png_bytes(render_overlay(seen, np.asarray(values, dtype=np.float64), title=title, colormap=colormap))
+    overlay = render_overlay(
+        seen,
+        np.asarray(values, dtype=np.float64),
+        title=title,
+        colormap=colormap,
+        preprocessing=manifest.preprocessing,  # the caption says the picture is the model's input
+    )
+    png = to_png_bytes(overlay)
     response = Response(png, mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response

@@ -51,7 +51,7 @@ class MemoryLayoutError(ValueError):
 def class_directions(model: VisionTransformer) -> torch.Tensor:
     """``[C, D]`` float64: ``E diag(g)`` with centred rows, L2-normalised (see the module docstring)."""
     projection = ClassProjection(model)
-    weight = projection.readouts[0][1].weight.detach().double()
+    weight = projection.readouts[0].head.weight.detach().double()
     norm = projection.final_norm
     gain = getattr(norm, "weight", None)
     if isinstance(gain, torch.Tensor):

@@ -19,7 +19,7 @@ def relevance_methods(model: VisionTransformer, layer: int, map_kind: MapKind, s
     tokens = projection.spec.num_image_tokens
     return {
         "projection": lambda images, targets: projection_map(model, images, targets, projection, layer, map_kind),
-        "gradient": lambda images, targets: gradient_relevance(model, images, targets, projection),
+        "gradient": lambda images, targets: gradient_relevance(images, targets, projection),
         "random": lambda images, targets: random_relevance(images, targets, tokens, generator),
         "rollout": lambda images, targets: attention_rollout(model, images, targets),
         "gradcam": lambda images, targets: grad_cam(model, images, targets),

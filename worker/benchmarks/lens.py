@@ -114,7 +114,7 @@ def bench_model(
     methods: dict[str, Callable[[], object]] = {
         "forward": forward,
         "explain": lambda: explain(model, images, subject.labels, request, subject.ref),
-        "gradient_map": lambda: gradient_relevance(model, images, top3, projection),
+        "gradient_map": lambda: gradient_relevance(images, top3, projection),
         "grad_cam": lambda: grad_cam(model, images, top3),
     }
     fewer = max(3, repeats // 2)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from classlens.contract import (
     MAP_DECIMALS,
@@ -25,10 +25,11 @@ from classlens.contract import (
     StreamStats,
     TargetExplanation,
 )
+from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
+from worker.lens.families import open_model
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
-from worker.lens.vit import Trace, ViTSpec, inspect_vit, trace
 
 # Computes the trace of a batch of images (``sublayers``: with ``a_b`` and ``m_b``) without
 # gradients, e.g. an ONNX explainer graph (:class:`worker.onnx_explainer.OnnxExplainer`).
@@ -69,8 +70,8 @@ def check_layers(layers: Sequence[int], depth: int) -> list[int]:
     return sorted(set(layers))
 
 
-def check_images(images: torch.Tensor, model: VisionTransformer) -> None:
-    expected = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+def check_images(images: torch.Tensor, lens: LensModel) -> None:
+    expected = lens.input_shape
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected):
         raise ExplainError(
             f"images must be [batch, {expected[0]}, {expected[1]}, {expected[2]}], got {list(images.shape)}"
@@ -92,7 +93,7 @@ def _stream_stats(ranks: np.ndarray, spec: ViTSpec) -> StreamStats:
 
 
 def explain(
-    model: VisionTransformer,
+    model: nn.Module | LensModel,
     images: torch.Tensor,
     labels: Sequence[str],
     request: ExplainRequest,
@@ -106,17 +107,21 @@ def explain(
     autograd on the model): the streams may come from anywhere that reproduces
     :func:`trace`, and everything after them is the same code.
     """
-    spec = inspect_vit(model)
-    check_images(images, model)
+    lens = open_model(model)
+    spec = lens.spec
+    check_images(images, lens)
     if len(labels) != spec.num_classes:
         raise ExplainError(f"{len(labels)} labels for a model with {spec.num_classes} classes")
     layers = check_layers(request.layers if request.layers is not None else [spec.depth], spec.depth)
     fixed_targets = resolve_targets(request.targets, labels) if request.targets else None
-    projection = ClassProjection(model, ProjectionSettings(norm=request.norm, bias=request.bias))
+    try:
+        projection = ClassProjection(lens, ProjectionSettings(norm=request.norm, bias=request.bias))
+    except UnsupportedModelError as error:
+        raise ExplainError(str(error)) from error
     depth, prefix = spec.depth, spec.num_prefix
 
     with torch.no_grad():
-        run = tracer(images, request.sublayers) if tracer else trace(model, images, sublayers=request.sublayers)
+        run = tracer(images, request.sublayers) if tracer else lens.trace(images, sublayers=request.sublayers)
         probabilities = run.logits.softmax(-1)
         if fixed_targets is not None:
             targets = torch.tensor(fixed_targets, device=images.device).expand(len(images), -1)
@@ -130,7 +135,10 @@ def explain(
         output_ranks = class_rank(run.logits, targets)  # [B, K]
         residual_logits = stream_logits.residual[:, :, prefix:]  # [B, L + 1, N, C]
         map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
-    gradient = gradient_relevance(model, images, targets, projection) if request.gradient_map else None
+    try:
+        gradient = gradient_relevance(images, targets, projection) if request.gradient_map else None
+    except UnsupportedModelError as error:
+        raise ExplainError(f"the gradient map is not available for this model: {error}") from error
 
     # The response is built on the CPU: one copy of each tensor from the device, not one per value.
     token_ranks_np = token_ranks.cpu().numpy()
@@ -185,7 +193,7 @@ def explain(
 
 
 def projection_map(
-    model: VisionTransformer,
+    model: nn.Module | LensModel,
     images: torch.Tensor,
     targets: torch.Tensor,
     projection: ClassProjection,
@@ -200,7 +208,7 @@ def projection_map(
     spec = projection.spec
     check_layers([layer], spec.depth)
     with torch.no_grad():
-        run = trace(model, images, sublayers=False)
+        run = projection.lens.trace(images, sublayers=False)
         tokens = run.residual[:, layer : layer + 1]  # [B, 1, T, D]
         logits = projection(tokens, run.residual[:, -1:])[:, :, spec.num_prefix :]  # [B, 1, N, C]
         ranks = class_rank(logits, targets)  # [B, K, 1, N]

@@ -9,38 +9,36 @@ input, so the sum of all blocks' losses can be differentiated in a single
 backward pass per target: ``d(sum_b l_b)/dA_b = d l_b / dA_b`` because no later
 loss sees ``A_b``.
 
-GAP models have no CLS token: there ``a_b`` is read out at the mean of its
-image tokens and the gradient is summed over the image-token query rows
-(an extension of the paper's CLS-row definition, stated in the result).
+GAP models have no CLS token: there ``a_b`` is read out as the model reads its
+last layer (the mean of its image tokens, with the final norm before or after the
+mean where the model has it) and the gradient is summed over the image-token query
+rows (an extension of the paper's CLS-row definition, stated in the result). Only the
+main head's read-out is used (for DeiT's distilled models, the CLS head), as the paper
+defines ``z(a_b[CLS])``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 from worker.lens.projection import ClassProjection
-from worker.lens.vit import trace
 
 
-def gradient_relevance(
-    model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection
-) -> torch.Tensor:
-    """Relevance of each image token for each target: ``[B, K, N]`` (``targets`` is ``[B, K]``)."""
+def gradient_relevance(images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection) -> torch.Tensor:
+    """Relevance of each image token for each target: ``[B, K, N]`` (``targets`` is ``[B, K]``).
+
+    The model is the one ``projection`` was built on.
+    """
     spec = projection.spec
     with torch.enable_grad():
-        run = trace(model, images, sublayers=True, for_attention_gradients=True)
+        run = projection.lens.trace(images, sublayers=True, for_attention_gradients=True)
         assert run.attention is not None and run.attention_probs is not None
-        if spec.pooling == "token":
-            queries = slice(0, 1)
-            pooled = run.attention[:, :, 0]  # [B, L, D]: a_b at the CLS token
-            reference = run.residual[:, -1:, 0]
-        else:
-            queries = slice(spec.num_prefix, None)
-            pooled = run.attention[:, :, spec.num_prefix :].mean(dim=2)
-            reference = run.residual[:, -1:, spec.num_prefix :].mean(dim=2)
-        log_probs = F.log_softmax(projection(pooled, reference), dim=-1)  # [B, L, C]
+        main = projection.readouts[0]
+        queries = slice(main.token, main.token + 1) if main.pooling == "token" else slice(spec.num_prefix, None)
+        # z(a_b) read out like the last layer, [B, L, C]; the cached scale from x_L.
+        logits = projection.read_out(main, run.attention, run.residual[:, -1:])
+        log_probs = F.log_softmax(logits, dim=-1)
         maps = []
         for k in range(targets.shape[1]):
             index = targets[:, k, None, None].expand(-1, spec.depth, 1)

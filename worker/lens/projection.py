@@ -1,9 +1,11 @@
 """Class-embedding projection (METHODS.md section 1, "Projection"; Vilas et al., NeurIPS 2023).
 
 ``z(v) = E F(v) + beta``: the classifier's class embeddings ``E = head.weight``
-applied to any ``D``-vector after the model's final norm ``F`` (``model.norm``
-for CLS-pooled models, ``model.fc_norm`` for GAP models). Two documented
-choices, always reported with the result:
+applied to any ``D``-vector after the model's final norm ``F`` (whichever norm the
+model applies: ``model.norm`` for CLS-pooled models, ``model.fc_norm`` for most GAP
+models; see :mod:`worker.lens.vit`). The model is opened through its family's
+adapter (:mod:`worker.lens.families`), so this module is the same for every family.
+Two documented choices, always reported with the result:
 
 - ``norm="fresh"`` (default, the paper's): ``F`` recomputes mean and variance
   from ``v`` itself. ``norm="cached"`` (the ViT-Prisma convention): ``v`` is
@@ -13,7 +15,8 @@ choices, always reported with the result:
 
 :meth:`ClassProjection.pooled` reads a layer out the way the model reads its last
 layer (CLS token, GAP of image tokens, or DeiT's average of the CLS and
-distillation heads), so that at the last layer it equals the model's logits.
+distillation heads; the norm before or after pooling, where the model has it), so
+that at the last layer it equals the model's logits.
 
 :meth:`ClassProjection.streams` projects every token of every stream at once, and
 does a third less arithmetic than projecting each stream on its own. With a
@@ -35,12 +38,11 @@ from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
-from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from worker.lens.adapter import LensModel, Readout, Trace, UnsupportedModelError
+from worker.lens.families import open_model
 from worker.lens.ranks import class_rank
-from worker.lens.vit import Trace, inspect_vit
 
 NormMode = Literal["fresh", "cached"]
 
@@ -83,20 +85,19 @@ class StreamLogits:
 class ClassProjection:
     """Project hidden states of one ViT onto its class embeddings."""
 
-    def __init__(self, model: VisionTransformer, settings: ProjectionSettings = ProjectionSettings()):
-        self.spec = inspect_vit(model)
+    def __init__(self, model: nn.Module | LensModel, settings: ProjectionSettings = ProjectionSettings()):
+        self.lens = open_model(model)
+        self.spec = self.lens.spec
         self.settings = settings
-        self.final_norm: nn.Module = model.fc_norm if self.spec.pooling == "avg" else model.norm
-        if isinstance(self.final_norm, nn.Identity):
-            raise ValueError("the model has no final norm to apply")
+        self.final_norm: nn.Module = self.lens.final_norm
         if settings.norm == "cached" and not isinstance(self.final_norm, nn.LayerNorm):
-            raise ValueError("the cached-scale projection needs a LayerNorm as final norm")
-        # (token selector, head): the model's own readout of its last layer.
-        # inspect_vit has checked that the head is one linear layer.
-        head = cast(nn.Linear, model.head)
-        self.readouts: list[tuple[int | None, nn.Linear]] = [(None if self.spec.pooling == "avg" else 0, head)]
-        if isinstance(model, VisionTransformerDistilled):
-            self.readouts.append((1, cast(nn.Linear, model.head_dist)))
+            raise UnsupportedModelError(
+                f"the cached-scale projection needs a LayerNorm as final norm; this model's is "
+                f"{type(self.final_norm).__name__}: use norm 'fresh'"
+            )
+        # The model's own read-out of its last layer: heads, their pooling, where the norm runs.
+        self.readouts: tuple[Readout, ...] = self.lens.readouts
+        self.norm_before_pool = self.lens.norm_before_pool
 
     def normalise(self, v: torch.Tensor, scale_from: torch.Tensor | None = None) -> torch.Tensor:
         """``F(v)``; with the cached convention, the scale comes from ``scale_from`` (same shape, or broadcastable)."""
@@ -116,7 +117,7 @@ class ClassProjection:
 
     def __call__(self, v: torch.Tensor, scale_from: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[..., C]`` of every ``D``-vector in ``v`` under the class embedding of the main head."""
-        return self._linear(self.readouts[0][1], self.normalise(v, scale_from))
+        return self._linear(self.readouts[0].head, self.normalise(v, scale_from))
 
     def streams(
         self, residual: torch.Tensor, attention: torch.Tensor | None = None, mlp: torch.Tensor | None = None
@@ -184,7 +185,7 @@ class ClassProjection:
     @functools.cached_property
     def centred_embedding(self) -> torch.Tensor:
         """``E_c`` (``[C, D]``): the main head's class embeddings through the final norm's gain, rows centred."""
-        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
+        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0].head
         weight = head.weight if norm.weight is None else head.weight * norm.weight
         return weight - weight.mean(dim=-1, keepdim=True)
 
@@ -195,7 +196,7 @@ class ClassProjection:
         Like :attr:`centred_embedding`, computed once per projection (the weights are frozen while it lives),
         not once per stream kind that :meth:`finish` is called on.
         """
-        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0][1]
+        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0].head
         offset = torch.zeros_like(head.weight[:, 0]) if norm.bias is None else head.weight @ norm.bias
         if self.settings.bias and head.bias is not None:
             offset = offset + head.bias
@@ -206,23 +207,28 @@ class ClassProjection:
         return float(cast(nn.LayerNorm, self.final_norm).eps)
 
     def pooled(self, tokens: torch.Tensor, last_layer: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's readout applied to token sequences ``[..., T, D]`` of any layer: ``[..., C]``.
+        """The model's read-out applied to token sequences ``[..., T, D]`` of any layer: ``[..., C]``.
 
-        ``last_layer`` (``[..., T, D]`` of ``x_L``) supplies the cached scale.
+        Every head of the read-out, averaged (DeiT's two). ``last_layer`` (``[..., T, D]`` of
+        ``x_L``) supplies the cached scale.
         """
         total = None
-        for token, head in self.readouts:
-            vector = self._select(tokens, token)
-            reference = None if last_layer is None else self._select(last_layer, token)
-            logits = self._linear(head, self.normalise(vector, reference))
+        for readout in self.readouts:
+            logits = self.read_out(readout, tokens, last_layer)
             total = logits if total is None else total + logits
         assert total is not None
         return total / len(self.readouts)
 
-    def _select(self, tokens: torch.Tensor, token: int | None) -> torch.Tensor:
-        if token is None:
-            return tokens[..., self.spec.num_prefix :, :].mean(dim=-2)
-        return tokens[..., token, :]
+    def read_out(self, readout: Readout, tokens: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:
+        """One head's read-out of ``[..., T, D]``: the norm on every token then pooling, or pooling then the norm.
+
+        With the norm before a mean, the result is the mean of the per-token projections
+        (the head is linear): METHODS.md's identity for ``fc_norm=False`` GAP models.
+        """
+        if self.norm_before_pool:
+            return self._linear(readout.head, readout.pool(self.normalise(tokens, last_layer)))
+        reference = None if last_layer is None else readout.pool(last_layer)
+        return self._linear(readout.head, self.normalise(readout.pool(tokens), reference))
 
 
 def centred_stream_logits(
