@@ -7,7 +7,6 @@ randomly initialised small models: nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_input_data_config
 from timm.models import save_for_hf
-from timm.utils import CheckpointSaver, ModelEmaV3
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from classlens.cli import main
@@ -30,19 +28,12 @@ from model_store.catalog import Catalog
 from model_store.manifest import ManifestError
 from model_store.preprocessing import from_timm_config
 from model_store.sources import ModelSources, RegisterOptions
+from tests.checkpoints import ARCH, LABELS, TINY, hf_config, tiny_vit, train_checkpoint
 from worker.model_loader import load_model, logits_of
 from worker.registration import RegistrationError, register
 
-ARCH = "vit_tiny_patch16_224"
-TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
-LABELS = ["cat", "dog", "bird"]
 # A paragraph, not a key dump: the longest message a mismatch may give (the CLI adds a line).
 SHORT = 1500
-
-
-def tiny_vit(num_classes: int = 3, seed: int = 0, **extra) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(ARCH, pretrained=False, num_classes=num_classes, **{**TINY, **extra}).eval()
 
 
 @pytest.fixture
@@ -233,35 +224,6 @@ def test_ddp_module_prefix_is_removed(cli, store, tmp_path, photo, labels_file):
 # -- timm train.py checkpoints ---------------------------------------------------------------------------
 
 
-def train_checkpoint(folder: Path, ema: bool = True) -> tuple[torch.nn.Module, torch.nn.Module | None, Path]:
-    """A checkpoint written by timm's own CheckpointSaver, as train.py writes it (with its argparse args)."""
-    model = tiny_vit(num_classes=4)
-    model_ema = ModelEmaV3(model) if ema else None
-    with torch.no_grad():  # one "step": the model moves away from its EMA copy
-        for parameter in model.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-    args = argparse.Namespace(
-        model=ARCH,
-        num_classes=4,
-        img_size=32,
-        in_chans=None,
-        input_size=None,
-        gp=None,
-        model_kwargs={k: v for k, v in TINY.items() if k != "img_size"},
-        mean=None,
-        std=None,
-        crop_pct=None,
-        interpolation="",
-        lr=5e-4,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    saver = CheckpointSaver(
-        model, torch.optim.AdamW(model.parameters()), args=args, model_ema=model_ema, checkpoint_dir=str(folder)
-    )
-    saver.save_checkpoint(epoch=3, metric=0.5)
-    return model, None if model_ema is None else model_ema.module, folder / "last.pth.tar"
-
-
 @pytest.mark.parametrize("ema", [False, True], ids=["state_dict", "state_dict_ema"])
 def test_train_checkpoint_in_one_command(cli, store, tmp_path, photo, ema):
     model, model_ema, checkpoint = train_checkpoint(tmp_path / "run")
@@ -293,18 +255,6 @@ def test_ema_without_ema_weights_is_refused(cli, store, tmp_path):
 
 
 # -- transformers folders --------------------------------------------------------------------------------
-
-
-def hf_config(config_class, **extra):
-    return config_class(
-        image_size=32,
-        patch_size=8,
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=2,
-        intermediate_size=128,
-        **extra,
-    )
 
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
