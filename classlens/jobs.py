@@ -68,6 +68,22 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _queued(job_id: str, kind: JobKind, model: str, parameters: Mapping[str, Any], key: str, **fields: Any) -> Job:
+    """A new job record, queued now."""
+    now = time.time()
+    return Job(
+        id=job_id,
+        kind=kind,
+        status="queued",
+        created_at=now,
+        updated_at=now,
+        model=model,
+        parameters=dict(parameters),
+        content_key=key,
+        **fields,
+    )
+
+
 @dataclass(frozen=True)
 class Submission:
     """What became of a submitted request: a finished job from the cache, a joined one, or a new one."""
@@ -175,20 +191,17 @@ class JobStore:
         ``fingerprints`` (name@version -> result fingerprint) are the models as the key was made from them:
         the worker checks its own catalog against them (:attr:`Job.fingerprints`).
         """
-        now = time.time()
-        job = Job(
-            id=new_job_id(),
-            kind=kind,
-            status="queued",
-            created_at=now,
-            updated_at=now,
-            model=model,
-            parameters=dict(parameters),
-            content_key=key,
+        job = _queued(
+            new_job_id(),
+            kind,
+            model,
+            parameters,
+            key,
             image_key=image_key,
             progress=Progress(done=0, total=total),
             fingerprints=dict(fingerprints or {}),
         )
+        now = job.created_at
         for _ in range(3):
             cached = self.result(key)
             if cached is not None:
@@ -199,11 +212,7 @@ class JobStore:
             self.save(job)
             claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
             if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), claim_ttl_s):
-                try:
-                    enqueue(job)
-                except Exception:
-                    self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
-                    raise
+                self._enqueue(job, enqueue)
                 return Submission(job, "queued")
             self.store.delete(f"job:{job.id}")
             claimed = self.store.get(f"inflight:{key}")
@@ -229,24 +238,17 @@ class JobStore:
         caller, who may have named files after it. As in :meth:`submit`, a failing ``enqueue`` marks the
         job failed and re-raises.
         """
-        now = time.time()
-        job = Job(
-            id=job_id,
-            kind=kind,
-            status="queued",
-            created_at=now,
-            updated_at=now,
-            model=model,
-            parameters=dict(parameters),
-            content_key=sha256_hex(f"{kind}-job:{job_id}".encode()),
-        )
-        self.save(job)
+        job = self.save(_queued(job_id, kind, model, parameters, sha256_hex(f"{kind}-job:{job_id}".encode())))
+        self._enqueue(job, enqueue)
+        return job
+
+    def _enqueue(self, job: Job, enqueue: Callable[[Job], None]) -> None:
+        """Hand ``job`` to the queue; a job the queue refuses is failed (never left queued) and the error raised."""
         try:
             enqueue(job)
         except Exception:
             self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
             raise
-        return job
 
     # -- the worker side -----------------------------------------------------------------------------
 

@@ -21,6 +21,23 @@ def store_copy(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """Invoke ``classlens`` in this process with its own data dir: models go to tmp/data/models."""
+    from click.testing import CliRunner
+
+    from classlens.cli import main
+
+    monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CLASSLENS_MODEL_DIRS", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
 @pytest.fixture(scope="session")
 def bundled_catalog() -> Catalog:
     catalog = Catalog([BUNDLED_ROOT])

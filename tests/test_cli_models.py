@@ -5,25 +5,16 @@ import json
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from classlens.cli import main
 from model_store.catalog import Catalog
 from worker.model_loader import load_model
 
 
 @pytest.fixture
-def run(tmp_path, monkeypatch):
-    """Invoke the CLI with an isolated data dir (so `models add` never touches the bundled store)."""
-    monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("CLASSLENS_MODEL_DIRS", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
+def run(cli):
+    """The CLI with an isolated data dir (so `models add` never touches the bundled store)."""
+    return cli
 
 
 def test_list_show_verify_bundled(run):

@@ -15,14 +15,12 @@ from typing import Any
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_input_data_config
 from timm.models import save_for_hf
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens.cli import main
 from classlens.contract import Explanation
 from model_store.catalog import Catalog
 from model_store.manifest import ManifestError
@@ -34,19 +32,6 @@ from worker.registration import RegistrationError, register
 
 # A paragraph, not a key dump: the longest message a mismatch may give (the CLI adds a line).
 SHORT = 1500
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    """Invoke the CLI with its own data dir: models go to tmp/data/models, found there by `explain`."""
-    monkeypatch.setenv("CLASSLENS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("CLASSLENS_MODEL_DIRS", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
 
 
 @pytest.fixture

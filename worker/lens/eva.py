@@ -17,7 +17,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import nn
 
 from worker.lens.adapter import LensModel, Readout, TensorSink, UnsupportedModelError, ViTSpec, linear_head, pair
-from worker.lens.vit import final_norm_of, materialised, pooling_of
+from worker.lens.vit import final_norm_of, materialised, pooling_of, timm_problems
 
 
 class TimmEva(LensModel):
@@ -27,18 +27,7 @@ class TimmEva(LensModel):
         super().__init__(model)
         if not isinstance(model, Eva):
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm Eva")
-        problems = []
-        if getattr(model, "attn_pool", None) is not None:
-            problems.append("attention pooling ('map'): no token's projection corresponds to the logits")
-        if getattr(model, "dynamic_img_size", False):
-            problems.append("dynamic image size (the grid must be fixed by the manifest's input size)")
-        for index, block in enumerate(model.blocks):
-            if type(block) is not EvaBlock or type(block.attn) is not EvaAttention:
-                problems.append(
-                    f"block {index} is {type(block).__name__}, not a pre-norm EvaBlock "
-                    "(post-norm blocks break x_b = x_(b-1) + a_b + m_b)"
-                )
-                break
+        problems = timm_problems(model, EvaBlock, EvaAttention)
         if problems:
             raise UnsupportedModelError("unsupported Eva: " + "; ".join(problems))
         pooling = pooling_of(model.global_pool)

@@ -55,6 +55,7 @@ __all__ = [
     "materialised",
     "materialised_attention",
     "save_as_leaf",
+    "timm_problems",
     "trace",
 ]
 
@@ -87,29 +88,36 @@ def final_norm_of(model: nn.Module) -> tuple[nn.Module, bool]:
     return norm, True
 
 
-def inspect_vit(model: nn.Module) -> ViTSpec:
-    """Read the number of prefix tokens, the grid and the rest from ``model``; refuse what we cannot explain."""
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer; the class-embedding lens needs one"
-        )
+def timm_problems(model: nn.Module, block_class: type[nn.Module], attention_class: type[nn.Module]) -> list[str]:
+    """What keeps the lens from a timm ViT-like model (``VisionTransformer``, ``Eva``), each with its reason."""
     problems = []
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLINGS:
+    attention_pool = getattr(model, "attn_pool", None) is not None
+    if attention_pool or model.global_pool not in POOLINGS:
         try:
-            pooling_of("map" if getattr(model, "attn_pool", None) is not None else model.global_pool)
+            pooling_of("map" if attention_pool else cast(str, model.global_pool))
         except UnsupportedModelError as error:
             problems.append(str(error).removeprefix("unsupported read-out: "))
     if not isinstance(model.head, nn.Linear):
         problems.append("a head that is not one linear layer (the class embeddings are a linear head's rows)")
     if getattr(model, "dynamic_img_size", False):
         problems.append("dynamic image size (the grid must be fixed by the manifest's input size)")
-    for index, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
+    for index, block in enumerate(cast(nn.ModuleList, model.blocks)):
+        if type(block) is not block_class or type(block.attn) is not attention_class:
             problems.append(
-                f"block {index} is {type(block).__name__}, not a pre-norm timm Block with Attention "
-                "(the lens needs x_b = x_(b-1) + a_b + m_b)"
+                f"block {index} is {type(block).__name__}, not a pre-norm {block_class.__name__} with "
+                f"{attention_class.__name__} (the lens needs x_b = x_(b-1) + a_b + m_b; post-norm blocks break it)"
             )
             break
+    return problems
+
+
+def inspect_vit(model: nn.Module) -> ViTSpec:
+    """Read the number of prefix tokens, the grid and the rest from ``model``; refuse what we cannot explain."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer; the class-embedding lens needs one"
+        )
+    problems = timm_problems(model, Block, Attention)
     if problems:
         raise UnsupportedModelError("unsupported ViT: " + "; ".join(problems))
 
