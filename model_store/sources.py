@@ -34,6 +34,14 @@ WEIGHTS_SUFFIXES = (".pth.tar", ".safetensors", ".bin", ".pth", ".pt")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$|\.index\.json$")
 
 
+class RegistrationError(ValueError):
+    """Something about the model's files or options that the user can fix; the message says what and why.
+
+    Raised by the worker's registration (``worker.registration.register``); defined here, torch-free,
+    so that every side names the same error.
+    """
+
+
 def weights_suffix(name: str) -> str | None:
     """The weights suffix ``name`` ends with (lower case), or None when it is not a weights file name."""
     lowered = name.lower()

@@ -337,6 +337,19 @@ def test_width_mismatch_names_the_size_meant(cli, store, tmp_path):
     assert "shape mismatches" in output
 
 
+def test_width_mismatch_of_a_model_without_a_cls_token(cli, store, tmp_path):
+    """GAP models have no CLS token: the width is read from the position embedding."""
+    torch.manual_seed(0)
+    gap = {"img_size": 32, "patch_size": 8, "depth": 2, "class_token": False, "global_pool": "avg"}
+    tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **gap)
+    weights = tmp_path / "tiny-gap.safetensors"
+    save_file(tiny.state_dict(), str(weights))
+    output = refused(cli, store, weights, "--architecture", "vit_small_patch16_224", "--model-args", json.dumps(gap))
+    assert "embed_dim 192 in the checkpoint vs 384 in vit_small_patch16_224: did you mean vit_tiny_patch16_224?" in (
+        output.replace("\n", " ")
+    )
+
+
 def test_depth_mismatch(cli, store, tmp_path):
     weights = tmp_path / "two.safetensors"
     save_file(tiny_vit().state_dict(), str(weights))

@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pickle
 import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 import timm
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.data import resolve_input_data_config
 from torch import nn
 
@@ -52,61 +51,30 @@ from model_store.artifacts import ArtifactError, sha256_of
 from model_store.catalog import ModelEntry, add_model
 from model_store.manifest import ManifestError, Preprocessing, Structure, describe_validation_error
 from model_store.preprocessing import from_hf_processor, from_timm_config
-from model_store.sources import ModelSources, RegisterOptions, weights_suffix
+from model_store.sources import ModelSources, RegisterOptions, RegistrationError
+from worker.checkpoints import Weights, read_weights
 from worker.lens.families import describe
 from worker.model_loader import (
-    SHOWN_KEYS,
     TRANSFORMERS_CLASSES,
     Fit,
     ModelLoadError,
-    Shape,
     build_model,
     fit_weights,
     load_model,
     logits_of,
     num_classes_of,
-    read_checkpoint,
     transformers_class,
 )
+from worker.weight_mismatch import Target, mismatch, shapes
 
 log = logging.getLogger(__name__)
 
-# Wrappers that put a prefix before every key: DistributedDataParallel / DataParallel
-# ("module.") and torch.compile ("_orig_mod.").
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Where training scripts keep the weights inside a checkpoint dict, most specific first.
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # Labels transformers writes when nobody named the classes: LABEL_0, LABEL_1, ...
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
-# timm's ViT widths by model size, to suggest the size a checkpoint was trained at.
-_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 # The data-config keys of timm train.py's arguments that decide its eval transform.
 _TRAIN_DATA_ARGS = ("in_chans", "input_size", "img_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # PIL's resampling codes, as a preprocessor_config.json writes "resample".
 _PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-
-
-class RegistrationError(ValueError):
-    """Something about the model's files or options that the user can fix; the message says what and why."""
-
-
-@dataclass
-class _Weights:
-    """The plain state dict read from the weights file, and what was done to get it."""
-
-    state: dict[str, torch.Tensor]
-    kind: str  # "safetensors file", "state dict", "timm train.py checkpoint", ...
-    file: str = ""  # the file's name, for messages
-    entry: str | None = None  # the checkpoint key the weights came from ("state_dict_ema", ...)
-    arch: str | None = None  # a train.py checkpoint's architecture
-    args: dict[str, Any] = field(default_factory=dict)  # a train.py checkpoint's arguments
-    epoch: int | None = None
-    removed: list[str] = field(default_factory=list)  # wrapper prefixes removed from every key
-
-    @property
-    def plain(self) -> bool:
-        """Whether the file already is what gets stored (a safetensors file with nothing removed)."""
-        return self.kind == "safetensors file" and not self.removed
 
 
 @dataclass
@@ -119,6 +87,10 @@ class _Plan:
     labels: list[str]
     head_key: str | None
     read: list[str] = field(default_factory=list)  # "labels from labels.txt", ...
+
+    @property
+    def target(self) -> Target:
+        return Target(self.framework, self.architecture, self.head_key)
 
 
 def register(
@@ -144,7 +116,7 @@ def register(
     if folder.exists() and not options.overwrite:
         raise RegistrationError(f"{folder} exists; choose another version or overwrite it (--overwrite)")
     config = _read_json(sources.config) if sources.config else None
-    weights = _read_weights(sources.weights, ema=options.ema)
+    weights = read_weights(sources.weights, ema=options.ema)
     plan = _plan(sources, config, weights, options, warning)
     model = _load(plan, weights, sources.weights.name)
     channels = _channels(model, plan)
@@ -206,110 +178,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_weights(path: Path, *, ema: bool) -> _Weights:
-    """The plain state dict in ``path``: safetensors as it is, a pickle-based checkpoint unwrapped.
-
-    A pickle-based file is only ever read with ``weights_only=True`` (plus the ``argparse.Namespace``
-    of timm's train.py checkpoints, see :func:`worker.model_loader.read_checkpoint`).
-    """
-    if weights_suffix(path.name) == ".safetensors":
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as error:  # SafetensorError, OSError, ...: whatever a malformed file raises
-            raise RegistrationError(f"{path.name}: not a readable safetensors file: {error}") from None
-        if ema:
-            raise RegistrationError(
-                f"EMA weights were asked for, but {path.name} is a safetensors file, which holds one set of weights; "
-                "EMA weights come from a timm train.py checkpoint (.pth.tar) that has a state_dict_ema"
-            )
-        weights = _Weights(state=state, kind="safetensors file")
-    else:
-        weights = _unwrap(path.name, _unpickle(path), ema=ema)
-    weights.state, weights.removed = _strip_wrappers(weights.state)
-    weights.file = path.name
-    if not weights.state:
-        raise RegistrationError(f"{path.name}: holds no tensors")
-    return weights
-
-
-def _unpickle(path: Path) -> object:
-    try:
-        return read_checkpoint(path)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"a {found.group(1)} object" if found else "objects other than tensors and plain values"
-        raise RegistrationError(
-            f"{path.name}: refused to unpickle: it holds {what}, and PyTorch checkpoints are read with "
-            "torch.load(weights_only=True), which runs no code from the file (only tensors, plain values and "
-            "timm's argparse.Namespace are accepted). Save the state dict alone (torch.save(model.state_dict(), ...)) "
-            "or as safetensors"
-        ) from None
-    except Exception as error:  # torch.load raises many kinds of error for a file that is not a checkpoint
-        raise RegistrationError(f"{path.name}: not a PyTorch checkpoint torch can read: {error}") from None
-
-
-def _unwrap(name: str, content: object, *, ema: bool) -> _Weights:
-    """The state dict of a checkpoint: a dict of tensors, or one kept under ``state_dict`` (timm), ``model``, ..."""
-    if not isinstance(content, dict):
-        raise RegistrationError(f"{name}: holds a {type(content).__name__}, not a state dict (a dict of tensors)")
-    if content and all(isinstance(v, torch.Tensor) for v in content.values()):
-        if ema:
-            raise RegistrationError(
-                f"EMA weights were asked for, but {name} is a plain state dict with one set of weights; "
-                "EMA weights come from a timm train.py checkpoint that has a state_dict_ema"
-            )
-        return _Weights(state=dict(content), kind="state dict")
-    keys = ", ".join(str(k) for k in list(content)[:8])
-    if ema:
-        if not isinstance(content.get("state_dict_ema"), dict):
-            raise RegistrationError(
-                f"EMA weights were asked for, but {name} has no state_dict_ema (it holds {keys}): "
-                "it was saved without --model-ema; register it without EMA to take its state_dict"
-            )
-        entry = "state_dict_ema"
-    else:
-        found = next((key for key in STATE_DICT_KEYS if isinstance(content.get(key), dict)), None)
-        if found is None:
-            raise RegistrationError(
-                f"{name}: no state dict in the checkpoint (it holds {keys}; looked for {', '.join(STATE_DICT_KEYS)})"
-            )
-        entry = found
-    state = content[entry]
-    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise RegistrationError(f"{name}: {entry}[{bad!r}] is a {type(state[bad]).__name__}, not a tensor")
-    args = content.get("args")
-    arguments = dict(args) if isinstance(args, dict) else dict(vars(args)) if hasattr(args, "__dict__") else {}
-    timm_checkpoint = entry.startswith("state_dict") and ("arch" in content or "args" in content)
-    return _Weights(
-        state=dict(state),
-        kind="timm train.py checkpoint" if timm_checkpoint else "checkpoint",
-        entry=entry,
-        arch=content.get("arch") if isinstance(content.get("arch"), str) else None,
-        args=arguments,
-        epoch=content.get("epoch") if isinstance(content.get("epoch"), int) else None,
-    )
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``state`` with a prefix every key shares removed, while it is a known wrapper's (``module.``, ...)."""
-    removed = []
-    while state:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
-        if prefix is None:
-            break
-        state = {key[len(prefix) :]: value for key, value in state.items()}
-        removed.append(prefix)
-    return state, removed
-
-
 # -- what to build ----------------------------------------------------------------------------------------
 
 
 def _plan(
     sources: ModelSources,
     config: dict[str, Any] | None,
-    weights: _Weights,
+    weights: Weights,
     options: RegisterOptions,
     warning: Callable[[str], None],
 ) -> _Plan:
@@ -334,7 +209,7 @@ def _plan(
     return plan
 
 
-def _timm_plan(config: dict[str, Any] | None, weights: _Weights, options: RegisterOptions, where: str) -> _Plan:
+def _timm_plan(config: dict[str, Any] | None, weights: Weights, options: RegisterOptions, where: str) -> _Plan:
     args = weights.args
     if options.architecture:
         architecture, source = options.architecture, "as given"
@@ -425,7 +300,7 @@ def _settle_classes(
     plan: _Plan,
     sources: ModelSources,
     config: dict[str, Any] | None,
-    weights: _Weights,
+    weights: Weights,
     options: RegisterOptions,
     warning: Callable[[str], None],
 ) -> None:
@@ -510,13 +385,13 @@ def _checked_labels(labels: list[str], where: str) -> tuple[list[str], str]:
 # -- building and loading ---------------------------------------------------------------------------------
 
 
-def _load(plan: _Plan, weights: _Weights, file: str) -> nn.Module:
+def _load(plan: _Plan, weights: Weights, file: str) -> nn.Module:
     try:
         model, fit = fit_weights(plan.framework, plan.architecture, plan.model_args, weights.state)
     except ModelLoadError as error:
         raise RegistrationError(str(error)) from None
     if not fit.ok:
-        raise RegistrationError(_mismatch(plan, file, fit, _shapes(weights.state), _shapes(model.state_dict())))
+        raise RegistrationError(mismatch(plan.target, file, fit, shapes(weights.state), shapes(model.state_dict())))
     classes = num_classes_of(model)
     if classes != len(plan.labels):
         raise RegistrationError(f"{plan.architecture} has {classes} classes but {len(plan.labels)} labels")
@@ -566,7 +441,7 @@ def _preprocessing(
     model: nn.Module,
     channels: int,
     config: dict[str, Any] | None,
-    weights: _Weights,
+    weights: Weights,
     sources: ModelSources,
     options: RegisterOptions,
     warning: Callable[[str], None],
@@ -623,7 +498,7 @@ def _timm_preprocessing(
     model: nn.Module,
     channels: int,
     config: dict[str, Any] | None,
-    weights: _Weights,
+    weights: Weights,
     options: RegisterOptions,
 ) -> tuple[Preprocessing, str]:
     """timm's own resolution of the eval transform for this model, then :func:`from_timm_config`.
@@ -702,7 +577,7 @@ def _store(
     root: Path,
     fields: dict[str, Any],
     plan: _Plan,
-    weights: _Weights,
+    weights: Weights,
     source: Path,
     options: RegisterOptions,
 ) -> ModelEntry:
@@ -764,7 +639,7 @@ def _storable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _weights_note(weights: _Weights, file: str) -> str:
+def _weights_note(weights: Weights, file: str) -> str:
     what = f"{weights.entry} of {file}" if weights.entry else file
     if weights.epoch is not None:
         what += f" (epoch {weights.epoch})"
@@ -773,7 +648,7 @@ def _weights_note(weights: _Weights, file: str) -> str:
     return f"weights: {what}" + ("" if weights.plain else ", stored as safetensors")
 
 
-def _recipe(weights: _Weights, file: str) -> str:
+def _recipe(weights: Weights, file: str) -> str:
     if weights.kind == "timm train.py checkpoint":
         epoch = f", epoch {weights.epoch}" if weights.epoch is not None else ""
         return f"timm train.py ({file}{epoch}); registered with classlens"
@@ -783,18 +658,7 @@ def _recipe(weights: _Weights, file: str) -> str:
 # -- saying why weights do not fit ------------------------------------------------------------------------
 
 
-def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Shape]:
-    return {key: tuple(tensor.shape) for key, tensor in state.items()}
-
-
-def _mismatch(plan: _Plan, file: str, fit: Fit, found: Mapping[str, Shape], wanted: Mapping[str, Shape]) -> str:
-    """One paragraph: the counts, a few keys of each kind, and the likely cause."""
-    causes = "; ".join(_causes(plan, found, wanted)[:3])
-    end = "" if causes.endswith(("?", ".")) else "."
-    return f"The weights do not fit {plan.architecture} ({file}): {fit.describe()}. Likely cause: {causes}{end}"
-
-
-def _unknown_classes(plan: _Plan, weights: _Weights, count_key: str) -> str:
+def _unknown_classes(plan: _Plan, weights: Weights, count_key: str) -> str:
     """Why the class count cannot be read: the head is missing, or the weights are another model's.
 
     The second is told apart by building the architecture with any class count (two) and
@@ -807,8 +671,8 @@ def _unknown_classes(plan: _Plan, weights: _Weights, count_key: str) -> str:
         with contextlib.suppress(ModelLoadError):
             probe = build_model(plan.framework, plan.architecture, {**plan.model_args, count_key: 2})
     if probe is not None:
-        body = {key: shape for key, shape in _shapes(probe.state_dict()).items() if not key.startswith(f"{head}.")}
-        found = {key: shape for key, shape in _shapes(weights.state).items() if not key.startswith(f"{head}.")}
+        body = {key: shape for key, shape in shapes(probe.state_dict()).items() if not key.startswith(f"{head}.")}
+        found = {key: shape for key, shape in shapes(weights.state).items() if not key.startswith(f"{head}.")}
         fit = Fit(
             missing=[key for key in body if key not in found],
             unexpected=[key for key in found if key not in body],
@@ -817,124 +681,8 @@ def _unknown_classes(plan: _Plan, weights: _Weights, count_key: str) -> str:
             ],
         )
         if not fit.ok:
-            return _mismatch(plan, weights.file, fit, found, body)
+            return mismatch(plan.target, weights.file, fit, found, body)
     return (
         f"cannot tell the classes: nothing names the labels and the checkpoint has no {plan.head_key} "
         "to count them from. Give a labels file, one class name a line"
     )
-
-
-def _causes(plan: _Plan, found: Mapping[str, Shape], wanted: Mapping[str, Shape]) -> list[str]:
-    keys = list(found)
-    foreign = _foreign_keys(plan, keys)
-    if foreign is not None:
-        return [foreign]
-    mine, theirs = _top_modules(list(wanted)), _top_modules(keys)
-    if not mine & theirs:
-        if len(theirs) == 1:
-            [prefix] = theirs
-            return [
-                f"every key in the file starts with '{prefix}.', which {plan.architecture} has no part named; "
-                "it was saved from a wrapper around the model: save the inner model's state_dict()"
-            ]
-        shown = ", ".join(sorted(theirs)[:SHOWN_KEYS])
-        return [
-            f"the file's top-level modules ({shown}) share nothing with {plan.architecture}'s; it was saved from "
-            "another kind of model"
-        ]
-    timm_names = plan.framework == "timm"
-    causes = []
-    width_found, width_wanted = _last_dim(found, "cls_token"), _last_dim(wanted, "cls_token")
-    if width_found and width_wanted and width_found != width_wanted:
-        name = "embed_dim" if timm_names else "hidden_size"
-        cause = f"{name} {width_found} in the checkpoint vs {width_wanted} in {plan.architecture}"
-        suggestion = _size_suggestion(plan.architecture, width_found, width_wanted) if timm_names else None
-        causes.append(cause + (f": did you mean {suggestion}?" if suggestion else ""))
-    depth_found, depth_wanted = _depth(found), _depth(wanted)
-    if depth_found and depth_wanted and depth_found != depth_wanted:
-        name = "depth" if timm_names else "num_hidden_layers"
-        causes.append(f"the checkpoint has {depth_found} blocks, the model {depth_wanted}: set {name} to {depth_found}")
-    patch_found, patch_wanted = _patch(found), _patch(wanted)
-    if patch_found and patch_wanted:
-        if patch_found[0] != patch_wanted[0]:
-            name = "in_chans" if timm_names else "num_channels"
-            causes.append(f"{name} {patch_found[0]} in the checkpoint vs {patch_wanted[0]} in the model")
-        if patch_found[1:] != patch_wanted[1:]:
-            size = "x".join(str(n) for n in patch_found[1:])
-            causes.append(f"patch size {size} in the checkpoint vs {'x'.join(str(n) for n in patch_wanted[1:])}")
-    tokens_found, tokens_wanted = _tokens(found), _tokens(wanted)
-    if tokens_found and tokens_wanted and tokens_found != tokens_wanted and len(causes) < 2:
-        name = "img_size" if timm_names else "image_size"
-        causes.append(
-            f"the checkpoint's position embedding holds {tokens_found} tokens, the model's {tokens_wanted}: "
-            f"the image size differs (set {name} to the one it was trained at)"
-        )
-    head_key = plan.head_key or ""
-    if head_key in found and head_key in wanted and found[head_key][0] != wanted[head_key][0]:
-        name = "num_classes" if timm_names else "num_labels"
-        causes.append(
-            f"the checkpoint's head has {found[head_key][0]} classes but the model {wanted[head_key][0]} ({name})"
-        )
-    return causes or [
-        f"the file was saved from another architecture than {plan.architecture}, or with other model_args"
-    ]
-
-
-def _foreign_keys(plan: _Plan, keys: Sequence[str]) -> str | None:
-    """Why the keys belong to the other framework's models, if they do."""
-    if plan.framework == "timm" and _looks_transformers(keys):
-        return (
-            "these keys look like a Hugging Face transformers checkpoint; register the folder save_pretrained "
-            "wrote (with its config.json) instead of naming a timm architecture"
-        )
-    if plan.framework == "transformers" and _looks_timm(keys):
-        return "these keys look like a timm checkpoint; register it with its timm architecture name instead"
-    return None
-
-
-def _looks_transformers(keys: Sequence[str]) -> bool:
-    return any(re.match(r"(vit|deit)\.(embeddings|encoder|layers)\.", key) for key in keys)
-
-
-def _looks_timm(keys: Sequence[str]) -> bool:
-    return any(key.startswith("blocks.0.") for key in keys) and any(key.startswith("patch_embed.") for key in keys)
-
-
-def _top_modules(keys: Sequence[str]) -> set[str]:
-    return {key.split(".", 1)[0] for key in keys}
-
-
-def _find(shapes: Mapping[str, Shape], *suffixes: str) -> Shape | None:
-    return next((shape for key, shape in shapes.items() if key.endswith(suffixes)), None)
-
-
-def _last_dim(shapes: Mapping[str, Shape], suffix: str) -> int | None:
-    shape = _find(shapes, suffix)
-    return shape[-1] if shape else None
-
-
-def _depth(shapes: Mapping[str, Shape]) -> int | None:
-    indices = [int(m.group(1)) for key in shapes if (m := re.search(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)\.", key))]
-    return max(indices) + 1 if indices else None
-
-
-def _patch(shapes: Mapping[str, Shape]) -> Shape | None:
-    shape = _find(shapes, "patch_embed.proj.weight", "patch_embeddings.projection.weight")
-    return shape[1:] if shape and len(shape) == 4 else None
-
-
-def _tokens(shapes: Mapping[str, Shape]) -> int | None:
-    shape = _find(shapes, "pos_embed", "position_embeddings")
-    return shape[1] if shape and len(shape) == 3 else None
-
-
-def _size_suggestion(architecture: str, width_found: int, width_wanted: int) -> str | None:
-    """``vit_small_patch16_224`` for a 384-wide checkpoint given ``vit_base_patch16_224``, if timm has it."""
-    size_found, size_wanted = _VIT_SIZES.get(width_found), _VIT_SIZES.get(width_wanted)
-    if size_found is None:
-        return None
-    if size_wanted and f"_{size_wanted}" in architecture:
-        candidate = architecture.replace(f"_{size_wanted}", f"_{size_found}", 1)
-        if timm.is_model(candidate):
-            return candidate
-    return f"a {size_found} model (width {width_found})"
