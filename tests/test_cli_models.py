@@ -172,3 +172,25 @@ def test_add_needs_one_path(run, tmp_path):
     assert both.exit_code == 2 and "not both" in both.output
     neither = run("models", "add", "--labels", labels, *ADD_ARGS)
     assert neither.exit_code == 2 and "give the PATH" in neither.output
+
+
+def test_disable_list_and_enable_a_version(run, store_copy, monkeypatch):
+    monkeypatch.setenv("CLASSLENS_MODEL_DIRS", str(store_copy))
+    result = run("models", "disable", "fmnist-vit@1", "--note", "superseded")
+    assert result.exit_code == 0 and "disabled fmnist-vit@1" in result.output
+    assert "superseded" in (store_copy / "fmnist-vit" / "1" / "DISABLED").read_text()
+    listed = run("models", "list").output
+    assert "fmnist-vit@1 " not in listed and "fmnist-vit@2" in listed
+    assert "fmnist-vit@1 (disabled)" in run("models", "list", "--include-disabled").output
+    rows = json.loads(run("models", "list", "--json", "--include-disabled").output)
+    assert {(r["name"], r["version"]): r["disabled"] for r in rows}[("fmnist-vit", "1")] is True
+    assert run("models", "show", "fmnist-vit@1").exit_code == 1  # not resolved for new work
+
+    result = run("models", "enable", "fmnist-vit@1")
+    assert result.exit_code == 0 and not (store_copy / "fmnist-vit" / "1" / "DISABLED").exists()
+    assert "fmnist-vit@1 " in run("models", "list").output
+
+
+def test_disable_needs_a_version(run):
+    result = run("models", "disable", "fmnist-vit")
+    assert result.exit_code == 1 and "names no version" in result.output

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from classlens.cli.common import open_catalog, resolve
 from classlens.settings import Settings
 from model_store.artifacts import ArtifactError
-from model_store.catalog import ModelEntry
+from model_store.catalog import ModelEntry, ModelNotFoundError
 from model_store.manifest import ManifestError, describe_validation_error
 
 
@@ -28,6 +28,7 @@ def _summary(entry: ModelEntry) -> dict[str, Any]:
         "classes": manifest.labels.count,
         "metrics": {m.name: m.value for m in manifest.metrics},
         "folder": str(entry.folder),
+        "disabled": entry.disabled,
     }
 
 
@@ -38,11 +39,12 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--include-disabled", is_flag=True, help="Also list disabled versions (marked as such).")
 @click.pass_obj
-def models_list(settings: Settings, as_json: bool) -> None:
+def models_list(settings: Settings, as_json: bool, include_disabled: bool) -> None:
     """Every registered model version."""
     catalog = open_catalog(settings)
-    rows = [_summary(catalog.entries[key]) for key in sorted(catalog.entries)]
+    rows = [_summary(entry) for entry in catalog.listing(include_disabled=include_disabled)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -52,7 +54,7 @@ def models_list(settings: Settings, as_json: bool) -> None:
     click.echo(f"{'MODEL':<28} {'ARCHITECTURE':<24} {'INPUT':<12} {'CLASSES':>7}  METRICS")
     for row in rows:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in row["metrics"].items())
-        reference = f"{row['name']}@{row['version']}"
+        reference = f"{row['name']}@{row['version']}" + (" (disabled)" if row["disabled"] else "")
         click.echo(f"{reference:<28} {row['architecture']:<24} {row['input']:<12} {row['classes']:>7}  {metrics}")
 
 
@@ -66,6 +68,33 @@ def models_show(settings: Settings, reference: str) -> None:
     document["folder"] = str(entry.folder)
     document["label_names"] = entry.labels()
     click.echo(json.dumps(document, indent=2))
+
+
+@models.command("disable")
+@click.argument("reference")
+@click.option("--note", default="", help="Why, kept in the version's DISABLED file.")
+@click.pass_obj
+def models_disable(settings: Settings, reference: str, note: str) -> None:
+    """Disable NAME@VERSION: no new requests, its results no longer served; its files stay (see `enable`)."""
+    catalog = open_catalog(settings)
+    try:
+        entry = catalog.disable(reference, note)
+    except (ModelNotFoundError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"disabled {entry.reference} ({entry.folder})")
+
+
+@models.command("enable")
+@click.argument("reference")
+@click.pass_obj
+def models_enable(settings: Settings, reference: str) -> None:
+    """Enable a disabled NAME@VERSION again."""
+    catalog = open_catalog(settings)
+    try:
+        entry = catalog.enable(reference)
+    except (ModelNotFoundError, ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"enabled {entry.reference} ({entry.folder})")
 
 
 @models.command("verify")
