@@ -42,9 +42,14 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+# However short the heartbeat period, a worker is judged dead only after this long without a beat:
+# on a loaded machine a busy process can miss a few short beats and still be alive.
+ALIVE_MIN_S = 10.0
+
+
 def beat_alive(store: Store, worker_id: str, period_s: float) -> None:
-    """Say "this worker lives" for three periods (one missed beat is not death)."""
-    store.set(ALIVE_PREFIX + worker_id, b"1", period_s * 3)
+    """Say "this worker lives" for three periods, and at least :data:`ALIVE_MIN_S` (one missed beat is not death)."""
+    store.set(ALIVE_PREFIX + worker_id, b"1", max(period_s * 3, ALIVE_MIN_S))
 
 
 def is_alive(store: Store, worker_id: str) -> bool:
