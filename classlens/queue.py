@@ -142,30 +142,13 @@ def send_job(app: Celery, settings: Settings, job: Job) -> None:
     """Queue ``job`` again by its kind, with the limits its route gives it (the reaper's way back into the queue)."""
     if job.kind == "explanation":
         enqueue(app, EXPLAIN_TASK, job.id)
-    elif job.kind == "audit":
-        enqueue(
-            app,
-            AUDIT_TASK,
-            job.id,
-            soft_time_limit_s=settings.audit_soft_time_limit_s,
-            time_limit_s=settings.audit_time_limit_s,
-        )
-    elif job.kind == "analysis":
-        enqueue(
-            app,
-            ANALYSIS_TASK,
-            job.id,
-            soft_time_limit_s=settings.analysis_soft_time_limit_s,
-            time_limit_s=settings.analysis_time_limit_s,
-        )
-    else:
-        enqueue(
-            app,
-            MODEL_ADD_TASK,
-            job.id,
-            soft_time_limit_s=settings.model_add_soft_time_limit_s,
-            time_limit_s=settings.model_add_time_limit_s,
-        )
+        return
+    task, soft_s, hard_s = {
+        "audit": (AUDIT_TASK, settings.audit_soft_time_limit_s, settings.audit_time_limit_s),
+        "analysis": (ANALYSIS_TASK, settings.analysis_soft_time_limit_s, settings.analysis_time_limit_s),
+        "model": (MODEL_ADD_TASK, settings.model_add_soft_time_limit_s, settings.model_add_time_limit_s),
+    }[job.kind]
+    enqueue(app, task, job.id, soft_time_limit_s=soft_s, time_limit_s=hard_s)
 
 
 def queue_depths(app: Celery, queues: tuple[str, ...] = ALL_QUEUES) -> dict[str, int]:
