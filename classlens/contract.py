@@ -95,7 +95,7 @@ class Explanation(_Frozen):
     targets: list[TargetExplanation]
 
 
-# --- Jobs: the records the API and the workers share through the store. ---
+# --- Jobs (issue #4): the records the API and the workers share through the store. ---
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 # "model": registering a model uploaded through POST /v1/models (the job's result is a ModelRegistration).
@@ -143,15 +143,6 @@ class Job(_Frozen):
         "whose catalog entry differs looks again and refuses the job rather than store a result under a key "
         "that names other content.",
     )
-    owner: str | None = Field(
-        default=None,
-        description="The id of the API key that submitted the job (None: authentication off); other keys never see it.",
-    )
-    follows: str | None = Field(
-        default=None,
-        description="The job (of another owner) computing this job's result: this record is its owner's own view "
-        "of that work, and takes its status from it (classlens.jobs.JobStore.get).",
-    )
 
 
 class ModelRegistration(_Frozen):
@@ -168,7 +159,7 @@ class ModelRegistration(_Frozen):
     result_fingerprint: str = Field(description="What result content keys of this version are made of.")
 
 
-# --- Audits: many images explained in one job, summarised per image and overall. ---
+# --- Audits (issue #4): many images explained in one job, summarised per image and overall. ---
 
 
 class AuditImage(_Frozen):
@@ -253,7 +244,7 @@ class AuditResult(_Frozen):
     aggregates: AuditAggregates
 
 
-# --- Analyses: the representation analyses of METHODS.md section 2 (and section 1's
+# --- Analyses (issue #5): the representation analyses of METHODS.md section 2 (and section 1's
 # memories and perturbations), run over a batch of images as one job. ---
 
 AnalysisKind = Literal[

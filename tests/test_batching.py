@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from classlens import batching, leases
+from classlens import batching
 from classlens.batching import BatchQueue, batch_key
 from classlens.contract import Job
 from classlens.jobs import new_job_id
-from classlens.leases import beat_alive, new_worker_id
 from classlens.store import RedisStore, SqliteStore
 
 
@@ -36,13 +35,6 @@ def job(model: str = "m@1", **parameters: object) -> Job:
     )
 
 
-def live_queue(store) -> BatchQueue:
-    """A worker's batch queue whose heartbeat is fresh (a claim by a dead worker is taken over)."""
-    worker_id = new_worker_id()
-    beat_alive(store, worker_id, 60)
-    return BatchQueue(store, lease_s=60, worker_id=worker_id)
-
-
 def test_batch_key_separates_models_and_parameters():
     assert batch_key("m@1", {"top_k": 3}) == batch_key("m@1", {"top_k": 3})
     assert batch_key("m@1", {"top_k": 3}) != batch_key("m@2", {"top_k": 3})
@@ -50,7 +42,7 @@ def test_batch_key_separates_models_and_parameters():
 
 
 def test_companions_are_the_offered_jobs_of_the_same_batch_claimed_once(store):
-    queue = live_queue(store)
+    queue = BatchQueue(store, lease_s=60)
     first, *same = [job() for _ in range(5)]
     other = job(top_k=2)
     known = {j.id: j for j in [first, *same, other]}
@@ -67,33 +59,18 @@ def test_companions_are_the_offered_jobs_of_the_same_batch_claimed_once(store):
     assert queue.claim(first.id)
 
 
-def test_a_claim_lives_as_long_as_its_holders_heartbeat(store, monkeypatch):
-    """A claim by a live worker is refused to others; one whose holder stopped beating is taken over, once."""
-    monkeypatch.setattr(leases, "ALIVE_MIN_S", 0.0)  # judge death by the periods alone, to keep this test short
-    held = job()
-    holder = BatchQueue(store, lease_s=60, worker_id=new_worker_id())
-    beat_alive(store, holder.claims.worker_id, 0.1)
-    assert holder.claim(held.id)
-    others = [live_queue(store) for _ in range(3)]
-    assert not any(other.claim(held.id) for other in others)
-    time.sleep(0.5)  # three periods without a beat: the holder is dead
-    assert [other.claim(held.id) for other in others] == [True, False, False]
-    holder.release([held.id])  # a late release by the dead holder does not drop the new claim
-    assert not others[1].claim(held.id)
-
-
 def test_jobs_that_need_no_work_or_are_held_elsewhere_are_passed_over(store):
-    queue = live_queue(store)
+    queue = BatchQueue(store, lease_s=60)
     first, done, held, free = job(), job(), job(), job()
     for offered in (done, held, free):
         batching.offer(store, offered, 60)
-    assert live_queue(store).claim(held.id)  # another worker's batch
+    assert BatchQueue(store, lease_s=60).claim(held.id)  # another worker's batch
     usable = {held.id: held, free.id: free}.get  # `done` needs no work any more
     assert [j.id for j in queue.companions(first, 2, 0.0, usable)] == [free.id]
 
 
 def test_companions_wait_for_late_offers_but_not_past_the_deadline(store):
-    queue = live_queue(store)
+    queue = BatchQueue(store, lease_s=60)
     first, late = job(), job()
     timer = threading.Timer(0.1, batching.offer, (store, late, 60))
     timer.start()
@@ -102,5 +79,5 @@ def test_companions_wait_for_late_offers_but_not_past_the_deadline(store):
     assert [j.id for j in taken] == [late.id]
     assert time.monotonic() - started < 4.0, "a full batch returns at once"
     started = time.monotonic()
-    assert queue.companions(first, 1, 0.2, lambda _: None) == []
+    assert queue.companions(first, 1, 0.2, {}.get) == []
     assert 0.15 <= time.monotonic() - started < 4.0
