@@ -1,4 +1,4 @@
-"""Cross-request batching of explain jobs (issue #6): which queued jobs one forward pass may serve.
+"""Cross-request batching of explain jobs: which queued jobs one forward pass may serve.
 
 Jobs for the same model with the same canonical parameters can share a pass: the lens
 explains a batch of images under one request. The API *offers* each new explain job on a

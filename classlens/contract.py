@@ -95,7 +95,7 @@ class Explanation(_Frozen):
     targets: list[TargetExplanation]
 
 
-# --- Jobs (issue #4): the records the API and the workers share through the store. ---
+# --- Jobs: the records the API and the workers share through the store. ---
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 # "model": registering a model uploaded through POST /v1/models (the job's result is a ModelRegistration).
@@ -159,7 +159,7 @@ class ModelRegistration(_Frozen):
     result_fingerprint: str = Field(description="What result content keys of this version are made of.")
 
 
-# --- Audits (issue #4): many images explained in one job, summarised per image and overall. ---
+# --- Audits: many images explained in one job, summarised per image and overall. ---
 
 
 class AuditImage(_Frozen):
@@ -244,7 +244,7 @@ class AuditResult(_Frozen):
     aggregates: AuditAggregates
 
 
-# --- Analyses (issue #5): the representation analyses of METHODS.md section 2 (and section 1's
+# --- Analyses: the representation analyses of METHODS.md section 2 (and section 1's
 # memories and perturbations), run over a batch of images as one job. ---
 
 AnalysisKind = Literal[

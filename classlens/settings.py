@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # without Redis, the embedded broker, result store and cache.
     data_dir: Path = Field(default_factory=_default_data_dir)
 
-    # The service (issue #4). Without a Redis URL the broker, store and cache are
+    # The service. Without a Redis URL the broker, store and cache are
     # embedded under data_dir; REDIS_URL (or CLASSLENS_REDIS_URL) selects Redis.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("CLASSLENS_REDIS_URL", "REDIS_URL"))
     # How long job records, uploaded images and results (the cache) are kept.
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # Polling of the embedded (filesystem) broker, in seconds.
     embedded_poll_s: float = Field(default=0.05, gt=0)
 
-    # Speed (issue #6). Where a worker runs its models: "auto" is CUDA when present, else CPU;
+    # Speed. Where a worker runs its models: "auto" is CUDA when present, else CPU;
     # the device is chosen in the worker process after it forks, never in a parent.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Forward passes on CUDA in float16 or bfloat16 ("float32": none); the projection, ranks and

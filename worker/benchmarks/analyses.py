@@ -1,4 +1,4 @@
-"""The analyses benchmark (issue #5): what CKA and mean attention distance cost next to the forward passes alone.
+"""The analyses benchmark: what CKA and mean attention distance cost next to the forward passes alone.
 
 For a random-initialised timm ViT (``vit_base_patch16_224`` at 224x224 by default), over
 ``N`` images in batches of ``batch``, in one run and round-robin (so that all methods see the
@@ -106,7 +106,7 @@ def bench_analyses(
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures issue #5 asks for: the CKA ratio at the largest count, and memory across counts."""
+    """The figures the analyses benchmark reports: the CKA ratio at the largest count, and memory across counts."""
     largest = max(records, key=lambda record: record["images"])
     ratio = largest["methods"]["cka"]["ratio_to_forward"]
     return {

@@ -65,7 +65,7 @@ def onnxruntime_methods(
 ) -> dict[str, Callable[[], object]]:
     """``onnx_forward`` (the model itself on onnxruntime) and ``onnx_explain`` (explain traced by its explainer graph).
 
-    Both graphs are exported afresh from the model (issue #6), with as many onnxruntime
+    Both graphs are exported afresh from the model, with as many onnxruntime
     threads as torch uses, so that the two engines are compared like with like.
     """
     from worker.onnx_explainer import OnnxExplainer, open_session
@@ -143,7 +143,7 @@ def bench_model(
             for name, result in results.items()
         },
     }
-    if with_onnx:  # issue #6: explain on onnxruntime against torch's explain and against onnxruntime's own forward
+    if with_onnx:  # explain on onnxruntime against torch's explain and against onnxruntime's own forward
         onnx_explain = results["onnx_explain"].median
         record["onnxruntime"] = {
             "explain_speedup_over_torch": round(results["explain"].median / onnx_explain, 3),

@@ -64,7 +64,7 @@ class Plan:
 
     cache_hits: int = 200
     clients: int = 8
-    # Cross-request batching (issue #6): the service phase again, on a service whose worker and
+    # Cross-request batching: the service phase again, on a service whose worker and
     # API batch up to this many jobs (CLASSLENS_BATCH_MAX); 1 skips it.
     batch_max: int = 8
     wait_s: float = 30.0
