@@ -3,16 +3,14 @@
 Jobs for the same model with the same canonical parameters can share a pass: the lens
 explains a batch of images under one request. The API *offers* each new explain job on a
 list named after that pair (:func:`batch_key`); the worker that starts a job *claims* it,
-then takes up to ``batch_max - 1`` companions off the list and claims each. A claim is a
-store key with a lease (``batched:<job id>``), so:
+then takes up to ``batch_max - 1`` companions off the list and claims each. A claim is
+:class:`classlens.leases.Claims`'s ``claim:<job id>``, naming the claiming worker, so:
 
 - Late acknowledgement is untouched: every job keeps its own Celery message, acknowledged
   only after its own task returns. A companion's message, delivered later, finds its job
-  finished and returns at once.
-- Nothing accepted is lost when a worker dies mid-batch: its own message is redelivered
-  (late ack, reject on worker lost), and the companions' claims lapse after the lease,
-  after which their own messages run them.
-- A message whose job another worker holds waits for that batch, or for the lease to lapse.
+  finished, or claimed by a live worker, and returns at once (it never waits on another batch).
+- Nothing accepted is lost when a worker dies mid-batch: its claims are abandoned as soon as
+  its heartbeat lapses, and the reaper of any live worker queues their jobs again.
 
 Why not celery-batches: it buffers messages inside one consumer (with a prefetch as large
 as the batch) and acknowledges them as a group; keeping prefetch 1 and one late ack per
@@ -26,6 +24,7 @@ from collections.abc import Callable
 
 from classlens.contract import Job
 from classlens.jobs import canonical_json, sha256_hex
+from classlens.leases import Claims
 from classlens.store import Store
 
 
@@ -44,17 +43,16 @@ def offer(store: Store, job: Job, ttl_s: float) -> None:
 class BatchQueue:
     """The worker side: companions taken off the offer lists, and claims, in the service's store."""
 
-    def __init__(self, store: Store, *, lease_s: float):
+    def __init__(self, store: Store, *, lease_s: float, worker_id: str):
         self.store = store
-        self.lease_s = lease_s
+        self.claims = Claims(store, worker_id, lease_s=lease_s)
 
     def claim(self, job_id: str) -> bool:
-        """Take the job into this worker's batch; False when another worker holds it."""
-        return self.store.set_if_absent(f"batched:{job_id}", b"1", self.lease_s)
+        """Take the job into this worker's batch; False when a live worker (this one included) holds it."""
+        return self.claims.claim(job_id)
 
     def release(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            self.store.delete(f"batched:{job_id}")
+        self.claims.release(job_ids)
 
     def companions(self, job: Job, count: int, wait_s: float, usable: Callable[[str], Job | None]) -> list[Job]:
         """Up to ``count`` other offered jobs of ``job``'s batch, claimed for the caller.

@@ -143,6 +143,15 @@ class Job(_Frozen):
         "whose catalog entry differs looks again and refuses the job rather than store a result under a key "
         "that names other content.",
     )
+    owner: str | None = Field(
+        default=None,
+        description="The id of the API key that submitted the job (None: authentication off); other keys never see it.",
+    )
+    follows: str | None = Field(
+        default=None,
+        description="The job (of another owner) computing this job's result: this record is its owner's own view "
+        "of that work, and takes its status from it (classlens.jobs.JobStore.get).",
+    )
 
 
 class ModelRegistration(_Frozen):

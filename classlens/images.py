@@ -12,7 +12,7 @@ import io
 import warnings
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_store.manifest import InputSpec, Preprocessing
 
@@ -85,7 +85,8 @@ _RESAMPLE = {
 def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> Image.Image:
     """The picture the network sees: every preprocessing step of the manifest, with Pillow alone.
 
-    In order: colour conversion (``spec.colour_mode``; Pillow's ``convert``, so RGBA loses its
+    In order: the EXIF orientation (when ``steps.exif_orientation``: :func:`upright`), colour
+    conversion (``spec.colour_mode``; Pillow's ``convert``, so RGBA loses its
     alpha and grey is replicated, as timm's datasets convert), ``trim_border``, the resize of
     ``resize_mode``, then the centre crop, padded with ``crop_fill`` where the picture is
     smaller. Each step restates the arithmetic of timm's eval transform on PIL images (see
@@ -96,6 +97,8 @@ def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> I
     border trim empties, or one so elongated that the aspect-keeping resize would reach more
     than :data:`DEFAULT_MAX_PIXELS` pixels (or none) before the crop.
     """
+    if steps.exif_orientation:
+        image = upright(image)
     image = image.convert(spec.colour_mode)
     if steps.trim_border:
         image = _trim_border(image, steps.trim_border)
@@ -105,6 +108,16 @@ def fit_to_input(image: Image.Image, spec: InputSpec, steps: Preprocessing) -> I
     if steps.crop is not None:
         image = _centre_crop_or_pad(image, steps.crop, _fill(image, steps.crop_fill))
     return image
+
+
+_ORIENTATION = 0x0112  # the EXIF tag; 1 is "as stored"
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (itself, not a copy, when there is nothing to turn)."""
+    if image.getexif().get(_ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _trim_border(image: Image.Image, border: int) -> Image.Image:

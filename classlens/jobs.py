@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from classlens import contract
+from classlens import contract, leases
 from classlens.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
 from classlens.store import Store
 
@@ -91,15 +92,29 @@ class Submission:
     job: Job
     outcome: Outcome
     result: bytes | None = None
+    # A cache hit on a result first computed for another owner (another API key).
+    foreign: bool = False
+
+    @property
+    def cached(self) -> bool:
+        """Whether to tell the caller its answer came from the cache.
+
+        Only when the result was computed for the same owner: telling another key ``cached: true``
+        would tell it that someone else submitted the same image with the same parameters.
+        """
+        return self.outcome == "cached" and not self.foreign
 
 
 class JobStore:
     """Jobs, images and results in a store, with the TTLs from settings."""
 
-    def __init__(self, store: Store, *, ttl_s: float, inflight_ttl_s: float):
+    def __init__(self, store: Store, *, ttl_s: float, inflight_ttl_s: float, max_waiters: int | None = None):
         self.store = store
         self.ttl_s = ttl_s
         self.inflight_ttl_s = inflight_ttl_s
+        # Long polls hold a server thread each: past this many at once, :meth:`wait` answers at once.
+        self._waiters = None if max_waiters is None else threading.BoundedSemaphore(max(max_waiters, 1))
+        self._no_waiters = max_waiters == 0
 
     # -- records -------------------------------------------------------------------------------------
 
@@ -108,9 +123,54 @@ class JobStore:
         if data is None:
             return None
         try:
-            return Job.model_validate_json(data)
+            job = Job.model_validate_json(data)
         except ValidationError:  # a record from an incompatible version: as good as gone
             return None
+        return self._followed(job) if job.follows is not None and job.status not in TERMINAL_STATUSES else job
+
+    def _followed(self, job: Job) -> Job:
+        """A follower as its leader stands: the leader's status, times, progress and error, under its own id and owner.
+
+        Read-through rather than copied by the worker, so nothing on the worker side needs to know that
+        followers exist; a follower that has caught up with its finished leader is saved so, and so
+        outlives it. A leader that vanished unfinished leaves the follower failed (its owner submits again).
+        """
+        leader = self.get(job.follows) if job.follows else None
+        if leader is None:
+            if self.result(job.content_key) is not None:
+                done = Progress(done=job.progress.total, total=job.progress.total)
+                return self.save(
+                    job.model_copy(update={"status": "succeeded", "finished_at": time.time(), "progress": done})
+                )
+            return self.save(
+                job.model_copy(
+                    update={
+                        "status": "failed",
+                        "finished_at": time.time(),
+                        "error": JobError(
+                            title="Job lost", detail="the job computing this result is gone; submit again"
+                        ),
+                    }
+                )
+            )
+        fields = ("status", "updated_at", "started_at", "finished_at", "progress", "error", "batch_size")
+        merged = job.model_copy(update={name: getattr(leader, name) for name in fields})
+        return self.save(merged) if merged.status in TERMINAL_STATUSES else merged
+
+    def _join_as(self, owner: str | None, running: Job, fresh: Job) -> Job:
+        """The job ``owner`` joins: ``running`` itself when it is theirs, else a record of their own that follows it.
+
+        Another owner must neither learn the running job's id (it would then poll someone else's job)
+        nor see it (404 for other keys); its own record shares the computation and the result.
+        """
+        if running.owner == owner:
+            return running
+        return self._followed(self.save(fresh.model_copy(update={"follows": running.id})))
+
+    def _made_for(self, key: str) -> str:
+        """The owner whose submission first computed the result under ``key`` ('' for none)."""
+        found = self.store.get(f"made-for:{key}")
+        return found.decode() if found is not None else ""
 
     def save(self, job: Job) -> Job:
         self.store.set(f"job:{job.id}", job.model_dump_json().encode(), self.ttl_s)
@@ -124,10 +184,21 @@ class JobStore:
 
     def wait(self, job: Job, seconds: float) -> Job:
         """The job once it is finished, or as it is after ``seconds`` (a long poll, woken by :meth:`update`)."""
-        if job.status in TERMINAL_STATUSES or seconds <= 0:
+        if job.status in TERMINAL_STATUSES or seconds <= 0 or self._no_waiters:
             return job
+        if self._waiters is None:
+            return self._wait(job, seconds)
+        if not self._waiters.acquire(blocking=False):
+            return self.get(job.id) or job  # every long-poll slot is taken: the job as it is now
+        try:
+            return self._wait(job, seconds)
+        finally:
+            self._waiters.release()
+
+    def _wait(self, job: Job, seconds: float) -> Job:
         deadline = time.monotonic() + seconds
-        with self.store.listen(f"job:{job.id}") as changes:
+        # A follower changes only when its leader does: listen to the leader's notices.
+        with self.store.listen(f"job:{job.follows or job.id}") as changes:
             job = self.get(job.id) or job  # read after listening: a change from now on wakes us
             while job.status not in TERMINAL_STATUSES and (remaining := deadline - time.monotonic()) > 0:
                 changes.wait(remaining)
@@ -180,6 +251,7 @@ class JobStore:
         total: int = 1,
         inflight_ttl_s: float | None = None,
         fingerprints: Mapping[str, str] | None = None,
+        owner: str | None = None,
     ) -> Submission:
         """A cached result, the job already computing ``key``, or a new job handed to ``enqueue``.
 
@@ -190,6 +262,8 @@ class JobStore:
         ``inflight_ttl_s`` overrides the claim's lifetime for tasks with a longer hard limit (audits).
         ``fingerprints`` (name@version -> result fingerprint) are the models as the key was made from them:
         the worker checks its own catalog against them (:attr:`Job.fingerprints`).
+        ``owner`` (the API key's id) owns the job record returned, whatever the outcome: a cache hit or a
+        join across owners gives the caller a record of its own (:meth:`_join_as`), never another's job.
         """
         job = _queued(
             new_job_id(),
@@ -200,6 +274,7 @@ class JobStore:
             image_key=image_key,
             progress=Progress(done=0, total=total),
             fingerprints=dict(fingerprints or {}),
+            owner=owner,
         )
         now = job.created_at
         for _ in range(3):
@@ -208,17 +283,22 @@ class JobStore:
                 done = job.model_copy(
                     update={"status": "succeeded", "finished_at": now, "progress": Progress(done=total, total=total)}
                 )
-                return Submission(self.save(done), "cached", cached)
+                foreign = self._made_for(key) != (owner or "")
+                return Submission(self.save(done), "cached", cached, foreign=foreign)
             self.save(job)
             claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
             if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), claim_ttl_s):
+                self.store.set(f"made-for:{key}", (owner or "").encode(), self.ttl_s)
                 self._enqueue(job, enqueue)
                 return Submission(job, "queued")
             self.store.delete(f"job:{job.id}")
             claimed = self.store.get(f"inflight:{key}")
             running = self.get(claimed.decode()) if claimed else None
             if running is not None and running.status not in TERMINAL_STATUSES:
-                return Submission(running, "joined")
+                if leases.drop_if_abandoned(self.store, running.id):
+                    # Its worker died holding it: queue it again rather than join a job nobody runs.
+                    self._enqueue(running, enqueue)
+                return Submission(self._join_as(owner, running, job), "joined")
             if claimed is not None:
                 self.store.delete(f"inflight:{key}")
         raise RuntimeError(f"could not claim content key {key} after 3 attempts")
@@ -231,6 +311,7 @@ class JobStore:
         model: str,
         parameters: Mapping[str, Any],
         enqueue: Callable[[Job], None],
+        owner: str | None = None,
     ) -> Job:
         """A new job that is never answered from the cache nor joined: work with side effects (registering a model).
 
@@ -238,17 +319,30 @@ class JobStore:
         caller, who may have named files after it. As in :meth:`submit`, a failing ``enqueue`` marks the
         job failed and re-raises.
         """
-        job = self.save(_queued(job_id, kind, model, parameters, sha256_hex(f"{kind}-job:{job_id}".encode())))
+        key = sha256_hex(f"{kind}-job:{job_id}".encode())
+        job = self.save(_queued(job_id, kind, model, parameters, key, owner=owner))
         self._enqueue(job, enqueue)
         return job
 
     def _enqueue(self, job: Job, enqueue: Callable[[Job], None]) -> None:
-        """Hand ``job`` to the queue; a job the queue refuses is failed (never left queued) and the error raised."""
+        """Hand ``job`` to the queue; a job the queue refuses is failed (never left queued) and the error raised.
+
+        While it is handed over, the job carries a claim by this (heartbeat-less) process: should the
+        store go away before the job is either queued or failed, or this process die, the claim stays
+        behind abandoned, and a worker's reaper queues the job once the store answers again
+        (:mod:`classlens.leases`), instead of leaving it ``queued`` with no message.
+        """
+        guard, mine = leases.CLAIM_PREFIX + job.id, leases.handover_holder().encode()
+        # Never over a worker's claim (a job queued again after its worker died may be taken already).
+        guarded = self.store.set_if_absent(guard, mine, self.ttl_s)
         try:
             enqueue(job)
         except Exception:
             self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
             raise
+        finally:
+            if guarded:
+                self.store.delete_if(guard, mine)
 
     # -- the worker side -----------------------------------------------------------------------------
 

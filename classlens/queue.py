@@ -5,17 +5,22 @@ Celery is a queue only here: job state and results live in our store
 (:func:`enqueue`) and never imports :mod:`worker`; only a worker asks for the task
 code (``include_tasks=True``).
 
-Without ``REDIS_URL`` the broker is kombu's ``filesystem://`` transport under
-``data_dir/broker``: the embedded mode needs nothing but Python.
+Without ``REDIS_URL`` the broker is a folder under ``data_dir/broker``: kombu's filesystem
+transport with atomic writes and takes (:mod:`classlens.embedded_broker`); the embedded mode
+needs nothing but Python.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
+from classlens import embedded_broker
+from classlens.contract import Job
 from classlens.settings import Settings
 
 EXPLAIN_TASK = "classlens.explain"
@@ -66,7 +71,7 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
         "store_processed": False,
         "polling_interval": settings.embedded_poll_s,
     }
-    return "filesystem://", options
+    return f"{embedded_broker.SCHEME}://", options
 
 
 def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
@@ -98,7 +103,23 @@ def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         worker_enable_remote_control=bool(settings.redis_url),
         worker_send_task_events=False,
     )
+    verify = _verified_tls(url)
+    if verify is not None:
+        app.conf.broker_use_ssl = verify
     return app
+
+
+def _verified_tls(url: str) -> dict[str, Any] | None:
+    """TLS options for a ``rediss://`` broker URL that does not say how to check the server's certificate.
+
+    kombu would then connect without checking it (it logs a warning and uses ``CERT_NONE``), while
+    redis-py, hence the store, checks it by default: the broker must not be the weaker link, so it
+    checks too. A URL's own ``ssl_cert_reqs`` (and ``ssl_ca_certs``...) is left as it is.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return None
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def enqueue(
@@ -115,6 +136,19 @@ def enqueue(
     if time_limit_s is not None:
         options["time_limit"] = time_limit_s
     app.send_task(task_name, args=[job_id], **options)
+
+
+def send_job(app: Celery, settings: Settings, job: Job) -> None:
+    """Queue ``job`` again by its kind, with the limits its route gives it (the reaper's way back into the queue)."""
+    if job.kind == "explanation":
+        enqueue(app, EXPLAIN_TASK, job.id)
+        return
+    task, soft_s, hard_s = {
+        "audit": (AUDIT_TASK, settings.audit_soft_time_limit_s, settings.audit_time_limit_s),
+        "analysis": (ANALYSIS_TASK, settings.analysis_soft_time_limit_s, settings.analysis_time_limit_s),
+        "model": (MODEL_ADD_TASK, settings.model_add_soft_time_limit_s, settings.model_add_time_limit_s),
+    }[job.kind]
+    enqueue(app, task, job.id, soft_time_limit_s=soft_s, time_limit_s=hard_s)
 
 
 def queue_depths(app: Celery, queues: tuple[str, ...] = ALL_QUEUES) -> dict[str, int]:

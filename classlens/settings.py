@@ -9,9 +9,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (``redis://:secret@host``, ``rediss://user:secret@host``) replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _default_data_dir() -> Path:
@@ -42,6 +54,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     # Largest image, counted before any pixel is decoded.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    # Images the API decodes at once (each up to max_image_pixels x 4 bytes); a request waits up to
+    # api_decode_wait_s for a turn, then gets a 503. Bounds the API's memory whatever the uploads.
+    api_max_concurrent_decodes: int = Field(default=2, ge=1)
+    api_decode_wait_s: float = Field(default=30.0, gt=0)
     # Upper bound of the long-poll `wait` parameter, in seconds.
     max_wait_s: float = Field(default=30.0, ge=0)
     # A worker refreshes its heartbeat this often; /readyz wants one younger than three periods.
@@ -104,6 +120,31 @@ class Settings(BaseSettings):
     # Registering loads the model once to prove it fits (and reads its structure): its own limits.
     model_add_soft_time_limit_s: int = Field(default=600, gt=0)
     model_add_time_limit_s: int = Field(default=660, gt=0)
+
+    # Holding under abuse (`classlens serve`, waitress). At most this many requests may long-poll
+    # (`?wait=`) at once; beyond it a poll answers at once with the job as it is, so that /livez,
+    # /readyz and short requests always find a thread (serve lowers it to half its --threads).
+    max_long_polls: int = Field(default=8, ge=0)
+    # Open connections waitress accepts (its default, 100, let slow clients take the API down), and
+    # how long a connection may sit without sending (slow headers or bodies) before it is closed.
+    http_connection_limit: int = Field(default=2000, gt=0)
+    http_channel_timeout_s: int = Field(default=20, gt=0)
+    # The embedded mode (`classlens serve` without Redis) runs two supervised workers: one for
+    # explanations and registrations, one for audits and analyses, so heavy work never delays an
+    # explanation behind it; false runs one worker for every queue.
+    embedded_separate_heavy: bool = True
+
+    # Authentication and quotas (service/auth.py, service/quotas.py). API keys, by digest, from a YAML or
+    # JSON file and/or the same text in CLASSLENS_API_KEYS; with any key configured (or the API bound off
+    # loopback) every route but the probes and the contract needs a bearer key.
+    api_keys_file: Path | None = None
+    api_keys: str | None = None
+    # Requests per key (all routes together), in the `limits` notation ("300/minute", "10/second;1000/hour");
+    # a key's own rate_limit replaces it. Counted in Redis when REDIS_URL is set, else in memory.
+    rate_limit: str = "300/minute"
+    # Jobs a key may have queued or running at once (explanations, audits, analyses, registrations);
+    # a key's own max_in_flight replaces it.
+    max_jobs_in_flight: int = Field(default=16, ge=1)
 
     @field_validator("model_dirs", mode="before")
     @classmethod

@@ -54,6 +54,14 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def delete_if(self, key: str, value: bytes) -> bool:
+        """Delete ``key`` only while it holds ``value`` (compare-and-delete); True when this call deleted it."""
+        ...
+
+    def keys(self, prefix: str) -> list[str]:
+        """The live keys that start with ``prefix`` (a sweep over a few claims, not a query over everything)."""
+        ...
+
     def incr(self, key: str, amount: int = 1) -> int:
         """Add to an integer counter (created at 0, never expires) and return the new value."""
         ...
@@ -105,6 +113,10 @@ class _RedisListener:
             raise StoreError(f"redis: {error}") from error
 
 
+# Compare-and-delete in one step on the server: a claim is dropped only by (or for) the holder it names.
+_DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+
+
 def _milliseconds(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
@@ -141,6 +153,19 @@ class RedisStore:
     def delete(self, key: str) -> None:
         try:
             self._client.delete(key)
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def delete_if(self, key: str, value: bytes) -> bool:
+        try:
+            return bool(self._client.eval(_DELETE_IF, 1, key, value))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+
+    def keys(self, prefix: str) -> list[str]:
+        try:
+            found = self._client.scan_iter(match=prefix.replace("*", r"\*") + "*", count=500)
+            return [key.decode() if isinstance(key, bytes) else str(key) for key in found]
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
@@ -289,6 +314,20 @@ class SqliteStore:
 
     def delete(self, key: str) -> None:
         self._run("DELETE FROM kv WHERE key = ?", (key,))
+
+    def delete_if(self, key: str, value: bytes) -> bool:
+        cursor = self._run(
+            "DELETE FROM kv WHERE key = ? AND value = ? AND (expires IS NULL OR expires > ?)", (key, value, time.time())
+        )
+        return cursor.rowcount == 1
+
+    def keys(self, prefix: str) -> list[str]:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._run(
+            "SELECT key FROM kv WHERE key LIKE ? ESCAPE '\\' AND (expires IS NULL OR expires > ?)",
+            (escaped + "%", time.time()),
+        ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def incr(self, key: str, amount: int = 1) -> int:
         row = self._run(

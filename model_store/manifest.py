@@ -62,7 +62,8 @@ ResizeMode = Literal["exact", "shorter", "keep_ratio"]
 class Preprocessing(_Strict):
     """The model's own eval transform, step by step: what the production model sees.
 
-    Colour conversion (``InputSpec.colour_mode``), trim ``trim_border`` pixels from every
+    The EXIF orientation, when ``exif_orientation`` (the default), then
+    colour conversion (``InputSpec.colour_mode``), trim ``trim_border`` pixels from every
     edge, resize (``resize_mode``), centre-crop to ``crop`` (padding with ``crop_fill``
     where the resized picture is smaller, as timm's ``CenterCropOrPad`` and torchvision's
     ``CenterCrop`` do), scale to [0, 1], normalise with ``mean`` and ``std``.
@@ -78,6 +79,10 @@ class Preprocessing(_Strict):
     crop: tuple[int, int] | None = None
     crop_fill: tuple[Annotated[int, Field(ge=0, le=255)], ...] | None = None
     trim_border: int = Field(default=0, ge=0)
+    # Turn the picture upright by its EXIF orientation tag before any other step (Pillow's
+    # ``ImageOps.exif_transpose``): a phone stores a portrait photo sideways with a tag saying so, and
+    # people expect the model to see what their viewer shows. Default on; false feeds the pixels as stored.
+    exif_orientation: bool = True
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: dict[str, Any] = Field(default_factory=dict)

@@ -18,6 +18,7 @@ from classlens.queue import create_celery
 from classlens.settings import Settings
 from classlens.store import Store, open_store
 from model_store.catalog import Catalog
+from service.auth import Auth, auth_policy, authenticate
 from service.errors import register_error_handlers
 from service.metrics import Metrics
 from service.openapi import SPEC_PATH, Contract
@@ -34,6 +35,7 @@ class Services:
     catalog: Catalog
     contract: Contract
     metrics: Metrics
+    auth: Auth
 
 
 def services() -> Services:
@@ -42,8 +44,19 @@ def services() -> Services:
     return found
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None, celery: Celery | None = None) -> Flask:
-    """The API over ``store`` and ``celery`` (by default: those ``settings`` name)."""
+def create_app(
+    settings: Settings | None = None,
+    store: Store | None = None,
+    celery: Celery | None = None,
+    *,
+    host: str = "127.0.0.1",
+) -> Flask:
+    """The API over ``store`` and ``celery`` (by default: those ``settings`` name), to be served on ``host``.
+
+    ``host`` is where the WSGI server binds: off loopback, authentication is on even without keys
+    (:func:`service.auth.auth_policy`), so a server other than ``classlens serve`` must say where it binds.
+    """
+    from service.quotas import install_rate_limits
     from service.routes import analyses, audits, explanations, models, operations
 
     settings = settings or Settings()
@@ -52,7 +65,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
     # Refreshing itself, so that models added (by the CLI, by a worker for POST /v1/models) or disabled
     # while the API runs are served without a restart.
     catalog = Catalog.default(settings.model_roots, refresh_s=settings.catalog_refresh_s)
-    jobs = JobStore(store, ttl_s=settings.result_ttl_s, inflight_ttl_s=settings.task_time_limit_s)
+    jobs = JobStore(
+        store,
+        ttl_s=settings.result_ttl_s,
+        inflight_ttl_s=settings.task_time_limit_s,
+        max_waiters=settings.max_long_polls,  # long polls never take every server thread
+    )
     parts = Services(
         settings,
         store,
@@ -61,6 +79,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
         catalog,
         Contract(settings.openapi_path or SPEC_PATH),
         Metrics(store, celery, catalog),
+        auth_policy(settings, host),
     )
 
     app = Flask("service")
@@ -78,9 +97,18 @@ def create_app(settings: Settings | None = None, store: Store | None = None, cel
     app.register_blueprint(models.blueprint)
     app.register_blueprint(operations.blueprint)
 
+    # In this order: who is calling (401, 403), then how often (429), then what they sent (the contract),
+    # so that a caller without a key learns nothing about the routes' parameters.
+    @app.before_request
+    def _authenticate() -> None:
+        g.started = time.perf_counter()
+        view = app.view_functions.get(request.endpoint) if request.endpoint else None
+        authenticate(parts.auth, view)
+
+    install_rate_limits(app, parts)
+
     @app.before_request
     def _validate() -> None:
-        g.started = time.perf_counter()
         if request.endpoint == "models.add_model":  # weights are larger than any image or zip
             request.max_content_length = settings.max_model_upload_bytes
         parts.contract.validate(request)

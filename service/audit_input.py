@@ -25,7 +25,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 
 from classlens.settings import Settings
 from service.errors import Problem
-from service.params import form_fields
+from service.params import form_fields, is_index
 
 LABELS_FILE = "labels.csv"
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -54,7 +54,7 @@ def _bad(status: int, title: str, detail: str, problem: str, **extra: Any) -> Pr
 def _label(text: str) -> int | str:
     """A label as written in a CSV cell or a form field: digits are a class index, anything else a name."""
     text = text.strip()
-    return int(text) if text.isdigit() else text
+    return int(text) if is_index(text) else text
 
 
 def _too_many(count: int, limit: int) -> Problem:

@@ -16,13 +16,15 @@ from prometheus_client import Counter
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from classlens.contract import AuditImage, AuditManifest, Job, JobKind
-from classlens.images import ImageError, decode_image
-from classlens.jobs import Outcome
+from classlens.images import ImageError
 from classlens.queue import enqueue
+from service import quotas
 from service.app import Services
 from service.audit_input import AuditUpload
+from service.decoding import check_decodable
 from service.errors import Problem
 from service.job_responses import wait_seconds
+from service.limits import integral_numbers
 
 Input = TypeVar("Input")
 
@@ -31,12 +33,15 @@ def read_input(
     from_json: Callable[[Mapping[str, Any]], Input],
     from_form: Callable[[MultiDict[str, str], MultiDict[str, FileStorage]], Input],
 ) -> Input:
-    """The request's input, from a JSON body or from a multipart form (both validated by the contract)."""
+    """The request's input, from a JSON body or from a multipart form (both validated by the contract).
+
+    JSON numbers are read by value (``2.0`` is 2), as the contract's validator read them.
+    """
     if request.mimetype == "application/json":
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise Problem(400, "Malformed request body", "the body is not a JSON object", problem="malformed_body")
-        return from_json(body)
+        return from_json(integral_numbers(body))
     return from_form(request.form, request.files)
 
 
@@ -44,7 +49,7 @@ def check_images(parts: Services, uploads: Sequence[AuditUpload], title: str) ->
     """Decode every image once; the first bad one refuses the whole request with a 422 that names it."""
     for upload in uploads:
         try:
-            decode_image(upload.data, max_pixels=parts.settings.max_image_pixels)
+            check_decodable(upload.data, parts.settings.max_image_pixels)
         except ImageError as error:
             parts.metrics.rejected_images.labels(error.problem).inc()
             raise Problem(
@@ -74,12 +79,16 @@ def submit_batch(
     time_limit_s: int,
     images_counter: Counter,
     fingerprints: Mapping[str, str] | None = None,
-) -> tuple[Job, Outcome]:
+) -> tuple[Job, bool]:
     """Queue the job (or find it cached, or join the equal one in flight), count it, and long-poll it.
+
+    Returns the job and whether to show it as ``cached`` (:attr:`classlens.jobs.Submission.cached`). The job
+    is the caller's (:func:`service.quotas.submit`).
 
     ``fingerprints`` are the result fingerprints of the models the key was made from (see ``JobStore.submit``).
     """
-    submission = parts.jobs.submit(
+    submission = quotas.submit(
+        parts,
         kind=kind,
         model=model,
         parameters=parameters,
@@ -97,7 +106,7 @@ def submit_batch(
     job = submission.job
     if submission.outcome != "cached":
         job = parts.jobs.wait(job, wait_seconds(parts))
-    return job, submission.outcome
+    return job, submission.cached
 
 
 def counting_rejections(counter: Counter, handle: Callable[[], Response]) -> Response:

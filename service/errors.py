@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, json
+from flask_limiter.errors import RateLimitExceeded
 from kombu.exceptions import KombuError, OperationalError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from classlens.images import ImageError
@@ -28,12 +30,16 @@ PROBLEM_JSON = "application/problem+json"
 class Problem(Exception):
     """An error response: status, a short title, a detail saying what to change, and a machine name."""
 
-    def __init__(self, status: int, title: str, detail: str, *, problem: str, **extra: Any):
+    def __init__(
+        self, status: int, title: str, detail: str, *, problem: str, headers: dict[str, str] | None = None, **extra: Any
+    ):
         super().__init__(detail)
         self.status = status
         self.title = title
         self.detail = detail
         self.problem = problem
+        # Response headers the refusal needs (WWW-Authenticate with a 401, Retry-After with a 429).
+        self.headers = dict(headers or {})
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -61,6 +67,16 @@ def _image(error: ImageError) -> Problem:
     return Problem(status, title, error.detail, problem=error.problem)
 
 
+def _rate_limited(error: RateLimitExceeded) -> Problem:
+    # Flask-Limiter adds Retry-After (seconds until the window resets) to this response itself.
+    return Problem(
+        429,
+        "Rate limit exceeded",
+        f"this API key may make {error.limit.limit} requests; wait as long as Retry-After says, then try again",
+        problem="rate_limited",
+    )
+
+
 def _http(error: HTTPException) -> Problem:
     status = error.code or 500
     if isinstance(error, RequestEntityTooLarge):
@@ -79,11 +95,14 @@ PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
     (ModelDisabledError, lambda error: Problem(410, "Model disabled", str(error), problem="model_disabled")),
     (ModelNotFoundError, lambda error: Problem(404, "Unknown model", str(error), problem="unknown_model")),
     (StoreError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
+    # Only the rate limiter talks to Redis directly (the store wraps its errors): its count lives there.
+    (RedisError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
     (
         OperationalError,
         lambda error: Problem(503, "Queue unavailable", "the job queue cannot be reached", problem="queue"),
     ),
     (KombuError, lambda error: Problem(503, "Queue unavailable", "the job queue refused the job", problem="queue")),
+    (RateLimitExceeded, _rate_limited),
     (HTTPException, _http),
 ]
 
@@ -97,7 +116,9 @@ def problem_for(error: BaseException) -> Problem:
 
 
 def problem_response(problem: Problem) -> Response:
-    return Response(json.dumps(problem.body()), status=problem.status, mimetype=PROBLEM_JSON)
+    response = Response(json.dumps(problem.body()), status=problem.status, mimetype=PROBLEM_JSON)
+    response.headers.update(problem.headers)
+    return response
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -17,6 +17,7 @@ from flask import Response, jsonify, request, url_for
 from classlens.contract import TERMINAL_STATUSES, Job, JobKind
 from model_store.catalog import ModelDisabledError, ModelEntry, ModelNotFoundError
 from service.app import Services
+from service.auth import may_see
 from service.errors import Problem
 
 JobView = Callable[..., dict[str, Any]]
@@ -48,9 +49,10 @@ def job_models(job: Job) -> list[str]:
 
 
 def find_job(parts: Services, job_id: str, kind: JobKind, noun: str) -> Job:
-    """The job, or 404; 410 ``model_disabled`` when a model it depends on has been disabled."""
+    """The caller's job, or 404; 410 ``model_disabled`` when a model it depends on has been disabled."""
     job = parts.jobs.get(job_id)
-    if job is None or job.kind != kind:
+    # Another key's job is answered exactly like one that does not exist: its id tells nothing.
+    if job is None or job.kind != kind or not may_see(job, parts.auth):
         raise Problem(404, f"Unknown {noun}", f"there is no {noun} {job_id!r} (jobs expire)", problem="unknown_job")
     if kind != "model":
         for model in job_models(job):

@@ -12,24 +12,37 @@ openapi-core walks the document (resolving ``$ref`` after ``$ref``) on every cal
 costs several milliseconds a request, most of a cache hit. A verdict depends only on what
 it reads (method, path, query, media type and body, with file parts standing for
 themselves), so verdicts are memoised on exactly that: a repeated request shape, such as
-a client's usual parameters with a new image, is checked once.
+a client's usual parameters with a new image, is checked once. The memo is bounded twice:
+at most :data:`MEMO_MAX_ENTRIES` verdicts and :data:`MEMO_MAX_BYTES` of them. Its keys are
+digests of the shape (a 1 MB form field is not kept as a key), and each verdict's messages
+are cut to :data:`MAX_DETAIL_CHARS` (jsonschema quotes the offending value whole, so a
+refused 1 MB array made a 1 MB message), so refused bodies cannot grow the API's memory.
+
+Before any of this, :func:`service.limits.check_request` bounds the body's nesting depth,
+its arrays and repeated form parts, so that even a request whose shape is new costs little.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
-from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import yaml
-from flask import Request
+from flask import Request, current_app
 from flask import request as current_request
+from jsonschema_path import SchemaPath
 from openapi_core import Config, OpenAPI
 from openapi_core.contrib.flask import FlaskOpenAPIRequest
+from openapi_core.datatypes import RequestParameters
 from openapi_core.deserializing.media_types.exceptions import MediaTypeDeserializeError
+from openapi_core.security.factories import SecurityProviderFactory
+from openapi_core.security.providers import BaseProvider
 from openapi_core.templating.media_types.exceptions import MediaTypeNotFound
 from openapi_core.templating.paths.exceptions import PathError
 from openapi_core.validation.request.exceptions import (
@@ -40,10 +53,16 @@ from openapi_core.validation.request.exceptions import (
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from werkzeug.datastructures import MultiDict
 
+from classlens.settings import Settings
 from service.errors import Problem
+from service.limits import check_request
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 MULTIPART = "multipart/form-data"
+MEMO_MAX_ENTRIES = 4096
+MEMO_MAX_BYTES = 4 * 1024 * 1024
+MAX_ERRORS = 20  # messages listed per verdict: enough to fix a request, not one per item of a huge array
+MAX_DETAIL_CHARS = 500  # per validation message; the full value the client sent is theirs already
 
 
 def _parsed_form(value: bytes, **parameters: str) -> MultiDict[str, Any]:
@@ -63,6 +82,24 @@ def _json_loads(value: bytes, **parameters: str) -> Any:
     return json.loads(value)
 
 
+class _AnyCredentials(BaseProvider):
+    def __call__(self, parameters: RequestParameters) -> Any:
+        return None
+
+
+class _SecurityLeftToAuth(SecurityProviderFactory):
+    """The contract's ``security`` is enforced by :mod:`service.auth` before validation, not here.
+
+    openapi-core would refuse a request without an ``Authorization`` header, and then stop without
+    looking at its parameters or body: with authentication off (the embedded default) every request
+    would fail, and with it on a request only gets here once its key has been checked (401/403 first).
+    So every scheme accepts whatever it is given, and a verdict still depends on no header.
+    """
+
+    def create(self, scheme: SchemaPath) -> Any:
+        return _AnyCredentials(scheme)
+
+
 class _Request(FlaskOpenAPIRequest):
     """A Flask request for openapi-core that does not hand over multipart bytes (they are parsed already)."""
 
@@ -79,10 +116,16 @@ def _describe(errors: Iterable[BaseException]) -> Iterator[str]:
         if isinstance(error, InvalidSchemaValue):
             for schema_error in error.schema_errors:
                 path = "/".join(str(part) for part in getattr(schema_error, "absolute_path", []))
-                message = getattr(schema_error, "message", str(schema_error))
+                message = _cut(getattr(schema_error, "message", str(schema_error)))
                 yield f"{path}: {message}" if path else message
         else:
-            yield str(error)
+            yield _cut(str(error))
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_DETAIL_CHARS:
+        return message
+    return f"{message[:MAX_DETAIL_CHARS]}... ({len(message):,} characters in all)"
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -105,17 +148,69 @@ def _problem(error: BaseException) -> Problem:
     if isinstance(error, MissingRequestBodyError):
         return Problem(400, "Missing body", "this operation needs a request body", problem="missing_body")
     if isinstance(error, ParameterValidationError):
-        details = [f"{error}: {reason}" for reason in _describe(causes)] or [str(error)]
+        details = [f"{error}: {reason}" for reason in islice(_describe(causes), MAX_ERRORS)] or [_cut(str(error))]
         return Problem(400, "Invalid parameter", "; ".join(details), problem="bad_parameter", errors=details)
     if isinstance(error, RequestBodyValidationError):
         schema_errors = [cause for cause in causes if isinstance(cause, InvalidSchemaValue)]
         if schema_errors:
-            details = list(_describe(schema_errors))
+            details = list(islice(_describe(schema_errors), MAX_ERRORS))
             return Problem(422, "Invalid request body", "; ".join(details), problem="invalid_body", errors=details)
         deserialize = next((cause for cause in causes if isinstance(cause, MediaTypeDeserializeError)), None)
         what = f"not valid {deserialize.mimetype}" if deserialize is not None else "malformed"
         return Problem(400, "Malformed request body", f"the request body is {what}", problem="malformed_body")
-    return Problem(400, "Invalid request", str(error), problem="invalid_request")
+    return Problem(400, "Invalid request", _cut(str(error)), problem="invalid_request")
+
+
+def _size(problem: Problem | None) -> int:
+    """Roughly the bytes a memoised verdict holds (its texts, plus a fixed overhead per entry)."""
+    if problem is None:
+        return 200
+    texts = [problem.title, problem.detail, problem.problem, *(repr(value) for value in problem.extra.values())]
+    return 400 + sum(len(text) for text in texts)
+
+
+class VerdictMemo:
+    """A least-recently-used memo of verdicts, bounded by entries and by bytes; safe across threads."""
+
+    def __init__(self, max_entries: int = MEMO_MAX_ENTRIES, max_bytes: int = MEMO_MAX_BYTES):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[bytes, tuple[Problem | None, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes its verdicts and keys hold, as :func:`_size` counts them."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> tuple[bool, Problem | None]:
+        """``(found, verdict)``."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                self.misses += 1
+                return False, None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return True, found[0]
+
+    def put(self, key: bytes, verdict: Problem | None) -> None:
+        size = _size(verdict) + len(key)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            previous = self._entries.pop(key, None)
+            if previous is not None:
+                self._bytes -= previous[1]
+            self._entries[key] = (verdict, size)
+            self._bytes += size
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
 
 
 class Contract:
@@ -126,29 +221,35 @@ class Contract:
         self.text = path.read_text(encoding="utf-8")
         self.document: dict[str, Any] = yaml.safe_load(self.text)
         config = Config(
-            extra_media_type_deserializers={MULTIPART: _parsed_form, "application/problem+json": _json_loads}
+            extra_media_type_deserializers={MULTIPART: _parsed_form, "application/problem+json": _json_loads},
+            security_provider_factory=_SecurityLeftToAuth(),
         )
         self.openapi = OpenAPI.from_dict(self.document, config=config)
 
-        self._verdict = lru_cache(maxsize=4096)(self._check_current_request)
+        self.memo = VerdictMemo()
 
     def validate(self, request: Request) -> None:
         """Raise a :class:`Problem` unless ``request`` fits the contract (an unknown route is left to Flask)."""
         if request.routing_exception is not None or request.url_rule is None:
             return
-        verdict = self._verdict(_shape(request))
+        check_request(request, _settings())
+        key = _shape_key(request)
+        found, verdict = self.memo.get(key)
+        if not found:
+            verdict = self._check_current_request()
+            self.memo.put(key, verdict)
         if verdict is not None:  # a fresh exception each time: a memoised one would collect tracebacks
             raise Problem(verdict.status, verdict.title, verdict.detail, problem=verdict.problem, **verdict.extra)
 
-    def _check_current_request(self, shape: Hashable) -> Problem | None:
-        """openapi-core's verdict on the current request (``shape`` is only the memo key)."""
+    def _check_current_request(self) -> Problem | None:
+        """openapi-core's verdict on the current request."""
         result = self.openapi.unmarshal_request(_Request(current_request))
         errors = [error for error in result.errors if not isinstance(error, PathError)]
         return _problem(errors[0]) if errors else None
 
 
 def _shape(request: Request) -> Hashable:
-    """Everything the contract's verdict depends on: no header, cookie or security scheme is declared."""
+    """Everything the contract's verdict depends on: no header or cookie is declared, security is service.auth's."""
     if request.mimetype == MULTIPART:
         fields = tuple(request.form.items(multi=True))
         files = tuple((name, upload.filename) for name, upload in request.files.items(multi=True))
@@ -156,3 +257,22 @@ def _shape(request: Request) -> Hashable:
     else:
         body = hashlib.sha256(request.get_data(cache=True)).digest()
     return (request.method, request.path, request.query_string, request.mimetype, body)
+
+
+def _shape_key(request: Request) -> bytes:
+    """A digest of :func:`_shape`: the memo keeps 32 bytes per shape, however large its form fields."""
+    return hashlib.sha256(repr(_shape(request)).encode()).digest()
+
+
+_DEFAULT_SETTINGS: list[Settings] = []
+
+
+def _settings() -> Settings:
+    """The current app's settings (``create_app`` keeps them), or the defaults outside such an app."""
+    found = current_app.extensions.get("classlens")
+    if found is not None:
+        settings: Settings = found.settings
+        return settings
+    if not _DEFAULT_SETTINGS:
+        _DEFAULT_SETTINGS.append(Settings())
+    return _DEFAULT_SETTINGS[0]

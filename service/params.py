@@ -21,9 +21,11 @@ from typing import Any
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
+from classlens.capabilities import Need, describe_missing, missing
 from classlens.contract import ExplainRequest
+from model_store.manifest import Manifest
 from service.errors import Problem
-from service.model_info import ModelInfo
+from service.model_info import ModelInfo, model_info
 
 _DEFAULT_TOP_K = ExplainRequest.model_fields["top_k"].default
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
@@ -56,6 +58,11 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def is_index(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts ``²`` or ``٣``, which are label names here, not indices."""
+    return text.isascii() and text.isdigit()
+
+
 def from_form(form: MultiDict[str, str], files: MultiDict[str, FileStorage]) -> ExplainInput:
     """A validated multipart body (see ``ExplainFormRequest``): text fields parsed, the file read."""
     upload = files.get("image")
@@ -68,7 +75,7 @@ def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
     """The explain parameters among validated form fields, parsed (lists are comma-separated)."""
     fields: dict[str, Any] = {}
     if "targets" in form:
-        fields["targets"] = [int(part) if part.isdigit() else part for part in _split(form["targets"])]
+        fields["targets"] = [int(part) if is_index(part) else part for part in _split(form["targets"])]
     if "top_k" in form:
         fields["top_k"] = int(form["top_k"])
     if "layers" in form:
@@ -85,6 +92,12 @@ def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
 
 def resolve_targets(targets: Sequence[int | str], labels: Sequence[str]) -> list[int]:
     """Class indices from indices or label names (case-insensitive); a 422 naming the first bad one."""
+    if len(targets) > len(labels):
+        raise _bad(
+            f"{len(targets):,} targets for a model of {len(labels)} classes: name each class at most once",
+            "too_many_targets",
+            "Too many targets",
+        )
     by_name = {label.casefold(): index for index, label in enumerate(labels)}
     resolved: list[int] = []
     for target in targets:
@@ -137,6 +150,20 @@ def canonical_request(fields: Mapping[str, Any], labels: Sequence[str], info: Mo
         return ExplainRequest.model_validate(values)
     except ValidationError as error:
         raise invalid_parameters(error) from error
+
+
+def require(manifest: Manifest, reference: str, needs: frozenset[Need], what: str) -> None:
+    """A 422 ``unsupported_model`` unless the manifest meets ``needs`` (see :mod:`classlens.capabilities`).
+
+    Refused here, before anything is stored or queued, rather than accepted and failed by a worker:
+    the manifest already tells what the model is.
+    """
+    info = model_info(manifest)
+    lacking = missing(needs, is_vit=info.grid is not None, prefix_tokens=info.prefix_tokens or ())
+    if lacking:
+        raise Problem(
+            422, "Model cannot do this", describe_missing(what, reference, lacking), problem="unsupported_model"
+        )
 
 
 def invalid_parameters(error: ValidationError) -> Problem:

@@ -106,6 +106,17 @@ def add_tiny_vit(work: Path, version: str = "1", seed: int = 0) -> Path:
         "input": {"height": 28, "width": 28, "channels": 1, "colour_mode": "L"},
         "preprocessing": {"resize": (28, 28), "mean": (0.286,), "std": (0.353,)},
         "provenance": {"data": "random", "recipe": "tests", "date": "2026-01-01", "licence": "MIT"},
+        # What registering reads from the built model: the API refuses explanations of a model without it.
+        "structure": {
+            "family": "timm-vit",
+            "layers": TINY_DEPTH,
+            "grid": (7, 7),
+            "patch_size": (4, 4),
+            "prefix_tokens": ("cls",),
+            "pooling": "token",
+            "width": 64,
+            "heads": 2,
+        },
     }
     add_model(root, fields, weights, labels)
     return root

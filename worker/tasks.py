@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from celery import shared_task
+from celery import Celery, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from pydantic import ValidationError
@@ -43,9 +43,10 @@ from classlens.contract import (
 )
 from classlens.images import ImageError, decode_image
 from classlens.jobs import JobStore
-from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK, MODEL_ADD_TASK
+from classlens.leases import new_worker_id, start_liveness
+from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK, MODEL_ADD_TASK, create_celery, send_job
 from classlens.settings import Settings
-from classlens.store import open_store
+from classlens.store import StoreError, open_store
 from model_store.artifacts import ArtifactError
 from model_store.catalog import Catalog, ModelChangedError, ModelDisabledError, ModelEntry, ModelNotFoundError
 from model_store.manifest import ManifestError
@@ -69,11 +70,37 @@ class Runtime:
     jobs: JobStore
     models: ModelCache
     pid: int
+    # Made on first use (see the properties).
+    claims_queue: BatchQueue | None = None
+    sender: Celery | None = None
 
     @property
     def batches(self) -> BatchQueue:
-        """Cross-request batching's offers and claims; a claim lasts as long as a batch may run."""
-        return BatchQueue(self.jobs.store, lease_s=self.settings.task_time_limit_s)
+        """This process's claims on jobs (its own and its batch companions'), tied to its heartbeat.
+
+        A claim's TTL is only an upper bound (the longest hard limit): it normally ends with its job,
+        or with its holder's heartbeat (:mod:`classlens.leases`).
+        """
+        if self.claims_queue is None:
+            longest = max(
+                self.settings.task_time_limit_s,
+                self.settings.audit_time_limit_s,
+                self.settings.analysis_time_limit_s,
+                self.settings.model_add_time_limit_s,
+            )
+            self.claims_queue = BatchQueue(self.jobs.store, lease_s=longest, worker_id=new_worker_id())
+        return self.claims_queue
+
+    @property
+    def celery(self) -> Celery:
+        """Where jobs held by a dead worker are sent again (the reaper in this process's liveness thread)."""
+        if self.sender is None:
+            self.sender = create_celery(self.settings)
+        return self.sender
+
+    @property
+    def worker_id(self) -> str:
+        return self.batches.claims.worker_id
 
 
 _settings: Settings | None = None
@@ -102,8 +129,50 @@ def runtime() -> Runtime:
             max_models=settings.model_cache_max_models,
             max_bytes=settings.model_cache_max_bytes,
         )
-        _runtime = Runtime(settings, jobs, models, os.getpid())
+        rt = _runtime = Runtime(settings, jobs, models, os.getpid())
+        # Beaten from this process (a prefork child's claims die with the child), before any claim is taken.
+        start_liveness(jobs.store, rt.worker_id, settings.worker_heartbeat_s, lambda job_id: _requeue(rt, job_id))
     return _runtime
+
+
+def _requeue(rt: Runtime, job_id: str) -> None:
+    """Send a job whose worker died to the queue again (unless it finished meanwhile)."""
+    job = rt.jobs.get(job_id)
+    if job is not None and job.status not in TERMINAL_STATUSES:
+        send_job(rt.celery, rt.settings, job)
+
+
+def _surviving_store_outages(rt: Runtime, job_id: str, run: Callable[[], Job | None]) -> Job | None:
+    """``run()``, started again from the top while the store is unreachable, for up to the soft time limit.
+
+    The message stays unacknowledged meanwhile. Before each new try, the batch companions this worker
+    held are queued again and its claims dropped: their own messages may have been acknowledged
+    already (they found the job claimed by a live worker), so nobody else would run them. A blip of
+    Redis thus delays the jobs this worker holds instead of stranding them (work is idempotent: a job
+    whose result was stored before the blip is only marked succeeded, a duplicate message finds it done).
+    """
+    deadline = time.monotonic() + rt.settings.task_soft_time_limit_s
+    delay_s = 0.25
+    claims = rt.batches.claims
+    claims.recent.clear()
+    while True:
+        try:
+            return run()
+        except StoreError as error:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the store is unreachable (%s); job %s starts again once it answers", error, job_id)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
+            try:
+                # Claimed in the try that failed, whether still held or already released.
+                for other in sorted((claims.recent | claims.held) - {job_id}):
+                    _requeue(rt, other)
+                    rt.batches.release([other])
+                rt.batches.release([job_id])
+                claims.recent.clear()
+            except Exception as still_away:  # the store or the broker: the next try hands them over again
+                log.warning("could not hand back the jobs of job %s's batch yet: %s", job_id, still_away)
 
 
 class InputExpired(LookupError):
@@ -174,40 +243,28 @@ def explain_job(rt: Runtime, job_id: str) -> Job | None:
     job, needs_work = _resume(rt, job_id)
     if job is None or not needs_work:
         return job
-    if rt.settings.batch_max == 1:
-        return _explain_together(rt, [job])[0]
     batches = rt.batches
     if not batches.claim(job.id):
-        held = _wait_for_batch(rt, job)
-        if held is None or held.status in TERMINAL_STATUSES:
-            return held
-        job = held  # the lease lapsed (the batch's worker died): this task runs it
-    others = batches.companions(
-        job, rt.settings.batch_max - 1, rt.settings.batch_wait_ms / 1000, lambda other: _needs_work(rt, other)
-    )
+        # A live worker holds it (in its batch, or a second delivery of its message): that worker
+        # finishes it, or, should it die, its claim is abandoned and the job queued again. Never wait.
+        return job
+    others: list[Job] = []
     try:
+        job, needs_work = _resume(rt, job.id)  # it may have finished between the first look and the claim
+        if job is None or not needs_work:
+            return job
+        if rt.settings.batch_max > 1:
+            others = batches.companions(
+                job, rt.settings.batch_max - 1, rt.settings.batch_wait_ms / 1000, lambda other: _needs_work(rt, other)
+            )
         return _explain_together(rt, [job, *others])[0]
     finally:
-        batches.release([job.id, *(other.id for other in others)])
+        batches.release([job_id, *(other.id for other in others)])
 
 
 def _needs_work(rt: Runtime, job_id: str) -> Job | None:
     job, needs_work = _resume(rt, job_id)
     return job if needs_work else None
-
-
-def _wait_for_batch(rt: Runtime, job: Job) -> Job | None:
-    """Another worker holds ``job`` in its batch: the job once finished, or claimed by us once its lease lapses."""
-    batches = rt.batches
-    while True:
-        job = rt.jobs.wait(job, 1.0)
-        if job.status in TERMINAL_STATUSES:
-            return job
-        if batches.claim(job.id):
-            current = rt.jobs.get(job.id)
-            if current is None or current.status in TERMINAL_STATUSES:
-                batches.release([job.id])
-            return current
 
 
 def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
@@ -225,6 +282,8 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
         try:
             images.append(_job_image(rt, job))
             ready.append(job)
+        except StoreError:
+            raise  # not the job's fault: the task runs it again once the store answers
         except Exception as error:
             finished[job.id] = _record_failure(rt, job, error)
     explanations = []
@@ -237,6 +296,8 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
     except SoftTimeLimitExceeded:
         detail = f"the explanation took longer than {rt.settings.task_soft_time_limit_s} s"
         finished |= {job.id: store.fail(job, "Time limit exceeded", detail) for job in ready}
+    except StoreError:
+        raise
     except Exception as error:
         finished |= {job.id: _record_failure(rt, job, error) for job in ready}
     else:
@@ -283,7 +344,8 @@ def _job_image(rt: Runtime, job: Job) -> Image.Image:
 @shared_task(name=EXPLAIN_TASK, ignore_result=True)
 def explain_task(job_id: str) -> None:
     """``classlens.explain(job_id)``: explain the job's image; the outcome is in the job record."""
-    explain_job(runtime(), job_id)
+    rt = runtime()
+    _surviving_store_outages(rt, job_id, lambda: explain_job(rt, job_id))
 
 
 def _run_batch_job(
@@ -300,20 +362,32 @@ def _run_batch_job(
     job, needs_work = _resume(rt, job_id)
     if job is None or not needs_work:
         return job
-    job = jobs.progress(jobs.start(job), 0)
-    started = time.monotonic()
+    if not rt.batches.claim(job_id):
+        return job  # a live worker runs it (see explain_job)
     try:
-        result = compute(job)
-    except SoftTimeLimitExceeded:
-        job = jobs.fail(jobs.get(job.id) or job, "Time limit exceeded", f"the {noun} took longer than {soft_limit_s} s")
-    except Exception as error:
-        job = _record_failure(rt, jobs.get(job.id) or job, error)
-    else:
-        job = jobs.succeed(jobs.get(job.id) or job, result)
-    stats.record_job(
-        jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
-    )
-    return job
+        job, needs_work = _resume(rt, job_id)
+        if job is None or not needs_work:
+            return job
+        job = jobs.progress(jobs.start(job), 0)
+        started = time.monotonic()
+        try:
+            result = compute(job)
+        except SoftTimeLimitExceeded:
+            job = jobs.fail(
+                jobs.get(job.id) or job, "Time limit exceeded", f"the {noun} took longer than {soft_limit_s} s"
+            )
+        except StoreError:
+            raise  # not the job's fault: the task runs it again once the store answers
+        except Exception as error:
+            job = _record_failure(rt, jobs.get(job.id) or job, error)
+        else:
+            job = jobs.succeed(jobs.get(job.id) or job, result)
+        stats.record_job(
+            jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
+        )
+        return job
+    finally:
+        rt.batches.release([job_id])
 
 
 def _manifest(rt: Runtime, job: Job, noun: str) -> AuditManifest:
@@ -377,7 +451,8 @@ def _audit(rt: Runtime, job: Job) -> AuditResult:
 @shared_task(name=AUDIT_TASK, ignore_result=True)
 def audit_task(job_id: str) -> None:
     """``classlens.audit(job_id)``: explain and summarise the audit's images; the outcome is in the job record."""
-    audit_job(runtime(), job_id)
+    rt = runtime()
+    _surviving_store_outages(rt, job_id, lambda: audit_job(rt, job_id))
 
 
 def analysis_job(rt: Runtime, job_id: str) -> Job | None:
@@ -420,7 +495,8 @@ def _analyse(rt: Runtime, job: Job) -> bytes:
 @shared_task(name=ANALYSIS_TASK, ignore_result=True)
 def analysis_task(job_id: str) -> None:
     """``classlens.analyse.run(job_id)``: run the job's analysis; the outcome (and figures) are in the store."""
-    analysis_job(runtime(), job_id)
+    rt = runtime()
+    _surviving_store_outages(rt, job_id, lambda: analysis_job(rt, job_id))
 
 
 # -- registering an uploaded model (POST /v1/models) ------------------------------------------------------
@@ -496,4 +572,5 @@ def _sweep_uploads(rt: Runtime) -> None:
 @shared_task(name=MODEL_ADD_TASK, ignore_result=True)
 def model_add_task(job_id: str) -> None:
     """``classlens.models.add(job_id)``: register the uploaded model; the outcome is in the job record."""
+    # Not run again on a store outage: its upload folder is removed when a try ends (registering has effects).
     model_add_job(runtime(), job_id)

@@ -13,6 +13,7 @@ from classlens.cli.bench import bench_command
 from classlens.cli.bench_service import bench_service_command
 from classlens.cli.evaluate import evaluate_command
 from classlens.cli.explain import explain_command
+from classlens.cli.keys import keys
 from classlens.cli.models import models
 from classlens.cli.serve import serve_command, worker_command
 from classlens.settings import Settings
@@ -27,6 +28,7 @@ def main(context: click.Context) -> None:
 
 
 main.add_command(models)
+main.add_command(keys)
 main.add_command(explain_command)
 main.add_command(analyze_command)
 main.add_command(bench_command)

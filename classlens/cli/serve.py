@@ -1,8 +1,15 @@
 """``classlens serve`` (the HTTP API) and ``classlens worker`` (a Celery worker).
 
 Without ``REDIS_URL``, ``serve`` is the whole service on one machine: it starts its own
-``classlens worker`` process over the embedded broker and store (under the data dir), and
-stops it on exit. With ``REDIS_URL`` the two run separately, as many as needed.
+``classlens worker`` processes over the embedded broker and store (under the data dir), one for
+explanations and registrations and one for audits and analyses (heavy work never runs ahead of
+an explanation), supervises them (a worker that dies is started again, with a log line) and
+stops them on exit. With ``REDIS_URL`` the two run separately, as many as needed.
+
+waitress is configured for a server facing untrusted clients: many more connections than its
+default 100 (slow clients holding sockets open took the API down), a channel timeout that closes
+connections that send nothing, and long polls capped (``max_long_polls``) below the thread count,
+so ``/livez``, ``/readyz`` and short requests always find a thread.
 
 ``classlens worker --gpus all`` runs one worker process per GPU and supervises them
 (:mod:`classlens.cli.gpu_workers`); the supervising process never touches CUDA (docs/gpu.md).
@@ -10,27 +17,59 @@ stops it on exit. With ``REDIS_URL`` the two run separately, as many as needed.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from classlens.cli import gpu_workers
-from classlens.processes import stop_process
-from classlens.queue import ALL_QUEUES
-from classlens.settings import Settings
+from classlens.processes import Supervised
+from classlens.queue import ALL_QUEUES, ANALYSIS_QUEUE, AUDIT_QUEUE, EXPLAIN_QUEUE, MODELS_QUEUE
+from classlens.settings import Settings, redacted_url
 
 SAMPLES = Path(__file__).resolve().parents[2] / "model_store" / "samples" / "fashion-mnist"
 
 
-def _start_worker() -> subprocess.Popen[bytes]:
-    """``classlens worker`` as a child with this process's environment (hence the same settings)."""
-    command = [sys.executable, "-m", "classlens.cli", "worker"]
+def _start_worker(queues: tuple[str, ...] = ALL_QUEUES) -> subprocess.Popen[bytes]:
+    """``classlens worker`` on ``queues`` as a child with this process's environment (hence the same settings)."""
+    command = [sys.executable, "-m", "classlens.cli", "worker", f"--queues={','.join(queues)}"]
     return subprocess.Popen(command, env=os.environ.copy())
+
+
+def embedded_worker_queues(settings: Settings) -> list[tuple[str, ...]]:
+    """The queues of each embedded worker: light work apart from heavy work, unless told otherwise."""
+    if not settings.embedded_separate_heavy:
+        return [ALL_QUEUES]
+    return [(EXPLAIN_QUEUE, MODELS_QUEUE), (AUDIT_QUEUE, ANALYSIS_QUEUE)]
+
+
+def supervise_workers(
+    settings: Settings, start: Callable[[tuple[str, ...]], subprocess.Popen[bytes]] = _start_worker
+) -> list[Supervised]:
+    """Start the embedded workers under supervision (``start(queues)`` makes one process)."""
+    return [
+        Supervised(f"worker [{','.join(queues)}]", functools.partial(start, queues), log=click.echo)
+        for queues in embedded_worker_queues(settings)
+    ]
+
+
+def waitress_options(settings: Settings, threads: int) -> dict[str, Any]:
+    """waitress's settings for a server that slow or abusive clients must not stop."""
+    return {
+        "threads": threads,
+        "connection_limit": settings.http_connection_limit,
+        "channel_timeout": settings.http_channel_timeout_s,
+        "cleanup_interval": max(1, min(30, settings.http_channel_timeout_s // 2)),
+        "backlog": 2048,
+        "asyncore_use_poll": True,  # select() fails past 1024 descriptors
+        "ident": "classlens",
+    }
 
 
 def _curl_example(base: str, settings: Settings) -> str:
@@ -55,22 +94,31 @@ def serve_command(settings: Settings, host: str, port: int, threads: int) -> Non
 
     from service.app import create_app
 
-    app = create_app(settings)
-    worker = None
+    # Long polls may hold at most half the threads: the rest answer health checks and short requests.
+    settings = settings.model_copy(update={"max_long_polls": min(settings.max_long_polls, max(1, threads // 2))})
+    from service.auth import KeyFileError
+
+    try:
+        app = create_app(settings, host=host)
+    except KeyFileError as error:  # a bad key file must stop the start, not leave the API open or half-configured
+        raise click.ClickException(str(error)) from error
+    auth = app.extensions["classlens"].auth
+    click.echo(f"authentication {auth.reason}", err=not auth.enabled)
+    workers: list[Supervised] = []
     if settings.redis_url:
-        click.echo(f"using Redis at {settings.redis_url}; start workers with: classlens worker")
+        click.echo(f"using Redis at {redacted_url(settings.redis_url)}; start workers with: classlens worker")
     else:
-        click.echo(f"embedded mode: broker and store under {settings.data_dir}; starting a worker")
-        worker = _start_worker()
+        click.echo(f"embedded mode: broker and store under {settings.data_dir}; starting supervised workers")
+        workers = supervise_workers(settings)
     base = f"http://{host}:{port}"
     click.echo(f"ClassLens API on {base} (docs: {base}/docs). Try:\n  {_curl_example(base, settings)}")
     # SIGTERM (docker stop, systemd) ends the server like Ctrl-C does, so the worker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve(app, host=host, port=port, threads=threads)
+        serve(app, host=host, port=port, **waitress_options(settings, threads))
     finally:
-        if worker is not None:
-            stop_process(worker)
+        for worker in workers:
+            worker.stop()
 
 
 @click.command("worker")

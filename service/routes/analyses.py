@@ -25,6 +25,7 @@ from flask import Blueprint, Response, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
+from classlens.capabilities import BOTH_MODELS_KINDS, analysis_needs
 from classlens.contract import AnalysisRequest, Job
 from classlens.jobs import content_key
 from classlens.queue import ANALYSIS_TASK
@@ -35,7 +36,7 @@ from service.batches import check_images, counting_rejections, read_input, store
 from service.errors import Problem
 from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
 from service.model_info import model_info
-from service.params import invalid_parameters
+from service.params import invalid_parameters, require
 from service.views import REPORT, analysis_view
 
 blueprint = Blueprint("analyses", __name__, url_prefix="/v1/analyses")
@@ -112,11 +113,21 @@ def _check_region(fields: Mapping[str, Any], entry: ModelEntry) -> None:
         )
 
 
+def _check_needs(fields: Mapping[str, Any], entry: ModelEntry, second: ModelEntry | None) -> None:
+    """Refuse a kind the manifest says the model cannot run (the worker checks the same table)."""
+    kind = fields["kind"]
+    needs = analysis_needs(kind, fields.get("representation", "tokens"))
+    require(entry.manifest, entry.reference, needs, kind)
+    if second is not None and kind in BOTH_MODELS_KINDS:
+        require(second.manifest, second.reference, needs & {"cls"}, f"{kind} (compare_to)")
+
+
 def analysis_request(
     parts: Services, fields: Mapping[str, Any], entry: ModelEntry
 ) -> tuple[AnalysisRequest, ModelEntry | None]:
     """The canonical request (``compare_to`` as ``name@version``) and the second model, if any."""
     second = _second_model(parts, fields)
+    _check_needs(fields, entry, second)
     _check_region(fields, entry)
     try:
         request = AnalysisRequest.model_validate({**fields, "compare_to": second.reference if second else None})
@@ -164,7 +175,7 @@ def _submit(parts: Services) -> Response:
     fingerprints = {entry.reference: entry.result_fingerprint}
     if second is not None:
         fingerprints[second.reference] = second.result_fingerprint
-    job, outcome = submit_batch(
+    job, cached = submit_batch(
         parts,
         kind="analysis",
         task=ANALYSIS_TASK,
@@ -177,7 +188,7 @@ def _submit(parts: Services) -> Response:
         time_limit_s=settings.analysis_time_limit_s,
         images_counter=parts.metrics.analysis_images,
     )
-    return _respond(parts, job, cached=outcome == "cached")
+    return _respond(parts, job, cached=cached)
 
 
 @blueprint.post("")

@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+from classlens.capabilities import EXPLAIN_NEEDS
 from classlens.contract import ExplainRequest, Job
 from classlens.jobs import content_key
 from classlens.queue import AUDIT_TASK
@@ -26,7 +27,7 @@ from service.batches import check_images, counting_rejections, read_input, store
 from service.errors import Problem
 from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
 from service.model_info import ModelInfo, model_info
-from service.params import canonical_request
+from service.params import canonical_request, require
 from service.views import audit_view
 
 blueprint = Blueprint("audits", __name__, url_prefix="/v1/audits")
@@ -72,6 +73,7 @@ def _submit(parts: Services) -> Response:
     if not submitted.uploads:
         raise Problem(422, "No images", "the audit holds no images", problem="missing_images")
     entry = resolve_model(parts, submitted.model)
+    require(entry.manifest, entry.reference, EXPLAIN_NEEDS, "an audit")
     classes = entry.labels()
     true_labels = resolve_labels(submitted.uploads, classes)
     explain = audit_request(submitted.fields, classes, model_info(entry.manifest))
@@ -85,7 +87,7 @@ def _submit(parts: Services) -> Response:
         "images": len(submitted.uploads),
         "labelled": sum(1 for label in true_labels if label is not None),
     }
-    job, outcome = submit_batch(
+    job, cached = submit_batch(
         parts,
         kind="audit",
         task=AUDIT_TASK,
@@ -98,7 +100,7 @@ def _submit(parts: Services) -> Response:
         time_limit_s=settings.audit_time_limit_s,
         images_counter=parts.metrics.audit_images,
     )
-    return _respond(parts, job, cached=outcome == "cached")
+    return _respond(parts, job, cached=cached)
 
 
 @blueprint.post("")
@@ -129,16 +131,35 @@ def get_audit(id: str) -> Response:
     return _respond(parts, job, status=200)
 
 
+# A cell a spreadsheet would read as a formula (or, after a tab or CR, as the start of one).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a leading ``'`` when a spreadsheet would run it as a formula (OWASP's CSV injection rule).
+
+    File names and labels come from clients: ``=HYPERLINK(...)`` as a file name would otherwise
+    run in whoever opens rows.csv. Numbers are written by :func:`_cell` itself and left alone, so a
+    negative number stays a number.
+    """
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    return spreadsheet_safe(str(value))
 
 
 def rows_csv(result: dict[str, Any]) -> str:
-    """One line per image with the :data:`CSV_COLUMNS`; empty cells for nulls, ``true``/``false`` for booleans."""
+    """One line per image with the :data:`CSV_COLUMNS`; empty cells for nulls, ``true``/``false`` for booleans.
+
+    Text cells that a spreadsheet would read as a formula are escaped (:func:`spreadsheet_safe`).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)

@@ -12,20 +12,24 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, request
+from PIL import Image
 
 from classlens import batching
+from classlens.capabilities import EXPLAIN_NEEDS
 from classlens.contract import Job
-from classlens.images import ImageError, decode_image, fit_to_input
+from classlens.images import ImageError, fit_to_input
 from classlens.jobs import content_key, sha256_hex
 from classlens.queue import EXPLAIN_TASK, enqueue
 from classlens.render import render_overlay, to_png_bytes
 from model_store.catalog import ModelNotFoundError
+from service import quotas
 from service.app import Services, services
 from service.batches import read_input
+from service.decoding import check_decodable, with_decoded
 from service.errors import Problem
 from service.job_responses import find_job, job_response, resolve_model, stored_result, wait_seconds
 from service.model_info import model_info
-from service.params import ExplainInput, canonical_request, from_form, from_json
+from service.params import ExplainInput, canonical_request, from_form, from_json, require
 from service.views import job_view
 
 blueprint = Blueprint("explanations", __name__, url_prefix="/v1/explanations")
@@ -56,6 +60,7 @@ def create_explanation() -> Response:
     parts = services()
     submitted: ExplainInput = read_input(from_json, from_form)
     entry = resolve_model(parts, submitted.model)
+    require(entry.manifest, entry.reference, EXPLAIN_NEEDS, "an explanation")
     explain_request = canonical_request(submitted.fields, entry.labels(), model_info(entry.manifest))
     parameters = explain_request.model_dump(mode="json")
     image_key = sha256_hex(submitted.image)
@@ -65,7 +70,7 @@ def create_explanation() -> Response:
     seen_before = parts.jobs.result(key) is not None
     if not seen_before:
         try:
-            decode_image(submitted.image, max_pixels=parts.settings.max_image_pixels)
+            check_decodable(submitted.image, parts.settings.max_image_pixels)
         except ImageError as error:
             parts.metrics.rejected_images.labels(error.problem).inc()
             raise
@@ -78,7 +83,8 @@ def create_explanation() -> Response:
         if parts.settings.batch_max > 1:  # let the worker that takes a job up take this one along
             batching.offer(parts.jobs.store, job, parts.settings.result_ttl_s)
 
-    submission = parts.jobs.submit(
+    submission = quotas.submit(
+        parts,
         kind="explanation",
         model=entry.reference,
         parameters=parameters,
@@ -91,7 +97,7 @@ def create_explanation() -> Response:
     job = submission.job
     if submission.outcome != "cached":
         job = parts.jobs.wait(job, wait_seconds(parts))
-    return _respond(parts, job, cached=submission.outcome == "cached", result=submission.result)
+    return _respond(parts, job, cached=submission.cached, result=submission.result)
 
 
 @blueprint.get("/<id>")
@@ -144,18 +150,19 @@ def get_map(id: str, target: str) -> Response:
         manifest = parts.catalog.resolve(job.model).manifest
     except ModelNotFoundError as error:
         raise Problem(410, "Model gone", f"{job.model} is no longer in the catalog", problem="expired") from error
-    seen = fit_to_input(
-        decode_image(data, max_pixels=parts.settings.max_image_pixels), manifest.input, manifest.preprocessing
-    )
     colormap = "RdBu_r" if kind == "gradient" else "inferno"
-    overlay = render_overlay(
-        seen,
-        np.asarray(values, dtype=np.float64),
-        title=title,
-        colormap=colormap,
-        preprocessing=manifest.preprocessing,  # the caption says the picture is the model's input
-    )
-    png = to_png_bytes(overlay)
+
+    def draw(image: Image.Image) -> bytes:
+        overlay = render_overlay(
+            fit_to_input(image, manifest.input, manifest.preprocessing),
+            np.asarray(values, dtype=np.float64),
+            title=title,
+            colormap=colormap,
+            preprocessing=manifest.preprocessing,  # the caption says the picture is the model's input
+        )
+        return to_png_bytes(overlay)
+
+    png = with_decoded(data, parts.settings.max_image_pixels, draw)
     response = Response(png, mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response

@@ -3,7 +3,7 @@
 Reading: ``GET /v1/models`` (the newest enabled version of every model; with
 ``include_disabled=true`` every disabled version too) and ``GET /v1/models/{name}``.
 
-Writing, while the service runs (both marked ``models:write`` for when the API authenticates;
+Writing, while the service runs (both marked with the ``admin`` scope, :data:`service.auth.MODELS_WRITE`;
 see :mod:`service.auth`):
 
 - ``POST /v1/models`` registers an upload. The form is checked here with the same
@@ -38,6 +38,7 @@ from model_store.sources import (
     weights_stem,
     weights_suffix,
 )
+from service import quotas
 from service.app import Services, services
 from service.auth import MODELS_WRITE, requires_scope
 from service.errors import Problem
@@ -237,7 +238,8 @@ def add_model() -> Response:
     folder = settings.upload_dir / job_id
     try:
         saved = save_uploads(folder, request.files)
-        job = parts.jobs.create(
+        job = quotas.create(
+            parts,
             job_id=job_id,
             kind="model",
             model=reference,

@@ -24,7 +24,7 @@ def livez() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
-    """Ready when the store answers, the catalog has models and some worker has beaten recently."""
+    """Ready when the store answers, the catalog has models and a worker beat recently; says if it authenticates."""
     parts = services()
     checks: dict[str, str] = {}
     ready = True
@@ -43,10 +43,21 @@ def readyz() -> Response:
     else:
         checks["worker"] = "no worker heartbeat"
         ready = False
+    # Said on every probe, so that a service left open (authentication off) is plain to whoever watches it.
+    authentication = {"enabled": parts.auth.enabled, "detail": parts.auth.reason}
     if ready:
-        return jsonify({"status": "ready", "checks": checks})
+        return jsonify({"status": "ready", "checks": checks, "authentication": authentication})
     failing = ", ".join(name for name, state in checks.items() if not state.startswith("ok"))
-    return problem_response(Problem(503, "Not ready", f"failing checks: {failing}", problem="not_ready", checks=checks))
+    return problem_response(
+        Problem(
+            503,
+            "Not ready",
+            f"failing checks: {failing}",
+            problem="not_ready",
+            checks=checks,
+            authentication=authentication,
+        )
+    )
 
 
 @blueprint.get("/metrics")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+from classlens.capabilities import analysis_needs
 from classlens.contract import AnalysisRequest
 from worker.analyses import figures
 from worker.analyses.attention_distance import PrefixConvention, mean_attention_distance
@@ -53,7 +54,6 @@ Progress = Callable[[int, int], None]  # (done, total), called as the work advan
 MIN_IMAGES = 4
 DECIMALS = 6
 RANDOM_SEED = 0  # the random-initialised copy of the memories comparison
-VIT_ONLY = ("attention-distance", "localization", "memories", "perturb")
 
 
 class AnalysisError(ValueError):
@@ -175,7 +175,7 @@ def _check(job: _Job) -> None:
             classes = len(loaded.labels)
             if int(job.labels.min()) < 0 or int(job.labels.max()) >= classes:
                 raise AnalysisError(f"labels must be class indices 0..{classes - 1} of {_name(loaded)}")
-    if request.kind in VIT_ONLY:
+    if "vit" in analysis_needs(request.kind, request.representation):  # the API refuses the same from manifests
         _vit(job.models[0], request.kind)
     if request.region is not None and request.kind != "perturb":
         raise AnalysisError("region is a parameter of perturb only")
