@@ -45,6 +45,13 @@ TASK_ROUTES = {
 }
 
 
+# Redis hands an unacknowledged message out again after this long. Not tied to the longest task:
+# a job still running then is claimed by its live worker, so the second delivery returns at once
+# (classlens.leases). It bounds the one case claims cannot see: a worker that died after taking a
+# message and before claiming its job.
+REDELIVER_AFTER_S = 300
+
+
 def broker_folder(settings: Settings) -> Path:
     """Where the embedded broker keeps its messages (one file per message)."""
     return settings.data_dir / "broker"
@@ -52,15 +59,7 @@ def broker_folder(settings: Settings) -> Path:
 
 def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.redis_url:
-        # Redis redelivers an unacknowledged message after the visibility timeout; with late acks it
-        # must outlast the longest task (an audit or an analysis), or it would be started a second time.
-        longest = max(
-            settings.task_time_limit_s,
-            settings.audit_time_limit_s,
-            settings.analysis_time_limit_s,
-            settings.model_add_time_limit_s,
-        )
-        return settings.redis_url, {"visibility_timeout": longest * 2}
+        return settings.redis_url, {"visibility_timeout": REDELIVER_AFTER_S}
     folder = broker_folder(settings)
     for sub in ("queue", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -82,6 +81,9 @@ def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
+        # Sending rides through a broker restart of a few seconds, as the store does (classlens.store).
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 5, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 1.0},
         result_backend=None,
         task_ignore_result=True,
         # JSON only: a message can never carry pickled code.

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from classlens.settings import Settings
 
@@ -117,6 +119,16 @@ class _RedisListener:
 _DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
 
 
+def _reconnecting() -> Retry:
+    """Ride through a Redis restart: a refused or dropped connection is tried again for about 2.5 s.
+
+    A restarted redis-server with its append-only file answers again within a second, so callers
+    never see it; a longer outage still surfaces as a :class:`StoreError` (a 503) within seconds.
+    Only connection errors: a timeout already waited ``timeout_s`` and is not tried again.
+    """
+    return Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=5, supported_errors=(redis.ConnectionError,))
+
+
 def _milliseconds(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
@@ -127,7 +139,9 @@ class RedisStore:
     def __init__(self, url: str, *, timeout_s: float = 5.0):
         self.url = url
         self.timeout_s = timeout_s
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=_reconnecting()
+        )
 
     def get(self, key: str) -> bytes | None:
         try:

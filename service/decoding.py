@@ -44,6 +44,7 @@ class DecodeSlots:
                 "Too busy to decode",
                 f"{self.size} images are being decoded and none finished within {self.wait_s:g} s; try again",
                 problem="busy",
+                headers={"Retry-After": "1"},
             )
         try:
             with self._lock:

@@ -87,6 +87,21 @@ def _http(error: HTTPException) -> Problem:
     return Problem(status, error.name or "Error", error.description or "", problem=name)
 
 
+# The store and the broker are tried again for a few seconds before a request fails; a client that
+# waits this long before its next try usually finds them back.
+UNAVAILABLE_RETRY_S = 5
+
+
+def _unavailable(title: str, detail: str, problem: str) -> Problem:
+    return Problem(
+        503,
+        title,
+        f"{detail}; try again in {UNAVAILABLE_RETRY_S} s",
+        problem=problem,
+        headers={"Retry-After": str(UNAVAILABLE_RETRY_S)},
+    )
+
+
 # The table: domain exception -> Problem. The first matching row wins, so subclasses come first.
 PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
     (Problem, lambda error: error),
@@ -94,14 +109,11 @@ PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
     # Asking for a disabled version by itself (GET /v1/models/{name}@{version}): it is gone on purpose.
     (ModelDisabledError, lambda error: Problem(410, "Model disabled", str(error), problem="model_disabled")),
     (ModelNotFoundError, lambda error: Problem(404, "Unknown model", str(error), problem="unknown_model")),
-    (StoreError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
+    (StoreError, lambda error: _unavailable("Store unavailable", "the job store cannot be reached", "store")),
     # Only the rate limiter talks to Redis directly (the store wraps its errors): its count lives there.
-    (RedisError, lambda error: Problem(503, "Store unavailable", "the job store cannot be reached", problem="store")),
-    (
-        OperationalError,
-        lambda error: Problem(503, "Queue unavailable", "the job queue cannot be reached", problem="queue"),
-    ),
-    (KombuError, lambda error: Problem(503, "Queue unavailable", "the job queue refused the job", problem="queue")),
+    (RedisError, lambda error: _unavailable("Store unavailable", "the job store cannot be reached", "store")),
+    (OperationalError, lambda error: _unavailable("Queue unavailable", "the job queue cannot be reached", "queue")),
+    (KombuError, lambda error: _unavailable("Queue unavailable", "the job queue refused the job", "queue")),
     (RateLimitExceeded, _rate_limited),
     (HTTPException, _http),
 ]

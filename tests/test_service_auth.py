@@ -27,6 +27,7 @@ from service.auth import PUBLIC_ENDPOINTS, hash_key, scope_for
 from tests.service_fixtures import (
     REPO,
     TINY_MODEL,
+    b64,
     checked,
     free_port,
     noise_png,
@@ -317,6 +318,59 @@ def test_tls_to_redis_checks_the_certificate_in_the_store_and_the_broker():
     assert create_celery(Settings(redis_url=url)).connection_for_write().ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     relaxed = create_celery(Settings(redis_url=f"{url}?ssl_cert_reqs=optional")).connection_for_write()
     assert relaxed.ssl == {"ssl_cert_reqs": ssl.CERT_OPTIONAL}  # the URL's own choice stands
+
+
+def test_an_explanation_end_to_end_over_tls_to_a_real_redis(tmp_path, tiny_model_root):
+    """redis-server with TLS only and a password: the API, the queue and a worker all speak ``rediss://``.
+
+    The certificate is checked: without the CA the store refuses to talk (the broker gets the same
+    ``ssl_cert_reqs=required``, see the test above), with it an explanation runs end to end.
+    """
+    import trustme
+
+    from classlens.store import RedisStore, StoreError
+
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1", "localhost")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    authority.cert_pem.write_to_path(str(paths["ca"]))
+    issued.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    issued.private_key_pem.write_to_path(str(paths["key"]))
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed (Debian: apt install redis-server)"
+    tls = ["--tls-port", str(port), "--tls-cert-file", str(paths["cert"]), "--tls-key-file", str(paths["key"])]
+    tls += ["--tls-ca-cert-file", str(paths["ca"]), "--tls-auth-clients", "no"]
+    command = [binary, "--port", "0", *tls, "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={paths['ca']}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                RedisStore(url).ping()
+                break
+            except StoreError:
+                assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start with TLS"
+                time.sleep(0.1)
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+            RedisStore(f"rediss://:s3cret@127.0.0.1:{port}/0").ping()
+        with pytest.raises(StoreError):
+            RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0", timeout_s=2).ping()  # plain text is not spoken
+        settings = Settings(redis_url=url, data_dir=tmp_path / "data", model_dirs=[tiny_model_root])
+        store = RedisStore(url)
+        app = create_app(settings, store=store)
+        client = app.test_client()
+        with worker_running(settings, store, tmp_path / "worker.log", queues="gpu"):
+            body = {"model": TINY_MODEL, "image": b64(sample_png()), "top_k": 2}
+            response = checked(app, client.post("/v1/explanations?wait=60", json=body))
+            assert response.status_code == 200, response.get_json()
+            job = response.get_json()
+            assert job["status"] == "succeeded", job
+            assert len(job["result"]["targets"]) == 2
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_a_follower_takes_its_leaders_state_and_outlives_it(tmp_path):

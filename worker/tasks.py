@@ -514,12 +514,16 @@ def model_add_job(rt: Runtime, job_id: str) -> Job | None:
     first run put the version in place fails as "exists" unless it was sent with ``overwrite``.
     """
     folder = upload_folder(rt.settings, job_id)
+    job: Job | None = None
     try:
-        return _run_batch_job(
+        job = _run_batch_job(
             rt, job_id, "registration", rt.settings.model_add_soft_time_limit_s, lambda job: _register(rt, job, folder)
         )
+        return job
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        # Not while another live worker registers it (this is a second delivery): it still reads the files.
+        if job is None or job.status in TERMINAL_STATUSES:
+            shutil.rmtree(folder, ignore_errors=True)
         _sweep_uploads(rt)
 
 

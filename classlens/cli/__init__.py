@@ -16,6 +16,7 @@ from classlens.cli.explain import explain_command
 from classlens.cli.keys import keys
 from classlens.cli.models import models
 from classlens.cli.serve import serve_command, worker_command
+from classlens.cli.soak import soak_command
 from classlens.settings import Settings
 
 
@@ -36,3 +37,4 @@ main.add_command(bench_service_command)
 main.add_command(evaluate_command)
 main.add_command(serve_command)
 main.add_command(worker_command)
+main.add_command(soak_command)
