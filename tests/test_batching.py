@@ -1,4 +1,4 @@
-"""Cross-request batching (issue #6, item 3), its own logic against a real store: offers, claims, companions."""
+"""Cross-request batching, its own logic against a real store: offers, claims, companions."""
 
 from __future__ import annotations
 

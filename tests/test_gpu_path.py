@@ -1,4 +1,4 @@
-"""The GPU path (issue #6): device choice, one worker per GPU, and what half precision costs.
+"""The GPU path: device choice, one worker per GPU, and what half precision costs.
 
 This machine has no GPU, so nothing here runs CUDA. What can be checked without one is:
 the device setting and its error, the GPU count read without initialising CUDA, the

@@ -1,4 +1,4 @@
-"""ONNX explainer graphs (issue #6, item 1): export, verification, checksums, and explain through onnxruntime.
+"""ONNX explainer graphs: export, verification, checksums, and explain through onnxruntime.
 
 Two models: a random-initialised RGB ViT (verified on random inputs) and the
 trained ``fmnist-vit@2`` (verified on the bundled samples), each exported into a

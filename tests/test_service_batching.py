@@ -1,4 +1,4 @@
-"""Cross-request batching end to end (issue #6, item 3): the real app, redis-server and Celery worker processes.
+"""Cross-request batching end to end: the real app, redis-server and Celery worker processes.
 
 Jobs are queued while no worker runs, so that the worker that starts finds them all
 waiting: the test then knows exactly which batches must form.
