@@ -35,9 +35,9 @@ FROM base AS worker
 # CUDA torch comes from the index of the image's CUDA version; the pin stays 2.13.0.
 RUN pip install -c constraints.txt ".[worker,onnx-gpu]"
 USER classlens
-# Healthy while a worker's heartbeat is fresh in the store (see classlens/heartbeat.py).
+# Healthy while a worker's heartbeat is fresh in the store (see classlens/core/heartbeat.py).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s \
-    CMD python -c "import sys; from classlens.settings import Settings; from classlens.store import open_store; from classlens.heartbeat import last_beat; sys.exit(last_beat(open_store(Settings())) is None)"
+    CMD python -c "import sys; from classlens.core.settings import Settings; from classlens.core.store import open_store; from classlens.core.heartbeat import last_beat; sys.exit(last_beat(open_store(Settings())) is None)"
 # One worker process per GPU that nvidia-smi lists (or CUDA_VISIBLE_DEVICES names), each on its
 # own card, supervised by this one; no GPU: one worker on the CPU, as before (docs/gpu.md).
 CMD ["classlens", "worker", "--gpus", "all", "--queues", "gpu,audits,analyses"]

@@ -30,6 +30,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The lens (ratios to the plain forward pass, peak memory), faithfulness of the maps,
 # and the service (throughput vs the raw worker, cache hits); writes bench-results/*.json.
@@ -61,10 +62,10 @@ system-deps:
 
 # Retrain the current versions of the bundled demo models (about 75 minutes on 2 CPU cores; see README).
 demo-models: system-deps $(VENV)/.installed
-	$(BIN)/python -m model_store.recipes.fashion_mnist
+	$(BIN)/python -m classlens.recipes.fashion_mnist
 
 samples: system-deps $(VENV)/.installed
-	$(BIN)/python -m model_store.recipes.fashion_mnist --samples
+	$(BIN)/python -m classlens.recipes.fashion_mnist --samples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -46,6 +46,8 @@ from model_store.manifest import (
 from model_store.sources import weights_suffix
 
 BUNDLED_ROOT = Path(__file__).resolve().parent / "models"
+# Sample images of the bundled Fashion-MNIST models (the tests, the demos and the recipes use them).
+BUNDLED_SAMPLES = Path(__file__).resolve().parent / "samples" / "fashion-mnist"
 
 
 # The marker of a disabled version: a file of this name in the version's folder (its text says when and why).

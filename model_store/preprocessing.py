@@ -4,7 +4,7 @@ A model is only explained faithfully if the service feeds it the tensor its own 
 transform would: a picture resized another way is an input the production model never
 sees. The two functions here turn the configurations that travel with timm and Hugging
 Face checkpoints into :class:`~model_store.manifest.Preprocessing` steps, which
-:func:`classlens.images.fit_to_input` then applies with Pillow alone.
+:func:`classlens.core.images.fit_to_input` then applies with Pillow alone.
 
 - :func:`from_timm_config`: timm's data config (``timm.data.resolve_data_config``) or the
   ``pretrained_cfg`` of a timm ``config.json``; the steps reproduce timm 1.0's

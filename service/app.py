@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from celery import Celery
 from flask import Flask, Response, current_app, g, request
 
-from classlens.jobs import JobStore
-from classlens.queue import create_celery
-from classlens.settings import Settings
-from classlens.store import Store, open_store
+from classlens.core.jobs import JobStore
+from classlens.core.queue import create_celery
+from classlens.core.settings import Settings
+from classlens.core.store import Store, open_store
 from model_store.catalog import Catalog
 from service.auth import Auth, auth_policy, authenticate
 from service.errors import register_error_handlers

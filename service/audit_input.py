@@ -23,7 +23,7 @@ from typing import Any
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.errors import Problem
 from service.params import form_fields, is_index
 

@@ -42,8 +42,8 @@ from typing import Any, ParamSpec, TypeVar
 import yaml
 from flask import g, request
 
-from classlens.contract import Job
-from classlens.settings import Settings
+from classlens.core.contract import Job
+from classlens.core.settings import Settings
 from service.errors import Problem
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from flask import Response, request
 from prometheus_client import Counter
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from classlens.contract import AuditImage, AuditManifest, Job, JobKind
-from classlens.images import ImageError
-from classlens.queue import enqueue
+from classlens.core.contract import AuditImage, AuditManifest, Job, JobKind
+from classlens.core.images import ImageError
+from classlens.core.queue import enqueue
 from service import quotas
 from service.app import Services
 from service.audit_input import AuditUpload
@@ -82,7 +82,7 @@ def submit_batch(
 ) -> tuple[Job, bool]:
     """Queue the job (or find it cached, or join the equal one in flight), count it, and long-poll it.
 
-    Returns the job and whether to show it as ``cached`` (:attr:`classlens.jobs.Submission.cached`). The job
+    Returns the job and whether to show it as ``cached`` (:attr:`classlens.core.jobs.Submission.cached`). The job
     is the caller's (:func:`service.quotas.submit`).
 
     ``fingerprints`` are the result fingerprints of the models the key was made from (see ``JobStore.submit``).

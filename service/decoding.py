@@ -17,8 +17,8 @@ from typing import TypeVar
 
 from flask import current_app
 
-from classlens.images import decode_image
-from classlens.settings import Settings
+from classlens.core.images import decode_image
+from classlens.core.settings import Settings
 from service.errors import Problem
 
 _T = TypeVar("_T")

@@ -18,8 +18,8 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from classlens.images import ImageError
-from classlens.store import StoreError
+from classlens.core.images import ImageError
+from classlens.core.store import StoreError
 from model_store.catalog import ModelDisabledError, ModelNotFoundError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Response, jsonify, request, url_for
 
-from classlens.contract import TERMINAL_STATUSES, Job, JobKind
+from classlens.core.contract import TERMINAL_STATUSES, Job, JobKind
 from model_store.catalog import ModelDisabledError, ModelEntry, ModelNotFoundError
 from service.app import Services
 from service.auth import may_see

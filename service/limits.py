@@ -27,7 +27,7 @@ from typing import Any
 
 from flask import Request
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.errors import Problem
 
 MAX_JSON_DEPTH = 32  # the deepest body the contract describes is 4 levels (images -> item -> label)

@@ -5,7 +5,7 @@ Two sources:
 - this process's HTTP traffic and submissions (counters and histograms updated in place);
 - figures owned by others, read at scrape time by :class:`_SharedCollector`: queue depths
   from the broker, and the job and explanation counters that workers keep in the store
-  (:mod:`classlens.stats`). A source that cannot be read is left out of that scrape.
+  (:mod:`classlens.core.stats`). A source that cannot be read is left out of that scrape.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from classlens import stats
-from classlens.queue import queue_depths
-from classlens.store import Store
+from classlens.core import stats
+from classlens.core.queue import queue_depths
+from classlens.core.store import Store
 from model_store.catalog import Catalog
 from service.model_info import model_info
 

@@ -53,7 +53,7 @@ from openapi_core.validation.request.exceptions import (
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from werkzeug.datastructures import MultiDict
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.errors import Problem
 from service.limits import check_request
 

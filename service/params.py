@@ -1,4 +1,4 @@
-"""From an HTTP request to an image and a *canonical* :class:`~classlens.contract.ExplainRequest`.
+"""From an HTTP request to an image and a *canonical* :class:`~classlens.core.contract.ExplainRequest`.
 
 Both body forms (JSON with a base64 image, multipart with a file) end in the same
 :class:`ExplainInput`. :func:`canonical_request` then checks the parameters against the
@@ -21,8 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from classlens.capabilities import Need, describe_missing, missing
-from classlens.contract import ExplainRequest
+from classlens.core.capabilities import Need, describe_missing, missing
+from classlens.core.contract import ExplainRequest
 from model_store.manifest import Manifest
 from service.errors import Problem
 from service.model_info import ModelInfo, model_info
@@ -153,7 +153,7 @@ def canonical_request(fields: Mapping[str, Any], labels: Sequence[str], info: Mo
 
 
 def require(manifest: Manifest, reference: str, needs: frozenset[Need], what: str) -> None:
-    """A 422 ``unsupported_model`` unless the manifest meets ``needs`` (see :mod:`classlens.capabilities`).
+    """A 422 ``unsupported_model`` unless the manifest meets ``needs`` (see :mod:`classlens.core.capabilities`).
 
     Refused here, before anything is stored or queued, rather than accepted and failed by a worker:
     the manifest already tells what the model is.

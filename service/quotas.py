@@ -26,8 +26,8 @@ from typing import Any
 from flask import Flask, request
 from flask_limiter import Limiter
 
-from classlens.contract import TERMINAL_STATUSES, Job
-from classlens.jobs import Submission
+from classlens.core.contract import TERMINAL_STATUSES, Job
+from classlens.core.jobs import Submission
 from service.app import Services
 from service.auth import PUBLIC_ENDPOINTS, caller
 from service.errors import Problem

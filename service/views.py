@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import url_for
 
-from classlens.contract import Job
+from classlens.core.contract import Job
 
 REPORT = "report"  # the figure of an analysis that is its HTML report (compare), not a PNG
 

@@ -27,14 +27,15 @@ import pytest
 import redis
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens import fashion_mnist
-from classlens.processes import stop_process
-from classlens.settings import Settings
+from classlens.core import fashion_mnist
+from classlens.core.processes import stop_process
+from classlens.core.settings import Settings
+from model_store.catalog import BUNDLED_SAMPLES
 
 FASHION_LABELS = list(fashion_mnist.LABELS)
 TINY_MODEL = "tiny-vit"
 TINY_DEPTH = 2
-SAMPLES = Path(__file__).resolve().parent.parent / "model_store" / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -182,7 +183,7 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
 
 
 def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
-    from classlens.heartbeat import last_beat
+    from classlens.core.heartbeat import last_beat
 
     deadline = time.monotonic() + timeout_s
     while last_beat(store) is None:  # type: ignore[arg-type]
@@ -196,7 +197,7 @@ def wait_for_heartbeat(store: object, process: subprocess.Popen[bytes], log: Pat
 # The API over a module's ``settings`` fixture (each service test module states its own limits).
 @pytest.fixture(scope="module")
 def store(settings):
-    from classlens.store import RedisStore
+    from classlens.core.store import RedisStore
 
     return RedisStore(settings.redis_url)
 
@@ -271,7 +272,7 @@ def finished_job(app, client, url: str, timeout_s: float = 180) -> dict:
 
 def watch_progress(store: object, job_id: str, timeout_s: float = 180) -> list[tuple[int, int]]:
     """Every distinct ``(done, total)`` of the job record, read straight from the store, until it finishes."""
-    from classlens.contract import Job
+    from classlens.core.contract import Job
 
     seen: list[tuple[int, int]] = []
     deadline = time.monotonic() + timeout_s

@@ -1,22 +1,67 @@
-"""The layout's promises: the API side never imports torch (DESIGN.md: the API image stays small)."""
+"""The layout's promises: the folders are the layers, and the API side never imports torch.
 
+The contracts themselves are import-linter's, in pyproject.toml (``make lint`` runs them); these
+tests run them too, show that they fail when a layer is broken, and check at run time what a
+static graph cannot see (an entry point that imports torch by a path the graph misses).
+"""
+
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-TORCH_FREE = [
-    "service.app",
-    "service.routes.explanations",
-    "service.routes.audits",
-    "service.routes.analyses",
-    "classlens.cli",
-    "classlens.contract",
-    "classlens.jobs",
-    "classlens.queue",
-    "classlens.store",
-    "model_store.catalog",
-]
+REPO = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+PACKAGES = ("classlens", "service", "worker", "model_store")
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    assert LINT_IMPORTS.exists(), "import-linter is not installed (it is in the dev extra)"
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=root, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_import_contracts_hold():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "3 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("classlens/core/store.py", "from service import app as _upward", "Layers"),
+        ("model_store/catalog.py", "def _lazy():\n    import classlens.core.jobs", "Layers"),
+        ("service/params.py", "def _lazy():\n    import worker.runtime", "Layers"),
+        ("classlens/core/images.py", "def _lazy():\n    import torch", "never reach torch"),
+        ("worker/lens/projection.py", "def _lazy():\n    import redis", "know nothing of Celery"),
+    ],
+)
+def test_a_scratch_change_that_breaks_a_layer_fails_the_lint(tmp_path, module, line, contract):
+    """An upward or forbidden import, even one inside a function, is caught."""
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "models"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n\n{line}\n")
+    result = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0, result.stdout[-3000:]
+    broken = [row for row in result.stdout.splitlines() if "BROKEN" in row or contract in row]
+    assert any(contract in row for row in broken), result.stdout[-3000:]
+
+
+TORCH_FREE = ["service.app", "classlens.cli", "classlens.cli.gpu_workers", "classlens.core.jobs", "model_store.catalog"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
@@ -24,8 +69,9 @@ def test_module_imports_without_torch(module):
     code = (
         f"import sys, {module}; "
         "from service.app import create_app; "
+        "from classlens.cli.gpu_workers import gpu_plan; gpu_plan(None, {'CUDA_VISIBLE_DEVICES': '0,1'}); "
         "bad = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules); "
         "print(', '.join(bad)); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"{module} pulled in: {result.stdout.strip()} {result.stderr.strip()}"

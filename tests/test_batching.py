@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from classlens import batching, leases
-from classlens.batching import BatchQueue, batch_key
-from classlens.contract import Job
-from classlens.jobs import new_job_id
-from classlens.leases import beat_alive, new_worker_id
-from classlens.store import RedisStore, SqliteStore
+from classlens.core import batching, leases
+from classlens.core.batching import BatchQueue, batch_key
+from classlens.core.contract import Job
+from classlens.core.jobs import new_job_id
+from classlens.core.leases import beat_alive, new_worker_id
+from classlens.core.store import RedisStore, SqliteStore
 
 
 @pytest.fixture(params=["redis", "sqlite"])

@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from classlens.contract import AnalysisRequest
-from classlens.settings import Settings
-from model_store.catalog import BUNDLED_ROOT
+from classlens.core.contract import AnalysisRequest
+from classlens.core.settings import Settings
+from model_store.catalog import BUNDLED_SAMPLES
 from service.app import create_app
 from worker.analyses.run import run_analysis
 from worker.runtime import load
 
-SAMPLES = BUNDLED_ROOT.parent / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 
 
 def chromium(*arguments: str, url: str) -> subprocess.CompletedProcess[bytes]:

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 
 from classlens.cli import main
 from classlens.cli.analyze import figure_file, parse_region
-from classlens.contract import AnalysisResult
-from model_store.catalog import BUNDLED_ROOT
+from classlens.core.contract import AnalysisResult
+from model_store.catalog import BUNDLED_SAMPLES
 
-SAMPLES = sorted((BUNDLED_ROOT.parent / "samples" / "fashion-mnist").glob("*.png"))
+SAMPLES = sorted(BUNDLED_SAMPLES.glob("*.png"))
 ENV = {"CLASSLENS_MODEL_DIRS": ""}
 
 

@@ -8,12 +8,12 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
-from classlens import fashion_mnist
 from classlens.cli import main
-from classlens.contract import Explanation
-from model_store.catalog import BUNDLED_ROOT
+from classlens.core import fashion_mnist
+from classlens.core.contract import Explanation
+from model_store.catalog import BUNDLED_SAMPLES
 
-SAMPLES = sorted((BUNDLED_ROOT.parent / "samples" / "fashion-mnist").glob("*.png"))
+SAMPLES = sorted(BUNDLED_SAMPLES.glob("*.png"))
 LABELS = list(fashion_mnist.LABELS)
 
 

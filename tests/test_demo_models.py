@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from classlens import fashion_mnist
-from model_store.catalog import BUNDLED_ROOT
+from classlens.core import fashion_mnist
+from model_store.catalog import BUNDLED_ROOT, BUNDLED_SAMPLES
 from tests.conftest import DEMO_MODELS
 from worker.model_loader import load_model
 from worker.preprocess import preprocess
 
 SLICE = slice(0, 2000)  # a fixed slice of the 10,000 test images
-SAMPLES = BUNDLED_ROOT.parent / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 
 
 @pytest.mark.parametrize("name", DEMO_MODELS)
@@ -61,11 +61,11 @@ def test_samples_are_labelled_pngs_that_the_vit_mostly_gets_right(bundled_catalo
 
 
 def test_every_bundled_version_was_trained_by_the_recipe_of_that_name_and_version():
-    """The recipes in model_store/recipes reproduce what the committed training logs record."""
+    """The recipes in classlens/recipes reproduce what the committed training logs record."""
     import json
     from dataclasses import asdict
 
-    from model_store.recipes.fashion_mnist import RECIPES
+    from classlens.recipes.fashion_mnist import RECIPES
 
     logs = sorted(BUNDLED_ROOT.glob("*/*/training_log.json"))
     assert logs

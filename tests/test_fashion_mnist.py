@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from classlens import fashion_mnist
+from classlens.core import fashion_mnist
 
 
 def test_test_split_shapes_and_labels():

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from classlens.batching import offer
-from classlens.contract import TERMINAL_STATUSES, ExplainRequest, Job
-from classlens.jobs import JobStore, content_key
-from classlens.leases import CLAIM_PREFIX
-from classlens.processes import Supervised
-from classlens.queue import EXPLAIN_TASK, create_celery, enqueue
-from classlens.settings import Settings
-from classlens.store import RedisStore, SqliteStore, Store, StoreError, open_store
+from classlens.core.batching import offer
+from classlens.core.contract import TERMINAL_STATUSES, ExplainRequest, Job
+from classlens.core.jobs import JobStore, content_key
+from classlens.core.leases import CLAIM_PREFIX
+from classlens.core.processes import Supervised
+from classlens.core.queue import EXPLAIN_TASK, create_celery, enqueue
+from classlens.core.settings import Settings
+from classlens.core.store import RedisStore, SqliteStore, Store, StoreError, open_store
 from model_store.catalog import Catalog
 from tests.service_fixtures import (
     SAMPLES,
@@ -238,7 +238,7 @@ def test_the_embedded_worker_is_restarted_and_its_jobs_complete(tmp_path, embedd
 
 
 def test_readyz_says_503_while_no_embedded_worker_lives(tmp_path, embedded_settings):
-    from classlens.heartbeat import last_beat
+    from classlens.core.heartbeat import last_beat
 
     settings = embedded_settings
     store = open_store(settings)
@@ -357,7 +357,7 @@ def test_the_embedded_broker_hands_out_whole_messages_exactly_once(tmp_path):
 
     from kombu import Connection
 
-    from classlens.queue import _broker
+    from classlens.core.queue import _broker
 
     url, options = _broker(Settings(data_dir=tmp_path))
     count, seen, errors = 600, [], []

@@ -22,16 +22,17 @@ from PIL import Image
 
 import classlens.cli.gpu_workers as gpu_workers
 from classlens.cli import main
-from classlens.contract import ExplainRequest
-from model_store.catalog import BUNDLED_ROOT, Catalog
-from worker import devices, runtime
-from worker.devices import DeviceError, parse_nvidia_smi, resolve_device, visible_gpus, worker_plan
+from classlens.cli.gpu_workers import parse_nvidia_smi, visible_gpus, worker_plan
+from classlens.core.contract import ExplainRequest
+from model_store.catalog import BUNDLED_SAMPLES, Catalog
+from worker import runtime
+from worker.devices import DeviceError, resolve_device
 from worker.lens.projection import ClassProjection
 from worker.lens.vit import trace
 from worker.runtime import ModelCache, forward_dtype, load
 
 CPU = torch.device("cpu")
-SAMPLES = BUNDLED_ROOT.parent / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 
 TWO_GPUS = """\
 GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1b7e0c3a-aaaa-bbbb-cccc-000000000000)
@@ -157,7 +158,7 @@ def test_visible_gpus_lists_mig_instances_in_place_of_their_gpu(fake_nvidia_smi)
 
 def test_visible_gpus_when_nvidia_smi_fails(fake_nvidia_smi, caplog: pytest.LogCaptureFixture) -> None:
     fake_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n", status=9)
-    with caplog.at_level(logging.WARNING, logger=devices.__name__):
+    with caplog.at_level(logging.WARNING, logger=gpu_workers.__name__):
         assert visible_gpus() == []
     assert "nvidia-smi -L failed" in caplog.text
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classlens.images import ImageError, decode_image, fit_to_input
+from classlens.core.images import ImageError, decode_image, fit_to_input
 from model_store.manifest import InputSpec, Preprocessing
 
 

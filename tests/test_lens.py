@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from classlens.contract import ExplainRequest, Explanation, ModelRef
+from classlens.core.contract import ExplainRequest, Explanation, ModelRef
 from worker.lens.explain import ExplainError, explain, resolve_targets
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings

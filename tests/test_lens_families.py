@@ -20,7 +20,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from classlens.contract import ExplainRequest, ModelRef
+from classlens.core.contract import ExplainRequest, ModelRef
 from worker.lens.adapter import UnsupportedModelError
 from worker.lens.explain import explain
 from worker.lens.families import describe, open_model

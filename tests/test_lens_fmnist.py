@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from classlens import fashion_mnist
-from classlens.contract import ExplainRequest
-from worker.benchmarks.faithfulness import relevance_methods
+from classlens.bench.faithfulness import relevance_methods
+from classlens.core import fashion_mnist
+from classlens.core.contract import ExplainRequest
 from worker.lens.faithfulness import evaluate_methods
 from worker.model_loader import create_architecture
 from worker.runtime import LoadedModel, load

@@ -21,7 +21,7 @@ from timm.data import resolve_input_data_config
 from timm.models import save_for_hf
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens.contract import Explanation
+from classlens.core.contract import Explanation
 from model_store.catalog import Catalog
 from model_store.manifest import ManifestError
 from model_store.preprocessing import from_timm_config

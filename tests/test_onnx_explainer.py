@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from classlens.cli import main
-from classlens.contract import ExplainRequest, Explanation, ModelRef
+from classlens.core.contract import ExplainRequest, Explanation, ModelRef
 from model_store.artifacts import ArtifactError
 from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import ONNX_EXPLAINER, Manifest, read_manifest

@@ -1,6 +1,6 @@
 """Preprocessing parity: the service's input tensor equals the one the model's own eval transform makes.
 
-The manifest's steps (model_store.preprocessing derives them, classlens.images.fit_to_input applies
+The manifest's steps (model_store.preprocessing derives them, classlens.core.images.fit_to_input applies
 them with Pillow, worker.preprocess scales and normalises) are compared with timm's
 ``create_transform(**data_config)`` and with Hugging Face's ViT and DeiT image processors, on
 non-square, odd-sized, tiny, grey and RGBA pictures. The bundled Fashion-MNIST models must see
@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens.images import ImageError, fit_to_input
+from classlens.core.images import ImageError, fit_to_input
 from model_store.catalog import BUNDLED_ROOT
 from model_store.manifest import InputSpec, ManifestError, Preprocessing, read_manifest
 from model_store.preprocessing import from_hf_processor, from_timm_config

@@ -1,4 +1,4 @@
-"""Rendering of relevance maps as PNG images (classlens.render): colours, overlays, grids, PNG bytes."""
+"""Rendering of relevance maps as PNG images (classlens.core.render): colours, overlays, grids, PNG bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classlens.render import (
+from classlens.core.render import (
     COLORMAPS,
     DEFAULT_ALPHA,
     MIN_SIDE,
@@ -399,7 +399,7 @@ def test_png_bytes_decode_to_the_same_image() -> None:
 
 def test_render_imports_neither_torch_nor_matplotlib() -> None:
     code = (
-        "import sys, classlens.render; "
+        "import sys, classlens.core.render; "
         "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from classlens import contract
-from classlens.contract import ExplainRequest
-from classlens.jobs import JobStore, content_key
-from classlens.store import SqliteStore
+from classlens.core import contract
+from classlens.core.contract import ExplainRequest
+from classlens.core.jobs import JobStore, content_key
+from classlens.core.store import SqliteStore
 from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry
 from model_store.manifest import MANIFEST_FILE, Artifact, Metric, Structure, read_manifest, write_manifest
 

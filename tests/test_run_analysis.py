@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from classlens.contract import AnalysisRequest
-from model_store.catalog import BUNDLED_ROOT, Catalog
+from classlens.core.contract import AnalysisRequest
+from model_store.catalog import BUNDLED_ROOT, BUNDLED_SAMPLES, Catalog
 from worker.analyses.run import AnalysisError, _Job, _Steps, run_analysis
 from worker.lens.vit import UnsupportedModelError
 from worker.runtime import ModelCache, load
 
-SAMPLES = BUNDLED_ROOT.parent / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 
 
 @pytest.fixture(scope="module")

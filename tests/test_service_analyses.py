@@ -12,9 +12,9 @@ import io
 
 import pytest
 
-from classlens.contract import Job
-from classlens.queue import ANALYSIS_QUEUE, create_celery, queue_depths
-from classlens.settings import Settings
+from classlens.core.contract import Job
+from classlens.core.queue import ANALYSIS_QUEUE, create_celery, queue_depths
+from classlens.core.settings import Settings
 from service.app import create_app
 from tests.service_fixtures import (
     FASHION_LABELS,

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 from PIL import Image
 
-from classlens.queue import EXPLAIN_QUEUE, create_celery, queue_depths
-from classlens.settings import Settings
+from classlens.core.queue import EXPLAIN_QUEUE, create_celery, queue_depths
+from classlens.core.settings import Settings
 from service.app import create_app
 from tests.service_fixtures import (
     TINY_DEPTH,

@@ -14,9 +14,9 @@ import zipfile
 
 import pytest
 
-from classlens.contract import Job
-from classlens.queue import AUDIT_QUEUE
-from classlens.settings import Settings
+from classlens.core.contract import Job
+from classlens.core.queue import AUDIT_QUEUE
+from classlens.core.settings import Settings
 from tests.service_fixtures import (
     FASHION_LABELS,
     SAMPLES,

@@ -21,7 +21,7 @@ import redis
 import yaml
 from click.testing import CliRunner
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.app import create_app
 from service.auth import PUBLIC_ENDPOINTS, hash_key, scope_for
 from tests.service_fixtures import (
@@ -266,8 +266,8 @@ def test_keys_create_prints_a_key_and_a_line_usable_as_is(tmp_path, tiny_model_r
 
 
 def test_redis_with_a_password_for_the_store_the_queue_and_the_rate_limits(tmp_path, tiny_model_root):
-    from classlens.queue import create_celery
-    from classlens.store import RedisStore, StoreError
+    from classlens.core.queue import create_celery
+    from classlens.core.store import RedisStore, StoreError
 
     port = free_port()
     binary = shutil.which("redis-server")
@@ -308,8 +308,8 @@ def test_redis_with_a_password_for_the_store_the_queue_and_the_rate_limits(tmp_p
 
 def test_tls_to_redis_checks_the_certificate_in_the_store_and_the_broker():
     """``rediss://`` without ``ssl_cert_reqs``: redis-py checks the certificate, and so must kombu (it would not)."""
-    from classlens.queue import create_celery
-    from classlens.store import RedisStore
+    from classlens.core.queue import create_celery
+    from classlens.core.store import RedisStore
 
     url = "rediss://:s3cret@redis.example:6380/0"
     pool = RedisStore(url)._client.connection_pool
@@ -328,7 +328,7 @@ def test_an_explanation_end_to_end_over_tls_to_a_real_redis(tmp_path, tiny_model
     """
     import trustme
 
-    from classlens.store import RedisStore, StoreError
+    from classlens.core.store import RedisStore, StoreError
 
     authority = trustme.CA()
     issued = authority.issue_cert("127.0.0.1", "localhost")
@@ -375,8 +375,8 @@ def test_an_explanation_end_to_end_over_tls_to_a_real_redis(tmp_path, tiny_model
 
 def test_a_follower_takes_its_leaders_state_and_outlives_it(tmp_path):
     """The store's side of joins across keys, without HTTP: read-through status, own id and owner, the cached rule."""
-    from classlens.jobs import JobStore
-    from classlens.store import SqliteStore
+    from classlens.core.jobs import JobStore
+    from classlens.core.store import SqliteStore
 
     jobs = JobStore(SqliteStore(tmp_path / "store.sqlite3"), ttl_s=60, inflight_ttl_s=60)
     queued: list[str] = []

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.app import create_app
 from tests.service_fixtures import SAMPLES, TINY_MODEL, checked, finished_job, worker_running
 
@@ -61,7 +61,7 @@ def test_queued_jobs_share_one_pass_with_results_identical_to_unbatched(
 
     # The same requests through a worker that does not batch.
     alone = _settings(tmp_path_factory, redis_url, tiny_model_root, 6, batch_max=1)
-    from classlens.store import RedisStore
+    from classlens.core.store import RedisStore
 
     alone_store = RedisStore(alone.redis_url or "")
     alone_app = create_app(alone, store=alone_store)

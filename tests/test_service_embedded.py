@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from classlens.settings import Settings
-from classlens.store import SqliteStore, open_store
+from classlens.core.settings import Settings
+from classlens.core.store import SqliteStore, open_store
 from service.app import create_app
 from tests.service_fixtures import TINY_MODEL, sample_png, worker_running
 

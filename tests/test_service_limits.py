@@ -13,10 +13,10 @@ import time
 import pytest
 from PIL import Image
 
-from classlens.capabilities import VIT_KINDS, analysis_needs, missing
-from classlens.images import decode_image, fit_to_input
-from classlens.queue import create_celery, queue_depths
-from classlens.settings import Settings
+from classlens.core.capabilities import VIT_KINDS, analysis_needs, missing
+from classlens.core.images import decode_image, fit_to_input
+from classlens.core.queue import create_celery, queue_depths
+from classlens.core.settings import Settings
 from model_store.manifest import InputSpec, Preprocessing
 from service.decoding import DecodeSlots, slots
 from service.errors import Problem

@@ -29,7 +29,7 @@ from timm.data import create_transform, resolve_input_data_config
 from timm.models import save_for_hf
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from tests.checkpoints import ARCH, LABELS, TINY, hf_config, tiny_vit, train_checkpoint
 from tests.service_fixtures import REPO, checked, finished_job, worker_running
 

@@ -19,8 +19,8 @@ import yaml
 from safetensors.torch import save_file
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
-from classlens.queue import MODELS_QUEUE, create_celery, queue_depths
-from classlens.settings import Settings
+from classlens.core.queue import MODELS_QUEUE, create_celery, queue_depths
+from classlens.core.settings import Settings
 from model_store.catalog import DISABLED_FILE
 from model_store.sources import ModelSources, RegisterOptions
 from service.app import create_app
@@ -357,7 +357,7 @@ def test_the_api_never_imports_torch(tmp_path, files):
     script = textwrap.dedent(
         f"""
         import io, sys
-        from classlens.settings import Settings
+        from classlens.core.settings import Settings
         from service.app import create_app
         app = create_app(Settings(data_dir={str(tmp_path)!r}, redis_url=None, max_wait_s=0))
         client = app.test_client()
@@ -381,8 +381,8 @@ def test_upload_folders_whose_task_never_ran_are_swept_once_old(tmp_path):
     import os
     import time
 
-    from classlens.jobs import JobStore
-    from classlens.store import SqliteStore
+    from classlens.core.jobs import JobStore
+    from classlens.core.store import SqliteStore
     from model_store.catalog import Catalog
     from worker.runtime import ModelCache
     from worker.tasks import Runtime, _sweep_uploads

@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth, negative_data_rejection, positive_data_acceptance
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from service.app import create_app
 
 

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from classlens.contract import ExplainRequest
-from classlens.jobs import JobStore, content_key
-from classlens.store import RedisStore, SqliteStore
+from classlens.core.contract import ExplainRequest
+from classlens.core.jobs import JobStore, content_key
+from classlens.core.store import RedisStore, SqliteStore
 
 
 @pytest.fixture(params=["redis", "sqlite"])
@@ -225,7 +225,7 @@ def test_a_created_job_that_cannot_be_queued_is_failed(store):
 
 
 def test_content_keys_carry_the_lens_version(monkeypatch):
-    from classlens import contract
+    from classlens.core import contract
 
     before = content_key("w", "i", {})
     monkeypatch.setattr(contract, "LENS_VERSION", contract.LENS_VERSION + 1)

@@ -1,7 +1,7 @@
 import timm
 import torch
 
-from classlens import torchvision_compat
+from worker import torchvision_compat
 
 
 def test_apply_is_idempotent_and_timm_builds_a_vit():

@@ -1,7 +1,7 @@
 """Audits: many images through the one explain entry point, summarised per image and overall.
 
 The task (:func:`worker.tasks.audit_job`) feeds batches to :func:`explain_batch` and turns
-what comes back into :class:`~classlens.contract.AuditRow` with :func:`audit_row`; once all
+what comes back into :class:`~classlens.core.contract.AuditRow` with :func:`audit_row`; once all
 batches are done, :func:`aggregate` summarises the rows. Everything but
 :func:`explain_batch` is plain arithmetic over the contract's models, so it is tested and
 reasoned about without a model.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from classlens.contract import (
+from classlens.core.contract import (
     AuditAggregates,
     AuditImage,
     AuditRow,

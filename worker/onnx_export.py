@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from model_store.artifacts import describe_file
-from model_store.catalog import ModelEntry, record_artifact
+from model_store.catalog import BUNDLED_SAMPLES, ModelEntry, record_artifact
 from model_store.manifest import ONNX_EXPLAINER
 from worker.lens.projection import ClassProjection, StreamLogits, centred_stream_logits, stream_scales
 from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
@@ -42,7 +42,7 @@ from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
 log = logging.getLogger(__name__)
 
 EXPLAINER_FILE = "explainer.onnx"
-SAMPLES = Path(__file__).resolve().parents[1] / "model_store" / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "residual", "centred_residual", "centred_attention", "centred_mlp", "scales")
 # Version of what the outputs mean; a graph recorded with another layout is not used (re-export it).

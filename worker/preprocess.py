@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlens.images import fit_to_input
+from classlens.core.images import fit_to_input
 from model_store.manifest import InputSpec, Preprocessing
 
 

@@ -26,8 +26,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from classlens.contract import ExplainRequest, Explanation, ModelRef
-from classlens.images import fit_to_input
+from classlens.core.contract import ExplainRequest, Explanation, ModelRef
+from classlens.core.images import fit_to_input
 from model_store.catalog import Catalog, ModelChangedError, ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
 from worker.devices import DeviceSetting, resolve_device

@@ -1,7 +1,7 @@
 """The Celery tasks: thin. Read the job, decode the image, call the lens, store the result.
 
 Tasks take the job id only; the image is read from the store by its key, and the result
-goes back to the store under its content key (:class:`classlens.jobs.JobStore`). They are
+goes back to the store under its content key (:class:`classlens.core.jobs.JobStore`). They are
 idempotent: a redelivered job whose result exists is just marked succeeded. Every failure
 is recorded in the job with a title and a detail a person can act on; none is retried,
 since the same input would fail the same way.
@@ -27,9 +27,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 from pydantic import ValidationError
 
-from classlens import stats
-from classlens.batching import BatchQueue
-from classlens.contract import (
+from classlens.core import stats
+from classlens.core.batching import BatchQueue
+from classlens.core.contract import (
     TERMINAL_STATUSES,
     AnalysisRequest,
     AnalysisResult,
@@ -41,12 +41,12 @@ from classlens.contract import (
     Job,
     ModelRegistration,
 )
-from classlens.images import ImageError, decode_image
-from classlens.jobs import JobStore
-from classlens.leases import new_worker_id, start_liveness
-from classlens.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK, MODEL_ADD_TASK, create_celery, send_job
-from classlens.settings import Settings
-from classlens.store import StoreError, open_store
+from classlens.core.images import ImageError, decode_image
+from classlens.core.jobs import JobStore
+from classlens.core.leases import new_worker_id, start_liveness
+from classlens.core.queue import ANALYSIS_TASK, AUDIT_TASK, EXPLAIN_TASK, MODEL_ADD_TASK, create_celery, send_job
+from classlens.core.settings import Settings
+from classlens.core.store import StoreError, open_store
 from model_store.artifacts import ArtifactError
 from model_store.catalog import Catalog, ModelChangedError, ModelDisabledError, ModelEntry, ModelNotFoundError
 from model_store.manifest import ManifestError
@@ -79,7 +79,7 @@ class Runtime:
         """This process's claims on jobs (its own and its batch companions'), tied to its heartbeat.
 
         A claim's TTL is only an upper bound (the longest hard limit): it normally ends with its job,
-        or with its holder's heartbeat (:mod:`classlens.leases`).
+        or with its holder's heartbeat (:mod:`classlens.core.leases`).
         """
         if self.claims_queue is None:
             longest = max(
@@ -238,7 +238,7 @@ def explain_job(rt: Runtime, job_id: str) -> Job | None:
     """Run one explanation job to a terminal status; None when the job record is gone (expired).
 
     With ``batch_max > 1`` the job is explained together with other queued jobs of the same
-    model and parameters, in one forward pass (:mod:`classlens.batching`).
+    model and parameters, in one forward pass (:mod:`classlens.core.batching`).
     """
     job, needs_work = _resume(rt, job_id)
     if job is None or not needs_work:

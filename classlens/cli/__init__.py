@@ -17,7 +17,7 @@ from classlens.cli.keys import keys
 from classlens.cli.models import models
 from classlens.cli.serve import serve_command, worker_command
 from classlens.cli.soak import soak_command
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 
 
 @click.group()

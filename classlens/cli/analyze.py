@@ -19,9 +19,9 @@ import click
 from pydantic import ValidationError
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.contract import AnalysisKind, AnalysisRequest, AnalysisResult
-from classlens.images import ImageError, decode_image
-from classlens.settings import Settings
+from classlens.core.contract import AnalysisKind, AnalysisRequest, AnalysisResult
+from classlens.core.images import ImageError, decode_image
+from classlens.core.settings import Settings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,7 +71,7 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 def _dataset(count: int) -> tuple[list[Image.Image], np.ndarray]:
     from PIL import Image
 
-    from classlens import fashion_mnist
+    from classlens.core import fashion_mnist
 
     try:
         images, labels = fashion_mnist.load("test")

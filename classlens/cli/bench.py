@@ -1,4 +1,4 @@
-"""``classlens bench``: the lens benchmark (see worker/benchmarks/lens.py), printed and written as JSON."""
+"""``classlens bench``: the lens benchmark (see classlens/bench/lens.py), printed and written as JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 
 
 @click.command("bench")
@@ -62,8 +62,8 @@ def bench_command(settings: Settings, reference: str, **options: Any) -> None:
 
 
 def _bench_analyses(options: dict[str, Any]) -> None:
-    from worker.benchmarks.analyses import bench_analyses, format_table, random_vit, summary
-    from worker.benchmarks.lens import environment
+    from classlens.bench.analyses import bench_analyses, format_table, random_vit, summary
+    from classlens.bench.lens import environment
     from worker.runtime import default_device
 
     device = default_device()
@@ -93,7 +93,7 @@ def _bench_analyses(options: dict[str, Any]) -> None:
 
 def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> None:
     # Through worker.*: the torchvision compatibility step runs before timm is imported.
-    from worker.benchmarks.lens import BenchModel, bench_model, environment, format_table, random_imagenet_vit
+    from classlens.bench.lens import BenchModel, bench_model, environment, format_table, random_imagenet_vit
     from worker.runtime import default_device, load
 
     device = default_device()

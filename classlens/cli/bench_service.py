@@ -1,4 +1,4 @@
-"""``classlens bench-service``: the service benchmark (worker/benchmarks/service.py), printed and written as JSON."""
+"""``classlens bench-service``: the service benchmark (classlens/bench/service.py), printed and written as JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from classlens.cli.common import open_catalog
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 
 # Images per model: fewer for ViT-S, whose explanations are the slow ones on CPU, so that a full
 # run stays within minutes; --quick is a smoke run.
@@ -81,8 +81,8 @@ def bench_service_command(
 
     Starts its own redis-server, one worker and the API on 127.0.0.1, and stops them on the way out.
     """
+    from classlens.bench.service import BenchError, Plan, bench_service, format_table, register_random_vit
     from model_store.catalog import Catalog, ModelNotFoundError
-    from worker.benchmarks.service import BenchError, Plan, bench_service, format_table, register_random_vit
 
     counts = QUICK if quick else FULL
     plan = Plan(cache_hits=cache_hits or counts["cache_hits"], clients=clients, timeout_s=timeout, batch_max=batch_max)

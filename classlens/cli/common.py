@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from model_store.catalog import Catalog, ModelEntry, ModelNotFoundError
 
 

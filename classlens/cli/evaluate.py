@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 
 METHODS = ("projection", "gradient", "random", "rollout", "gradcam")
 
@@ -42,8 +42,8 @@ def evaluate_command(settings: Settings, reference: str, **options: Any) -> None
     import torch
     from PIL import Image
 
-    from classlens import fashion_mnist
-    from worker.benchmarks.faithfulness import relevance_methods
+    from classlens.bench.faithfulness import relevance_methods
+    from classlens.core import fashion_mnist
     from worker.lens.faithfulness import evaluate_methods
     from worker.runtime import load
 

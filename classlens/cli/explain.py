@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.contract import ExplainRequest, Explanation
-from classlens.images import ImageError, decode_image
-from classlens.render import render_grid, render_overlay
-from classlens.settings import Settings
+from classlens.core.contract import ExplainRequest, Explanation
+from classlens.core.images import ImageError, decode_image
+from classlens.core.render import render_grid, render_overlay
+from classlens.core.settings import Settings
 from model_store.manifest import Preprocessing
 
 if TYPE_CHECKING:

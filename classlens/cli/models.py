@@ -12,7 +12,7 @@ import click
 from pydantic import ValidationError
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 from model_store.artifacts import ArtifactError
 from model_store.catalog import ModelEntry, ModelNotFoundError
 from model_store.manifest import ManifestError, describe_validation_error

@@ -29,11 +29,12 @@ from typing import Any
 import click
 
 from classlens.cli import gpu_workers
-from classlens.processes import Supervised
-from classlens.queue import ALL_QUEUES, ANALYSIS_QUEUE, AUDIT_QUEUE, EXPLAIN_QUEUE, MODELS_QUEUE
-from classlens.settings import Settings, redacted_url
+from classlens.core.processes import Supervised
+from classlens.core.queue import ALL_QUEUES, ANALYSIS_QUEUE, AUDIT_QUEUE, EXPLAIN_QUEUE, MODELS_QUEUE
+from classlens.core.settings import Settings, redacted_url
+from model_store.catalog import BUNDLED_SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[2] / "model_store" / "samples" / "fashion-mnist"
+SAMPLES = BUNDLED_SAMPLES
 
 
 def _start_worker(queues: tuple[str, ...] = ALL_QUEUES) -> subprocess.Popen[bytes]:
@@ -156,9 +157,9 @@ def worker_command(
     from celery.signals import worker_ready
 
     import worker.tasks as tasks
-    from classlens.heartbeat import start_heartbeat
-    from classlens.queue import create_celery
-    from classlens.store import open_store
+    from classlens.core.heartbeat import start_heartbeat
+    from classlens.core.queue import create_celery
+    from classlens.core.store import open_store
 
     tasks.configure(settings)
     app = create_celery(settings, include_tasks=True)

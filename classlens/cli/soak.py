@@ -45,9 +45,9 @@ from typing import Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.contract import TERMINAL_STATUSES
-from classlens.processes import stop_process
-from classlens.settings import Settings
+from classlens.core.contract import TERMINAL_STATUSES
+from classlens.core.processes import stop_process
+from classlens.core.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 # Shares of the clients' requests; the rest submit a new image.

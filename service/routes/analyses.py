@@ -2,7 +2,7 @@
 
 The images arrive as for audits (a zip, repeated ``images`` parts, or JSON with base64
 images; labels optional) and the parameters are the fields of
-:class:`~classlens.contract.AnalysisRequest`. Everything is checked before anything is
+:class:`~classlens.core.contract.AnalysisRequest`. Everything is checked before anything is
 queued: both models, the parameters against the kind and the model's grid, the number of
 images, every image and label. One task (``classlens.analyse.run``, queue ``analyses``) is
 then sent with the job id. The worker stores each figure under its digest; the result names
@@ -25,10 +25,10 @@ from flask import Blueprint, Response, url_for
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from classlens.capabilities import BOTH_MODELS_KINDS, analysis_needs
-from classlens.contract import AnalysisRequest, Job
-from classlens.jobs import content_key
-from classlens.queue import ANALYSIS_TASK
+from classlens.core.capabilities import BOTH_MODELS_KINDS, analysis_needs
+from classlens.core.contract import AnalysisRequest, Job
+from classlens.core.jobs import content_key
+from classlens.core.queue import ANALYSIS_TASK
 from model_store.catalog import ModelEntry
 from service.app import Services, services
 from service.audit_input import AuditInput, resolve_labels, uploads_from_form, uploads_from_json

@@ -17,10 +17,10 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from classlens.capabilities import EXPLAIN_NEEDS
-from classlens.contract import ExplainRequest, Job
-from classlens.jobs import content_key
-from classlens.queue import AUDIT_TASK
+from classlens.core.capabilities import EXPLAIN_NEEDS
+from classlens.core.contract import ExplainRequest, Job
+from classlens.core.jobs import content_key
+from classlens.core.queue import AUDIT_TASK
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch

@@ -14,13 +14,13 @@ import numpy as np
 from flask import Blueprint, Response, request
 from PIL import Image
 
-from classlens import batching
-from classlens.capabilities import EXPLAIN_NEEDS
-from classlens.contract import Job
-from classlens.images import ImageError, fit_to_input
-from classlens.jobs import content_key, sha256_hex
-from classlens.queue import EXPLAIN_TASK, enqueue
-from classlens.render import render_overlay, to_png_bytes
+from classlens.core import batching
+from classlens.core.capabilities import EXPLAIN_NEEDS
+from classlens.core.contract import Job
+from classlens.core.images import ImageError, fit_to_input
+from classlens.core.jobs import content_key, sha256_hex
+from classlens.core.queue import EXPLAIN_TASK, enqueue
+from classlens.core.render import render_overlay, to_png_bytes
 from model_store.catalog import ModelNotFoundError
 from service import quotas
 from service.app import Services, services

@@ -27,9 +27,9 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
-from classlens.contract import Job
-from classlens.jobs import new_job_id
-from classlens.queue import MODEL_ADD_TASK, enqueue
+from classlens.core.contract import Job
+from classlens.core.jobs import new_job_id
+from classlens.core.queue import MODEL_ADD_TASK, enqueue
 from model_store.sources import (
     CONFIG_FILE,
     LABELS_FILE,

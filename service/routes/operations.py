@@ -7,8 +7,8 @@ import time
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from classlens.heartbeat import last_beat
-from classlens.store import StoreError
+from classlens.core.heartbeat import last_beat
+from classlens.core.store import StoreError
 from service.app import services
 from service.docs import render_docs
 from service.errors import Problem, problem_response

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.capabilities import analysis_needs
-from classlens.contract import AnalysisRequest
+from classlens.core.capabilities import analysis_needs
+from classlens.core.contract import AnalysisRequest
 from worker.analyses import figures
 from worker.analyses.attention_distance import PrefixConvention, mean_attention_distance
 from worker.analyses.cka import CKAError

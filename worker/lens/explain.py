@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from classlens.contract import (
+from classlens.core.contract import (
     MAP_DECIMALS,
     ClassScore,
     ExplainRequest,

@@ -230,7 +230,7 @@ def _text_block(text: str, width: int, font: _Font) -> Image.Image | None:
 def input_caption(image: Image.Image, preprocessing: Preprocessing) -> str:
     """What the picture under the maps is: the model's input, after which of the manifest's steps.
 
-    ``image`` must be that input (``classlens.images.fit_to_input``): a caption that named a
+    ``image`` must be that input (``classlens.core.images.fit_to_input``): a caption that named a
     size the picture does not have would mislead, so a mismatch is a ``ValueError``.
     """
     height, width = preprocessing.output_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.contract import MapKind
+from classlens.core.contract import MapKind
 from worker.lens.baselines import attention_rollout, grad_cam, random_relevance
 from worker.lens.explain import projection_map
 from worker.lens.faithfulness import RelevanceMethod

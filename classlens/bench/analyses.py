@@ -27,9 +27,9 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from classlens.bench.measure import measure_round_robin
 from worker.analyses.attention_distance import mean_attention_distance
 from worker.analyses.layer_cka import cka_within
-from worker.benchmarks.measure import measure_round_robin
 
 TARGET_CKA_RATIO = 1.5
 

@@ -4,7 +4,7 @@ Jobs for the same model with the same canonical parameters can share a pass: the
 explains a batch of images under one request. The API *offers* each new explain job on a
 list named after that pair (:func:`batch_key`); the worker that starts a job *claims* it,
 then takes up to ``batch_max - 1`` companions off the list and claims each. A claim is
-:class:`classlens.leases.Claims`'s ``claim:<job id>``, naming the claiming worker, so:
+:class:`classlens.core.leases.Claims`'s ``claim:<job id>``, naming the claiming worker, so:
 
 - Late acknowledgement is untouched: every job keeps its own Celery message, acknowledged
   only after its own task returns. A companion's message, delivered later, finds its job
@@ -22,10 +22,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from classlens.contract import Job
-from classlens.jobs import canonical_json, sha256_hex
-from classlens.leases import Claims
-from classlens.store import Store
+from classlens.core.contract import Job
+from classlens.core.jobs import canonical_json, sha256_hex
+from classlens.core.leases import Claims
+from classlens.core.store import Store
 
 
 def batch_key(model: str, parameters: dict[str, object]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAP_DECIMALS = 4
-# The version of the explanation method, part of every result's content key (classlens.jobs.content_key).
+# The version of the explanation method, part of every result's content key (classlens.core.jobs.content_key).
 # Bump it whenever a change alters what an explanation, an audit or an analysis contains (another
 # statistic, a fixed rank, a map computed differently): every cached result of an older version is then
 # simply never found again, instead of being served as if the new code had computed it.
@@ -129,7 +129,7 @@ class Job(_Frozen):
     parameters: dict[str, Any] = Field(description="The canonical request parameters (an ExplainRequest).")
     content_key: str = Field(
         description="sha256 of the lens version, the model's result fingerprint, the input digest and the "
-        "canonical parameters (classlens.jobs.content_key)."
+        "canonical parameters (classlens.core.jobs.content_key)."
     )
     image_key: str | None = Field(default=None, description="sha256 of the uploaded image bytes.")
     progress: Progress = Progress(done=0, total=1)
@@ -150,7 +150,7 @@ class Job(_Frozen):
     follows: str | None = Field(
         default=None,
         description="The job (of another owner) computing this job's result: this record is its owner's own view "
-        "of that work, and takes its status from it (classlens.jobs.JobStore.get).",
+        "of that work, and takes its status from it (classlens.core.jobs.JobStore.get).",
     )
 
 

@@ -1,11 +1,11 @@
 """Train the demo models on Fashion-MNIST, reproducibly, on a CPU.
 
-    python -m model_store.recipes.fashion_mnist fmnist-vit      # or: make demo-models
+    python -m classlens.recipes.fashion_mnist fmnist-vit      # or: make demo-models
 
 Each recipe is seeded and fully described by :data:`RECIPES`; the run writes
 ``model_store/models/<name>/<version>/`` (safetensors weights, labels, manifest
 with the measured test accuracy and a training log). Data come from Debian's
-``dataset-fashion-mnist`` (see :mod:`classlens.fashion_mnist`). Nothing is
+``dataset-fashion-mnist`` (see :mod:`classlens.core.fashion_mnist`). Nothing is
 downloaded.
 
 Augmentation is a random shift of up to 2 pixels (no flips: every shoe in
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from classlens import fashion_mnist
-from classlens.torchvision_compat import apply as apply_torchvision_compat
+from classlens.core import fashion_mnist
 from model_store.artifacts import describe_file
+from model_store.catalog import BUNDLED_ROOT, BUNDLED_SAMPLES
 from model_store.manifest import (
     InputSpec,
     LabelsSpec,
@@ -43,12 +43,13 @@ from model_store.manifest import (
     Structure,
     write_manifest,
 )
+from worker.torchvision_compat import apply as apply_torchvision_compat
 
 apply_torchvision_compat()
 import timm  # noqa: E402
 
-STORE = Path(__file__).resolve().parents[1] / "models"
-SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "fashion-mnist"
+STORE = BUNDLED_ROOT
+SAMPLES = BUNDLED_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -257,14 +258,14 @@ def train(key: str, recipe: Recipe, threads: int, out_root: Path = STORE) -> Man
                 name="top1_accuracy",
                 value=round(log[-1]["test_accuracy"], 4),
                 dataset="Fashion-MNIST test set (10,000 images)",
-                command=f"python -m model_store.recipes.fashion_mnist {key}",
+                command=f"python -m classlens.recipes.fashion_mnist {key}",
             )
         ],
         provenance=Provenance(
             data="Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), Debian package dataset-fashion-mnist"
             + (f", seeded {recipe.train_fraction:.0%} of the training set" if recipe.train_fraction < 1 else ""),
             recipe=(
-                f"model_store/recipes/fashion_mnist.py: AdamW lr {recipe.lr} wd {recipe.weight_decay}, "
+                f"classlens/recipes/fashion_mnist.py: AdamW lr {recipe.lr} wd {recipe.weight_decay}, "
                 f"batch {recipe.batch_size}, {recipe.epochs} epochs, warm-up {recipe.warmup_epochs} epoch then cosine, "
                 f"label smoothing {recipe.label_smoothing}, "
                 f"random shift of up to 2 pixels; {threads} CPU threads, {log[-1]['seconds']:.0f} s"

@@ -1,12 +1,12 @@
 """The one Celery app factory, the task names and the queues: shared by the API and the workers.
 
 Celery is a queue only here: job state and results live in our store
-(:mod:`classlens.jobs`), so results are ignored. The API enqueues by task *name*
+(:mod:`classlens.core.jobs`), so results are ignored. The API enqueues by task *name*
 (:func:`enqueue`) and never imports :mod:`worker`; only a worker asks for the task
 code (``include_tasks=True``).
 
 Without ``REDIS_URL`` the broker is a folder under ``data_dir/broker``: kombu's filesystem
-transport with atomic writes and takes (:mod:`classlens.embedded_broker`); the embedded mode
+transport with atomic writes and takes (:mod:`classlens.core.embedded_broker`); the embedded mode
 needs nothing but Python.
 """
 
@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
-from classlens import embedded_broker
-from classlens.contract import Job
-from classlens.settings import Settings
+from classlens.core import embedded_broker
+from classlens.core.contract import Job
+from classlens.core.settings import Settings
 
 EXPLAIN_TASK = "classlens.explain"
 AUDIT_TASK = "classlens.audit"
@@ -47,7 +47,7 @@ TASK_ROUTES = {
 
 # Redis hands an unacknowledged message out again after this long. Not tied to the longest task:
 # a job still running then is claimed by its live worker, so the second delivery returns at once
-# (classlens.leases). It bounds the one case claims cannot see: a worker that died after taking a
+# (classlens.core.leases). It bounds the one case claims cannot see: a worker that died after taking a
 # message and before claiming its job.
 REDELIVER_AFTER_S = 300
 
@@ -81,7 +81,7 @@ def create_celery(settings: Settings, *, include_tasks: bool = False) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
-        # Sending rides through a broker restart of a few seconds, as the store does (classlens.store).
+        # Sending rides through a broker restart of a few seconds, as the store does (classlens.core.store).
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 5, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 1.0},
         result_backend=None,

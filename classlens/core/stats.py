@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from classlens.store import Store
+from classlens.core.store import Store
 
 # Upper bounds (seconds) of the job-duration histogram; +Inf is implied.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from classlens.store import Store, StoreError
+from classlens.core.store import Store, StoreError
 
 HEARTBEAT_KEY = "heartbeat:worker"
 

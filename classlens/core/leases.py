@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from classlens.store import Store, StoreError
+from classlens.core.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Job records, content keys and in-flight de-duplication, over any :class:`~classlens.store.Store`.
+"""Job records, content keys and in-flight de-duplication, over any :class:`~classlens.core.store.Store`.
 
 The API and the workers change jobs only through :class:`JobStore`, so the key layout
 of ``docs/service-design.md`` lives in one place:
@@ -6,7 +6,7 @@ of ``docs/service-design.md`` lives in one place:
 ========================  ==================================  ===================
 key                       value                               TTL
 ========================  ==================================  ===================
-``job:<id>``              :class:`~classlens.contract.Job`    result TTL
+``job:<id>``              :class:`~classlens.core.contract.Job`    result TTL
 ``image:<sha256>``        the uploaded image bytes            result TTL
 ``result:<content key>``  the result JSON (the cache)         result TTL
 ``inflight:<content key>`` id of the job computing it         task hard limit
@@ -15,7 +15,7 @@ key                       value                               TTL
 ========================  ==================================  ===================
 
 A content key names a result by everything it depends on: the lens version
-(:data:`classlens.contract.LENS_VERSION`), the model's result fingerprint
+(:data:`classlens.core.contract.LENS_VERSION`), the model's result fingerprint
 (:attr:`model_store.catalog.ModelEntry.result_fingerprint`: weights, labels, input,
 preprocessing, architecture, structure), the input's digest and the canonical parameters.
 Equal requests share one result and one computation, and a result can never answer for
@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from classlens import contract, leases
-from classlens.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
-from classlens.store import Store
+from classlens.core import contract, leases
+from classlens.core.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
+from classlens.core.store import Store
 
 Outcome = Literal["cached", "joined", "queued"]
 
@@ -330,7 +330,7 @@ class JobStore:
         While it is handed over, the job carries a claim by this (heartbeat-less) process: should the
         store go away before the job is either queued or failed, or this process die, the claim stays
         behind abandoned, and a worker's reaper queues the job once the store answers again
-        (:mod:`classlens.leases`), instead of leaving it ``queued`` with no message.
+        (:mod:`classlens.core.leases`), instead of leaving it ``queued`` with no message.
         """
         guard, mine = leases.CLAIM_PREFIX + job.id, leases.handover_holder().encode()
         # Never over a worker's claim (a job queued again after its worker died may be taken already).

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlens.contract import TERMINAL_STATUSES, ExplainRequest
-from classlens.images import decode_image
-from classlens.processes import stop_process
+from classlens.bench.lens import environment
+from classlens.core.contract import TERMINAL_STATUSES, ExplainRequest
+from classlens.core.images import decode_image
+from classlens.core.processes import stop_process
 from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import InputSpec
 from service.model_info import model_info
 from service.params import canonical_request
-from worker.benchmarks.lens import environment
 from worker.runtime import LoadedModel, default_device, load
 
 LOOPBACK = "127.0.0.1"

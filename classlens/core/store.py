@@ -32,7 +32,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from classlens.settings import Settings
+from classlens.core.settings import Settings
 
 
 class StoreError(RuntimeError):

@@ -22,8 +22,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.contract import ExplainRequest, ModelRef
-from worker.benchmarks.measure import measure_round_robin
+from classlens.bench.measure import measure_round_robin
+from classlens.core.contract import ExplainRequest, ModelRef
 from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
 from worker.lens.gradient import gradient_relevance

@@ -1,6 +1,6 @@
 """Round trip of one small message through an embedded broker transport: put, then get.
 
-``python -m worker.benchmarks.broker_rtt classlens-fs filesystem``: for each transport named, a
+``python -m classlens.bench.broker_rtt classlens-fs filesystem``: for each transport named, a
 kombu ``SimpleQueue`` in a fresh temporary folder, 500 messages one at a time, p50 and p99 in ms.
 One transport per process (kombu's filesystem transports share state within a process).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kombu import Connection
 
-import classlens.embedded_broker  # noqa: F401  (registers classlens-fs://)
+import classlens.core.embedded_broker  # noqa: F401  (registers classlens-fs://)
 
 
 def round_trips(scheme: str, count: int = 500) -> list[float]:

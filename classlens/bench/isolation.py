@@ -1,13 +1,12 @@
 """Explanation latency on an embedded ``classlens serve``, alone and behind two 300-image audits.
 
-``python -m worker.benchmarks.isolation PORT true|false``: starts ``classlens serve`` (no Redis, a fresh
+``python -m classlens.bench.isolation PORT true|false``: starts ``classlens serve`` (no Redis, a fresh
 data dir, ``CLASSLENS_EMBEDDED_SEPARATE_HEAVY`` as given), warms ``fmnist-vit``, times 10 explanations
 of distinct requests, submits two audits of 300 images, and times 10 more while they run. Prints JSON.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -21,8 +20,10 @@ from pathlib import Path
 
 import requests
 
+from model_store.catalog import BUNDLED_SAMPLES
+
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = sorted(glob.glob(str(REPO / "model_store" / "samples" / "fashion-mnist" / "*.png")))
+SAMPLES = sorted(str(path) for path in BUNDLED_SAMPLES.glob("*.png"))
 
 
 def main(port: int, separate: str) -> None:
