@@ -13,7 +13,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 DEBIAN_PACKAGES := redis-server dataset-fashion-mnist
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: run test lint pytest bench system-deps demo-models samples clean
+.PHONY: run test test-fast lint format pytest bench system-deps demo-models samples clean
 
 # Verify the model store, then serve the API with an embedded worker (no Redis
 # needed; set REDIS_URL to use Redis and run `classlens worker` separately).
@@ -25,6 +25,14 @@ test: system-deps $(VENV)/.installed lint pytest
 
 pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# The unit tier: no redis-server, Chromium, dataset or worker processes needed (a few minutes).
+test-fast: $(VENV)/.installed lint
+	$(BIN)/python -m pytest -m "not integration"
+
+format: $(VENV)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_args
 
 from pydantic import ValidationError
@@ -154,48 +154,13 @@ def from_timm_config(config: Mapping[str, Any]) -> Preprocessing:
     if config.get("input_size") is None:
         raise ManifestError("the timm config has no input_size: the (channels, height, width) the model takes")
     channels, height, width = _timm_input_size(config["input_size"])
-    defaulted = []
-
-    crop_pct_given = config.get("crop_pct")
-    if not crop_pct_given:  # transforms_imagenet_eval: ``crop_pct = crop_pct or DEFAULT_CROP_PCT``
-        crop_pct = TIMM_DEFAULT_CROP_PCT
-        defaulted.append("crop_pct")
-    elif not _is_number(crop_pct_given):
-        raise ManifestError(f"the timm crop_pct must be a number, got {crop_pct_given!r}")
-    else:
-        crop_pct = float(crop_pct_given)
-    if not math.isfinite(crop_pct) or crop_pct <= 0:
-        raise ManifestError(f"the timm crop_pct must be a positive number, got {crop_pct}")
-
-    crop_mode = config.get("crop_mode") or TIMM_DEFAULT_CROP_MODE
-    if not config.get("crop_mode"):
-        defaulted.append("crop_mode")
-    if not isinstance(crop_mode, str) or crop_mode not in _TIMM_CROP_MODES:
-        raise ManifestError(
-            f"the timm crop_mode {crop_mode!r} is not one of {', '.join(_TIMM_CROP_MODES)}; "
-            "timm would quietly treat it as 'center', so it is refused rather than guessed"
-        )
-
-    interpolation = config.get("interpolation") or TIMM_DEFAULT_INTERPOLATION
-    if not config.get("interpolation"):
-        defaulted.append("interpolation")
-    if interpolation == "random":
-        raise ManifestError(
-            "the timm interpolation 'random' picks bilinear or bicubic at random per image: "
-            "an eval transform needs one fixed interpolation"
-        )
-    if not isinstance(interpolation, str) or interpolation not in _INTERPOLATIONS:
-        raise ManifestError(
-            f"the timm interpolation {interpolation!r} is not one of {', '.join(sorted(_INTERPOLATIONS))}"
-        )
-
+    defaulted: list[str] = []
+    crop_pct = _timm_crop_pct(config, defaulted)
+    crop_mode = _timm_crop_mode(config, defaulted)
+    interpolation = _timm_interpolation(config, defaulted)
     mean = _per_channel("timm mean", config.get("mean") or IMAGENET_DEFAULT_MEAN, channels)
     std = _per_channel("timm std", config.get("std") or IMAGENET_DEFAULT_STD, channels)
-    if not config.get("mean"):
-        defaulted.append("mean")
-    if not config.get("std"):
-        defaulted.append("std")
-
+    defaulted += [key for key in ("mean", "std") if not config.get(key)]
     trim = config.get("crop_border_pixels") or 0
     if not _is_whole(trim) or trim < 0:
         raise ManifestError(f"the timm crop_border_pixels must be a whole number of pixels, got {trim!r}")
@@ -205,23 +170,7 @@ def from_timm_config(config: Mapping[str, Any]) -> Preprocessing:
     scale_size = (math.floor(height / crop_pct), math.floor(width / crop_pct))
     if min(scale_size) < 1:
         raise ManifestError(f"crop_pct {crop_pct} resizes a {height}x{width} input to nothing")
-    target = (height, width)
-    resize_mode: ResizeMode
-    longest = 0.0
-    crop: tuple[int, int] | None = target
-    crop_fill: tuple[int, ...] | None = None
-    if crop_mode == "squash":
-        resize_mode = "exact"
-        if scale_size == target:  # CenterCrop to the picture's own size changes nothing
-            crop = None
-    elif crop_mode == "border":
-        resize_mode, longest = "keep_ratio", 1.0
-        # transforms_imagenet_eval: ``fill = [round(255 * v) for v in mean]`` (Python's round).
-        crop_fill = tuple(round(255 * value) for value in mean)
-    elif scale_size[0] == scale_size[1]:
-        resize_mode = "shorter"  # torchvision Resize(int)
-    else:
-        resize_mode = "keep_ratio"  # ResizeKeepRatio(scale_size), longest 0
+    resize_mode, longest, crop, crop_fill = _timm_resize_and_crop(crop_mode, scale_size, (height, width), mean)
 
     source: dict[str, Any] = {
         "framework": "timm",
@@ -249,6 +198,62 @@ def from_timm_config(config: Mapping[str, Any]) -> Preprocessing:
         std=std,
         source=source,
     )
+
+
+def _timm_crop_pct(config: Mapping[str, Any], defaulted: list[str]) -> float:
+    given = config.get("crop_pct")
+    if not given:  # transforms_imagenet_eval: ``crop_pct = crop_pct or DEFAULT_CROP_PCT``
+        defaulted.append("crop_pct")
+        return TIMM_DEFAULT_CROP_PCT
+    if not _is_number(given):
+        raise ManifestError(f"the timm crop_pct must be a number, got {given!r}")
+    crop_pct = float(given)
+    if not math.isfinite(crop_pct) or crop_pct <= 0:
+        raise ManifestError(f"the timm crop_pct must be a positive number, got {crop_pct}")
+    return crop_pct
+
+
+def _timm_crop_mode(config: Mapping[str, Any], defaulted: list[str]) -> str:
+    crop_mode = config.get("crop_mode") or TIMM_DEFAULT_CROP_MODE
+    if not config.get("crop_mode"):
+        defaulted.append("crop_mode")
+    if not isinstance(crop_mode, str) or crop_mode not in _TIMM_CROP_MODES:
+        raise ManifestError(
+            f"the timm crop_mode {crop_mode!r} is not one of {', '.join(_TIMM_CROP_MODES)}; "
+            "timm would quietly treat it as 'center', so it is refused rather than guessed"
+        )
+    return crop_mode
+
+
+def _timm_interpolation(config: Mapping[str, Any], defaulted: list[str]) -> str:
+    interpolation = config.get("interpolation") or TIMM_DEFAULT_INTERPOLATION
+    if not config.get("interpolation"):
+        defaulted.append("interpolation")
+    if interpolation == "random":
+        raise ManifestError(
+            "the timm interpolation 'random' picks bilinear or bicubic at random per image: "
+            "an eval transform needs one fixed interpolation"
+        )
+    if not isinstance(interpolation, str) or interpolation not in _INTERPOLATIONS:
+        raise ManifestError(
+            f"the timm interpolation {interpolation!r} is not one of {', '.join(sorted(_INTERPOLATIONS))}"
+        )
+    return interpolation
+
+
+def _timm_resize_and_crop(
+    crop_mode: str, scale_size: tuple[int, int], target: tuple[int, int], mean: tuple[float, ...]
+) -> tuple[ResizeMode, float, tuple[int, int] | None, tuple[int, ...] | None]:
+    """Resize mode, ``longest``, crop and crop fill of ``transforms_imagenet_eval`` for ``crop_mode``."""
+    if crop_mode == "squash":
+        # CenterCrop to the picture's own size changes nothing.
+        return "exact", 0.0, (None if scale_size == target else target), None
+    if crop_mode == "border":
+        # transforms_imagenet_eval: ``fill = [round(255 * v) for v in mean]`` (Python's round).
+        return "keep_ratio", 1.0, target, tuple(round(255 * value) for value in mean)
+    if scale_size[0] == scale_size[1]:
+        return "shorter", 0.0, target, None  # torchvision Resize(int)
+    return "keep_ratio", 0.0, target, None  # ResizeKeepRatio(scale_size), longest 0
 
 
 def from_hf_processor(config: Mapping[str, Any]) -> Preprocessing:
@@ -292,17 +297,7 @@ def from_hf_processor(config: Mapping[str, Any]) -> Preprocessing:
             f"the preprocessor config has no {key}, and {kind or 'an unnamed processor type'} has no default known here"
         )
 
-    if not value("do_resize"):
-        raise ManifestError(
-            "the preprocessor config does not resize (do_resize false): the model's input size would follow the image's"
-        )
-    if not value("do_rescale"):
-        raise ManifestError(
-            "the preprocessor config does not rescale (do_rescale false): the manifest always scales pixels to [0, 1]"
-        )
-    factor = value("rescale_factor")
-    if not _is_number(factor) or not math.isclose(float(factor), 1 / 255):
-        raise ManifestError(f"the preprocessor rescale_factor is {factor!r}; the manifest scales by 1/255 only")
+    _check_hf_scaling(value)
     resample = value("resample")
     if not _is_whole(resample) or int(resample) not in _PIL_RESAMPLE:
         raise ManifestError(
@@ -311,16 +306,7 @@ def from_hf_processor(config: Mapping[str, Any]) -> Preprocessing:
         )
     interpolation = _PIL_RESAMPLE[int(resample)]
 
-    size = value("size")
-    if isinstance(size, Mapping):  # older configs list the unused keys as null
-        size = {key: edge for key, edge in size.items() if edge is not None}
-    if isinstance(size, Mapping) and "shortest_edge" in size:
-        raise ManifestError(
-            "the preprocessor resizes the shortest edge (size.shortest_edge): without a crop the output size "
-            "follows the image's, and with one Hugging Face truncates the crop offset where timm and torchvision "
-            "round it, so for about one image size in four the window would sit a pixel off"
-        )
-    resize = _hf_size("size", size)
+    resize = _hf_resize(value("size"))
 
     crop: tuple[int, int] | None = None
     if config.get("do_center_crop", defaults.get("do_center_crop", False)):
@@ -348,6 +334,34 @@ def from_hf_processor(config: Mapping[str, Any]) -> Preprocessing:
         std=std,
         source=source,
     )
+
+
+def _check_hf_scaling(value: Callable[[str], Any]) -> None:
+    """Refuse a processor that does not resize, or does not scale pixels to [0, 1] by 1/255."""
+    if not value("do_resize"):
+        raise ManifestError(
+            "the preprocessor config does not resize (do_resize false): the model's input size would follow the image's"
+        )
+    if not value("do_rescale"):
+        raise ManifestError(
+            "the preprocessor config does not rescale (do_rescale false): the manifest always scales pixels to [0, 1]"
+        )
+    factor = value("rescale_factor")
+    if not _is_number(factor) or not math.isclose(float(factor), 1 / 255):
+        raise ManifestError(f"the preprocessor rescale_factor is {factor!r}; the manifest scales by 1/255 only")
+
+
+def _hf_resize(size: Any) -> tuple[int, int]:
+    """The fixed (height, width) of a processor's ``size``; ``shortest_edge`` is refused (:func:`from_hf_processor`)."""
+    if isinstance(size, Mapping):  # older configs list the unused keys as null
+        size = {key: edge for key, edge in size.items() if edge is not None}
+    if isinstance(size, Mapping) and "shortest_edge" in size:
+        raise ManifestError(
+            "the preprocessor resizes the shortest edge (size.shortest_edge): without a crop the output size "
+            "follows the image's, and with one Hugging Face truncates the crop offset where timm and torchvision "
+            "round it, so for about one image size in four the window would sit a pixel off"
+        )
+    return _hf_size("size", size)
 
 
 def _timm_input_size(input_size: Any) -> tuple[int, int, int]:

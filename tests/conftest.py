@@ -12,6 +12,45 @@ from model_store.catalog import BUNDLED_ROOT, Catalog
 
 DEMO_MODELS = ("fmnist-vit", "fmnist-resnet")
 
+# The two tiers, marked here in one place. `make test` runs every test; `make test-fast` only those
+# not marked `integration`: a test is an integration test when it needs a redis-server (the
+# fixtures below), Celery worker processes, Chromium or the Fashion-MNIST dataset (the modules below).
+INTEGRATION_FIXTURES = frozenset({"redis_url", "own_redis", "running_worker"})
+INTEGRATION_MODULES = frozenset(
+    {
+        "test_bench_service",
+        "test_browser_pages",
+        "test_cli_analyze",
+        "test_cli_bench",
+        "test_demo_models",
+        "test_fashion_mnist",
+        "test_faults",
+        "test_lens_fmnist",
+        "test_soak",
+    }
+)
+
+
+def is_integration(item: pytest.Item) -> bool:
+    """Whether ``item`` needs the real parts: by module, by fixture, or by a ``redis`` parameter (a store fixture's)."""
+    module = getattr(item, "module", None)
+    name = module.__name__.rsplit(".", 1)[-1] if module is not None else ""
+    callspec = getattr(item, "callspec", None)
+    by_parameter = callspec is not None and "redis" in callspec.id.split("-")
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return (
+        name.startswith("test_service_")
+        or name in INTEGRATION_MODULES
+        or bool(INTEGRATION_FIXTURES & fixtures)
+        or by_parameter
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if is_integration(item):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture
 def store_copy(tmp_path: Path) -> Path:

@@ -209,7 +209,10 @@ def _plan(
     return plan
 
 
-def _timm_plan(config: dict[str, Any] | None, weights: Weights, options: RegisterOptions, where: str) -> _Plan:
+def _timm_architecture(
+    config: dict[str, Any] | None, weights: Weights, options: RegisterOptions, where: str
+) -> tuple[str, str]:
+    """The timm architecture to build and where it was found: as given, the config, the checkpoint's args or arch."""
     args = weights.args
     if options.architecture:
         architecture, source = options.architecture, "as given"
@@ -233,6 +236,12 @@ def _timm_plan(config: dict[str, Any] | None, weights: Weights, options: Registe
         raise RegistrationError(
             f"timm has no architecture {architecture!r}{f'; did you mean {close}?' if close else ''}"
         )
+    return architecture, source
+
+
+def _timm_plan(config: dict[str, Any] | None, weights: Weights, options: RegisterOptions, where: str) -> _Plan:
+    args = weights.args
+    architecture, source = _timm_architecture(config, weights, options, where)
     model_args: dict[str, Any] = {}
     if config is not None:
         model_args.update(config.get("model_args") or {})
