@@ -4,7 +4,7 @@
 #   docker build --target api    -t classlens-api .     # Flask API, no torch
 #   docker build --target worker -t classlens-worker .  # Celery worker: torch, timm, onnxruntime-gpu
 # Both need REDIS_URL at run time, with a password and TLS where the network is shared
-# (REDIS_URL=rediss://:PASSWORD@redis:6380/0; see README "The service"). The development machines have no Docker
+# (REDIS_URL=rediss://:PASSWORD@redis:6380/0; docs/configuration.md). The development machines have no Docker
 # engine, so this file is not built in CI; keep it in step with the Makefile.
 
 FROM python:3.11-slim AS base

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Everything from one pip command, under one constraints file that pins torch
-# (ENVIRONMENT.md: an unpinned torch pulls a multi-GB CUDA build).
+# (an unpinned torch pulls a multi-GB CUDA build; docs/troubleshooting.md).
 # `onnx` brings onnxruntime (CPU) so that the tests exercise the ONNX explainer graphs;
 # on a GPU machine use EXTRAS=api,worker,onnx-gpu,dev instead (never both onnx extras).
 EXTRAS ?= api,worker,onnx,dev
@@ -68,7 +68,7 @@ system-deps:
 		echo "missing Debian packages:$$missing; install them with: sudo apt-get install$$missing" >&2; exit 1; \
 	fi
 
-# Retrain the current versions of the bundled demo models (about 75 minutes on 2 CPU cores; see README).
+# Retrain the current versions of the bundled demo models (training times: docs/benchmarks.md).
 demo-models: system-deps $(VENV)/.installed
 	$(BIN)/python -m classlens.recipes.fashion_mnist
 

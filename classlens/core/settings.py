@@ -80,9 +80,8 @@ class Settings(BaseSettings):
     # Cross-request batching of explain jobs: a worker that starts a job also takes up to
     # batch_max - 1 other queued jobs of the same model and parameters (waiting at most
     # batch_wait_ms for more to arrive) and explains them in one forward pass; 1 turns it off.
-    # Both the API and the workers read it. Measured under 8 clients on 2 CPU cores (README):
-    # 1.22-1.25x the throughput on fmnist-vit, 1.05x on vit_small; waiting bought nothing
-    # there (batches form from the jobs queued while a pass runs), so a lone job never waits.
+    # Both the API and the workers read it. Waiting is off by default: batches form from the jobs
+    # queued while a pass runs, so a lone job never waits (docs/benchmarks.md, cross-request batching).
     batch_max: int = Field(default=8, ge=1, le=64)
     batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
 
