@@ -24,6 +24,9 @@ from classlens.core.requests import (
     resolve_targets,
 )
 from service.errors import problem_for
+from worker.lens.explain import ExplainError
+from worker.lens.explain import check_layers as lens_check_layers
+from worker.lens.explain import resolve_targets as lens_resolve_targets
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -233,3 +236,24 @@ def test_the_service_gives_each_request_problem_its_status(problem, status):
         "problem": problem,
         "file": "a.png",
     }
+
+
+@pytest.mark.parametrize(
+    ("lens", "rule", "arguments"),
+    [
+        (lens_resolve_targets, resolve_targets, ([True], LABELS)),
+        (lens_resolve_targets, resolve_targets, ([*range(10), 0], LABELS)),
+        (lens_resolve_targets, resolve_targets, (["Sandle"], LABELS)),
+        (lens_check_layers, check_layers, ([3], 2)),
+    ],
+)
+def test_the_lens_refuses_with_the_same_details(lens, rule, arguments):
+    expected = refusal(rule, *arguments).detail
+    with pytest.raises(ExplainError) as raised:
+        lens(*arguments)
+    assert str(raised.value) == expected
+
+
+def test_the_lens_follows_the_same_rules():
+    assert lens_resolve_targets([" bag ", 0], LABELS) == [8, 0]
+    assert lens_check_layers([2, 0, 2], 2) == [0, 2]
