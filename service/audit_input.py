@@ -23,9 +23,9 @@ from typing import Any
 
 from werkzeug.datastructures import FileStorage, MultiDict
 
+from classlens.core.requests import ClassNames, RequestError, parse_class
 from classlens.core.settings import Settings
-from service.errors import Problem
-from service.params import form_fields, is_index
+from service.params import form_fields
 
 LABELS_FILE = "labels.csv"
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -47,19 +47,12 @@ class AuditInput:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _bad(status: int, title: str, detail: str, problem: str, **extra: Any) -> Problem:
-    return Problem(status, title, detail, problem=problem, **extra)
+def _bad(title: str, detail: str, problem: str, **extra: Any) -> RequestError:
+    return RequestError(problem, detail, title, **extra)
 
 
-def _label(text: str) -> int | str:
-    """A label as written in a CSV cell or a form field: digits are a class index, anything else a name."""
-    text = text.strip()
-    return int(text) if is_index(text) else text
-
-
-def _too_many(count: int, limit: int) -> Problem:
+def _too_many(count: int, limit: int) -> RequestError:
     return _bad(
-        422,
         "Too many images",
         f"{count} images were sent; at most {limit} are accepted in one request (split it)",
         "too_many_images",
@@ -81,7 +74,7 @@ def uploads_from_json(body: Mapping[str, Any], limit: int) -> list[AuditUpload]:
             data = base64.b64decode(item["image"], validate=True)
         except (binascii.Error, ValueError) as error:
             raise _bad(
-                422, "Invalid base64", f"{name}: the image is not valid base64", "invalid_base64", file=name
+                "Invalid base64", f"{name}: the image is not valid base64", "invalid_base64", file=name
             ) from error
         uploads.append(AuditUpload(name, data, item.get("label")))
     return uploads
@@ -95,7 +88,6 @@ def uploads_from_form(
     images = files.getlist("images")
     if (archive is None) == (not images):
         raise _bad(
-            422,
             "Send a zip or images",
             "send either one zip file as the part 'archive' or the images as repeated parts 'images', not both",
             "missing_images" if archive is None else "ambiguous_input",
@@ -107,14 +99,15 @@ def uploads_from_form(
     labels = form.getlist("labels")
     if labels and len(labels) != len(images):
         raise _bad(
-            422,
             "Labels do not match images",
             f"{len(labels)} 'labels' parts for {len(images)} 'images' parts: send one label per image, in order",
             "label_count",
         )
     return [
         AuditUpload(
-            upload.filename or f"image-{position + 1:04d}", upload.read(), _label(labels[position]) if labels else None
+            upload.filename or f"image-{position + 1:04d}",
+            upload.read(),
+            parse_class(labels[position]) if labels else None,
         )
         for position, upload in enumerate(images)
     ]
@@ -153,7 +146,6 @@ def _members(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipIn
     entries = archive.infolist()
     if len(entries) > settings.audit_max_zip_entries:
         raise _bad(
-            422,
             "Zip has too many entries",
             f"the zip has {len(entries)} entries; at most {settings.audit_max_zip_entries} are accepted",
             "zip_too_many_entries",
@@ -161,7 +153,6 @@ def _members(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipIn
     declared = sum(entry.file_size for entry in entries)
     if declared > settings.audit_max_uncompressed_bytes:
         raise _bad(
-            422,
             "Zip too large uncompressed",
             f"the zip declares {declared:,} bytes uncompressed; at most {settings.audit_max_uncompressed_bytes:,}"
             " are accepted",
@@ -173,22 +164,21 @@ def _members(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipIn
         name = entry.filename
         if _unsafe(name):
             raise _bad(
-                422, "Unsafe path in zip", f"{name}: absolute paths and '..' are not accepted", "unsafe_path", file=name
+                "Unsafe path in zip", f"{name}: absolute paths and '..' are not accepted", "unsafe_path", file=name
             )
         if entry.is_dir() or _ignored(name):
             continue
         if entry.file_size > settings.audit_max_file_bytes:
             raise _bad(
-                422,
                 "File in zip too large",
                 f"{name}: {entry.file_size:,} bytes uncompressed; at most {settings.audit_max_file_bytes:,} per file",
                 "zip_file_too_large",
                 file=name,
             )
         if entry.flag_bits & 0x1:
-            raise _bad(422, "Encrypted zip entry", f"{name}: encrypted entries are not accepted", "bad_zip", file=name)
+            raise _bad("Encrypted zip entry", f"{name}: encrypted entries are not accepted", "bad_zip", file=name)
         if name in seen:
-            raise _bad(422, "Duplicate file in zip", f"{name} appears twice in the zip", "duplicate_file", file=name)
+            raise _bad("Duplicate file in zip", f"{name} appears twice in the zip", "duplicate_file", file=name)
         seen.add(name)
         members.append(entry)
     return members
@@ -201,7 +191,6 @@ def _read_member(archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> bytes:
             data = member.read(entry.file_size + 1)
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as error:
         raise _bad(
-            422,
             "Unreadable zip entry",
             f"{entry.filename}: cannot be extracted ({error})",
             "bad_zip",
@@ -209,7 +198,6 @@ def _read_member(archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> bytes:
         ) from error
     if len(data) > entry.file_size:
         raise _bad(
-            422,
             "Unreadable zip entry",
             f"{entry.filename}: larger than its declared size",
             "bad_zip",
@@ -222,15 +210,15 @@ def _read_labels(text: str, folder: str) -> dict[str, int | str]:
     """``labels.csv`` (columns ``file`` and ``label``; others ignored), file names relative to its folder."""
     rows = csv.DictReader(io.StringIO(text))
     if rows.fieldnames is None or not {"file", "label"} <= {name.strip() for name in rows.fieldnames}:
-        raise _bad(422, "Bad labels.csv", "labels.csv needs a header with the columns 'file' and 'label'", "bad_labels")
+        raise _bad("Bad labels.csv", "labels.csv needs a header with the columns 'file' and 'label'", "bad_labels")
     labels: dict[str, int | str] = {}
     for row in rows:
         cells = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
         if not cells.get("file"):
             continue
         if not cells.get("label"):
-            raise _bad(422, "Bad labels.csv", f"labels.csv: {cells['file']} has no label", "bad_labels")
-        labels[posixpath.normpath(posixpath.join(folder, cells["file"]))] = _label(cells["label"])
+            raise _bad("Bad labels.csv", f"labels.csv: {cells['file']} has no label", "bad_labels")
+        labels[posixpath.normpath(posixpath.join(folder, cells["file"]))] = parse_class(cells["label"])
     return labels
 
 
@@ -239,58 +227,52 @@ def read_archive(data: bytes, settings: Settings, limit: int) -> list[AuditUploa
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError) as error:
-        raise _bad(422, "Not a zip file", "the 'archive' part is not a readable zip file", "not_a_zip") from error
+        raise _bad("Not a zip file", "the 'archive' part is not a readable zip file", "not_a_zip") from error
     with archive:
         members = _members(archive, settings)
         label_files = [entry for entry in members if posixpath.basename(entry.filename) == LABELS_FILE]
         if len(label_files) > 1:
-            raise _bad(422, "Several labels.csv", "the zip holds more than one labels.csv", "bad_labels")
+            raise _bad("Several labels.csv", "the zip holds more than one labels.csv", "bad_labels")
         images = [entry for entry in members if entry not in label_files]
         if len(images) > limit:
             raise _too_many(len(images), limit)
         if not images:
-            raise _bad(422, "No images", "the zip holds no images", "missing_images")
+            raise _bad("No images", "the zip holds no images", "missing_images")
         labels: dict[str, int | str] = {}
         if label_files:
             raw = _read_member(archive, label_files[0])
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as error:
-                raise _bad(422, "Bad labels.csv", "labels.csv is not UTF-8 text", "bad_labels") from error
+                raise _bad("Bad labels.csv", "labels.csv is not UTF-8 text", "bad_labels") from error
             labels = _read_labels(text, posixpath.dirname(label_files[0].filename))
         names = {entry.filename for entry in images}
         stray = sorted(name for name in labels if name not in names)
         if stray:
             listed = ", ".join(stray[:10]) + (" ..." if len(stray) > 10 else "")
-            raise _bad(
-                422, "Labels for missing files", f"labels.csv names files not in the zip: {listed}", "bad_labels"
-            )
+            raise _bad("Labels for missing files", f"labels.csv names files not in the zip: {listed}", "bad_labels")
         return [
             AuditUpload(entry.filename, _read_member(archive, entry), labels.get(entry.filename)) for entry in images
         ]
 
 
 def resolve_labels(uploads: Sequence[AuditUpload], classes: Sequence[str]) -> list[int | None]:
-    """True class indices (names matched case-insensitively); a 422 naming every unknown label."""
-    by_name = {label.casefold(): index for index, label in enumerate(classes)}
+    """True class indices, by the rule targets follow (:class:`~classlens.core.requests.ClassNames`).
+
+    Refused as ``unknown_label`` naming every label that names no class, not only the first.
+    """
+    names = ClassNames(classes)
     resolved: list[int | None] = []
     unknown: dict[str, str] = {}
     for upload in uploads:
         label = upload.label
-        index: int | None
-        if label is None:
-            index = None
-        elif isinstance(label, int):
-            index = label if 0 <= label < len(classes) else None
-        else:
-            index = by_name.get(label.strip().casefold())
+        index = None if label is None else names.find(label)
         if label is not None and index is None:
             unknown.setdefault(str(label), upload.file)
         resolved.append(index)
     if unknown:
         named = ", ".join(f"{label!r} ({file})" for label, file in list(unknown.items())[:10])
         raise _bad(
-            422,
             "Unknown label",
             f"labels that are neither a class index (0..{len(classes) - 1}) nor a class name: {named}",
             "unknown_label",

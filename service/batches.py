@@ -18,11 +18,12 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from classlens.core.contract import AuditImage, AuditManifest, Job, JobKind
 from classlens.core.images import ImageError
 from classlens.core.queue import enqueue
+from classlens.core.requests import RequestError
 from service import quotas
 from service.app import Services
 from service.audit_input import AuditUpload
 from service.decoding import check_decodable
-from service.errors import Problem
+from service.errors import Problem, problem_for
 from service.job_responses import wait_seconds
 from service.limits import integral_numbers
 
@@ -113,7 +114,8 @@ def counting_rejections(counter: Counter, handle: Callable[[], Response]) -> Res
     """``handle()``, counting each request it refuses with a 4xx by the problem's name."""
     try:
         return handle()
-    except Problem as problem:
+    except (Problem, RequestError) as refusal:
+        problem = problem_for(refusal)
         if 400 <= problem.status < 500:
             counter.labels(problem.problem).inc()
         raise

@@ -1,9 +1,10 @@
 """Every error as ``application/problem+json`` (RFC 9457), from one table of domain exceptions.
 
-Handlers raise domain exceptions (``ImageError``, ``ModelNotFoundError``, ``StoreError``...)
-or a :class:`Problem`; :func:`problem_for` turns any of them into a status and a body, so
-the HTTP meaning of each failure is decided here and nowhere else. Unexpected exceptions
-become a 500 whose detail leaks nothing; they are logged with their traceback.
+Handlers raise domain exceptions (``RequestError``, ``ImageError``, ``ModelNotFoundError``,
+``StoreError``...), or a :class:`Problem` for what only HTTP knows (a missing multipart part);
+:func:`problem_for` turns any of them into a status and a body, so the HTTP meaning of each
+failure is decided here and nowhere else. Unexpected exceptions become a 500 whose detail
+leaks nothing; they are logged with their traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from classlens.core.images import ImageError
+from classlens.core.requests import RequestError
 from classlens.core.store import StoreError
 from model_store.catalog import ModelDisabledError, ModelNotFoundError
 
@@ -67,6 +69,23 @@ def _image(error: ImageError) -> Problem:
     return Problem(status, title, error.detail, problem=error.problem)
 
 
+# A request problem is a 422 (understood, not honoured) unless it is one of these.
+_REQUEST_STATUSES: dict[str, int] = {
+    "unknown_target": 404,
+    "no_map": 404,
+    "not_ready": 409,
+    "model_exists": 409,
+    "store_read_only": 409,
+    "expired": 410,
+    "unsupported_weights": 415,
+}
+
+
+def _request(error: RequestError) -> Problem:
+    status = _REQUEST_STATUSES.get(error.problem, 422)
+    return Problem(status, error.title, error.detail, problem=error.problem, **error.extra)
+
+
 def _rate_limited(error: RateLimitExceeded) -> Problem:
     # Flask-Limiter adds Retry-After (seconds until the window resets) to this response itself.
     return Problem(
@@ -105,6 +124,7 @@ def _unavailable(title: str, detail: str, problem: str) -> Problem:
 # The table: domain exception -> Problem. The first matching row wins, so subclasses come first.
 PROBLEM_TABLE: list[tuple[type[BaseException], Callable[[Any], Problem]]] = [
     (Problem, lambda error: error),
+    (RequestError, _request),
     (ImageError, _image),
     # Asking for a disabled version by itself (GET /v1/models/{name}@{version}): it is gone on purpose.
     (ModelDisabledError, lambda error: Problem(410, "Model disabled", str(error), problem="model_disabled")),

@@ -98,6 +98,15 @@ def test_explain_writes_json_and_figures(registered, tmp_path):
         assert figure.mode == "RGB" and min(figure.size) >= 224
 
 
+def test_targets_and_layers_are_read_as_the_api_reads_them(registered, tmp_path):
+    arguments = ("--target", " 8 ", "--target", "ANKLE boot ", "--layer", " 2", "--layer", "0", "--layer", "2")
+    result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path, "--no-sublayers", *arguments)
+    assert result.exit_code == 0, result.output
+    document = Explanation.model_validate_json((tmp_path / f"{SAMPLES[0].stem}.json").read_text())
+    assert [t.index for t in document.targets] == [8, 9]
+    assert list(document.targets[0].projection_maps) == ["0", "2"]
+
+
 def test_explain_default_is_top3_at_the_last_layer(registered, tmp_path):
     result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -112,6 +121,11 @@ def test_explain_default_is_top3_at_the_last_layer(registered, tmp_path):
         (("--target", "Bagg"), "unknown class 'Bagg'; did you mean 'Bag'?"),
         (("--layer", "3"), "layer 3 is out of range: layers are 0 (embedding) to 2"),
         (("--layer", "last"), "'last' is not a layer number or 'all'"),
+        (("--layer", "²"), "'²' is not a layer number or 'all'"),
+        (("--layer", "-1"), "layer -1 is out of range: layers are 0 (embedding) to 2"),
+        (("--target", "²"), "unknown class '²'"),
+        (("--target", "1", "--target", " trouser "), "targets repeat a class"),
+        (("--top-k", "0"), "top_k: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_requests_are_clear_errors_not_tracebacks(registered, tmp_path, arguments, message):

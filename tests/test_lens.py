@@ -278,6 +278,8 @@ def test_probability_and_logit_maps_agree_with_identifiability_order():
         ({"targets": [1, "class 1"]}, "targets repeat a class"),
         ({"layers": [4]}, "layer 4 is out of range: layers are 0 (embedding) to 3"),
         ({"layers": [-1]}, "layer -1 is out of range"),
+        ({"targets": [*range(7), "class 1"]}, "8 targets for a model of 7 classes: name each class at most once"),
+        ({"targets": [" class 2", "CLASS 2 "]}, "targets repeat a class"),
     ],
 )
 def test_bad_requests_are_clear_errors(request_arguments, message):
@@ -299,3 +301,7 @@ def test_resolve_targets_is_case_insensitive_and_rejects_booleans():
     assert resolve_targets(["bag", 1], ["Bag", "Coat"]) == [0, 1]
     with pytest.raises(ExplainError):
         resolve_targets([True], ["Bag", "Coat"])
+
+
+def test_resolve_targets_strips_whitespace_as_the_api_does():
+    assert resolve_targets([" bag ", "\tcoat"], ["Bag", "Coat"]) == [0, 1]

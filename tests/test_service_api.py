@@ -91,6 +91,12 @@ def test_full_flow_cache_hit_and_map(app, client, running_worker):
     by_label = checked(app, client.get(f"/v1/explanations/{job['id']}/maps/trouser.png"))
     assert by_label.status_code == 200
     problem(app, client.get(f"/v1/explanations/{job['id']}/maps/5.png"), 404, "unknown_target")
+    # A target in the URL is read as a submitted one: ASCII digits an index, a label in any case and spacing.
+    for named in ("01", "%20TROUSER%20"):
+        same = checked(app, client.get(f"/v1/explanations/{job['id']}/maps/{named}.png?layer=0"))
+        assert same.status_code == 200 and same.data == png.data
+    body = problem(app, client.get(f"/v1/explanations/{job['id']}/maps/%C2%B9.png"), 404, "unknown_target")
+    assert body["detail"] == "'¹' was not explained; targets: 1 (Trouser), 0 (T-shirt/top)"
     problem(app, client.get(f"/v1/explanations/{job['id']}/maps/1.png?layer=1"), 404, "no_map")
     problem(app, client.get(f"/v1/explanations/{job['id']}/maps/1.png?kind=gradient"), 404, "no_map")
 

@@ -300,6 +300,33 @@ def test_unknown_labels_are_named(app, client):
     problem(app, post_images(client, [("a.png", sample_png())], ["Sock"]), 422, "unknown_label")
 
 
+def test_labels_follow_the_rule_targets_follow(app, client):
+    """A label names a class as a target does: ASCII digits an index, else a label in any case and spacing."""
+    images = [("a.png", sample_png()), ("b.png", sample_png()), ("c.png", sample_png()), ("d.png", sample_png())]
+    refused = problem(app, post_images(client, images, ["²", " 3 ", "  COAT", "Sock"]), 422, "unknown_label")
+    assert refused["labels"] == ["Sock", "²"]
+    body = {"model": TINY_MODEL, "images": [{"image": b64(sample_png()), "label": label} for label in (" coat ", 10)]}
+    assert problem(app, client.post("/v1/audits", json=body), 422, "unknown_label")["labels"] == ["10"]
+
+
+def _rejected(client, name: str) -> float:
+    line = f'classlens_rejected_audits_total{{problem="{name}"}} '
+    metrics = client.get("/metrics").get_data(as_text=True).splitlines()
+    return next((float(row[len(line) :]) for row in metrics if row.startswith(line)), 0.0)
+
+
+def test_refused_audits_are_counted_by_problem(app, client):
+    before = {name: _rejected(client, name) for name in ("unknown_label", "unknown_class", "not_a_zip")}
+    problem(app, post_images(client, [("a.png", sample_png())], ["Sock"]), 422, "unknown_label")
+    problem(app, post_images(client, [("a.png", sample_png())], targets="Sock"), 422, "unknown_class")
+    problem(app, post_zip(client, b"not a zip"), 422, "not_a_zip")
+    assert {name: _rejected(client, name) - count for name, count in before.items()} == {
+        "unknown_label": 1,
+        "unknown_class": 1,
+        "not_a_zip": 1,
+    }
+
+
 def test_labels_csv_problems(app, client):
     problem(app, post_zip(client, make_zip({"a.png": sample_png(), "labels.csv": b"name,class\n"})), 422, "bad_labels")
     stray = make_zip({"a.png": sample_png(), "labels.csv": b"file,label\nb.png,1\n"})

@@ -16,10 +16,11 @@ from PIL import Image
 from classlens.core.capabilities import VIT_KINDS, analysis_needs, missing
 from classlens.core.images import decode_image, fit_to_input
 from classlens.core.queue import create_celery, queue_depths
+from classlens.core.requests import RequestError
 from classlens.core.settings import Settings
 from model_store.manifest import InputSpec, Preprocessing
 from service.decoding import DecodeSlots, slots
-from service.errors import Problem
+from service.errors import Problem, problem_for
 from service.limits import MAX_JSON_DEPTH, integral_numbers
 from service.openapi import MEMO_MAX_BYTES, VerdictMemo
 from service.routes.audits import rows_csv
@@ -181,8 +182,10 @@ def test_a_vit_registered_before_manifests_had_a_structure_is_not_refused():
     legacy = manifest.model_copy(update={"structure": None})
     require(legacy, legacy.reference, frozenset({"vit", "cls"}), "an explanation")  # no Problem raised
     cnn = Catalog([BUNDLED_ROOT]).resolve("fmnist-resnet").manifest
-    with pytest.raises(Problem, match="needs a Vision Transformer"):
+    with pytest.raises(RequestError, match="needs a Vision Transformer") as refused:
         require(cnn, cnn.reference, frozenset({"vit"}), "an explanation")
+    answer = problem_for(refused.value)
+    assert (answer.status, answer.problem, answer.title) == (422, "unsupported_model", "Model cannot do this")
 
 
 # -- repeated parts -----------------------------------------------------------------------------------

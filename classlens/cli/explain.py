@@ -11,19 +11,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.core.contract import ExplainRequest, Explanation
+from classlens.core.contract import Explanation
 from classlens.core.images import ImageError, decode_image
 from classlens.core.render import render_grid, render_overlay
+from classlens.core.requests import RequestError, canonical_request, is_index, parse_class
 from classlens.core.settings import Settings
 from model_store.manifest import Preprocessing
 
 if TYPE_CHECKING:
     from PIL import Image
-
-
-def parse_target(value: str) -> int | str:
-    """``"3"`` is a class index, anything else a label name."""
-    return int(value) if value.isdigit() else value
 
 
 def _file_part(label: str) -> str:
@@ -98,7 +94,7 @@ def _array(values: list[list[float]]) -> Any:
 @click.pass_obj
 def explain_command(settings: Settings, images: tuple[Path, ...], reference: str, **options: Any) -> None:
     """Explain IMAGE(s) with a registered model: writes DIR/<image>.json and PNG overlays."""
-    from worker.lens.explain import ExplainError, check_layers
+    from worker.lens.explain import ExplainError
     from worker.lens.vit import UnsupportedModelError
     from worker.runtime import load
 
@@ -108,19 +104,19 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
     except UnsupportedModelError as error:
         raise click.ClickException(f"{entry.reference}: {error}") from error
     depth = model.spec.depth
-    try:
-        layers = _parse_layers(options["layers"], depth)
-        request = ExplainRequest(
-            targets=[parse_target(t) for t in options["targets"]] or None,
-            top_k=options["top_k"],
-            layers=check_layers(layers, depth) if layers else None,
-            map_kind=options["map_kind"],
-            sublayers=not options["no_sublayers"],
-            gradient_map=options["gradient_map"],
-            norm=options["norm"],
-            bias=not options["no_bias"],
-        )
-    except (ExplainError, ValueError) as error:
+    fields = {
+        "targets": [parse_class(target) for target in options["targets"]],
+        "top_k": options["top_k"],
+        "layers": _parse_layers(options["layers"], depth) or None,
+        "map_kind": options["map_kind"],
+        "sublayers": not options["no_sublayers"],
+        "gradient_map": options["gradient_map"],
+        "norm": options["norm"],
+        "bias": not options["no_bias"],
+    }
+    try:  # the rules a request to the API follows, so that the same options mean the same explanation
+        request = canonical_request(fields, model.labels, depth)
+    except RequestError as error:
         raise click.ClickException(str(error)) from error
 
     out: Path = options["out"]
@@ -156,12 +152,14 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
 
 
 def _parse_layers(values: tuple[str, ...], depth: int) -> list[int]:
+    """The ``--layer`` options as numbers (``all``: every layer); their range is the request rules' to check."""
     layers: list[int] = []
     for value in values:
-        if value == "all":
+        text = value.strip()
+        if text == "all":
             layers.extend(range(depth + 1))
-        elif value.lstrip("-").isdigit():
-            layers.append(int(value))
+        elif is_index(text.removeprefix("-")):
+            layers.append(int(text))
         else:
             raise click.BadParameter(f"{value!r} is not a layer number or 'all'", param_hint="--layer")
     return layers

@@ -21,10 +21,10 @@ from classlens.core.capabilities import EXPLAIN_NEEDS
 from classlens.core.contract import ExplainRequest, Job
 from classlens.core.jobs import content_key
 from classlens.core.queue import AUDIT_TASK
+from classlens.core.requests import RequestError
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
-from service.errors import Problem
 from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request, require
@@ -71,7 +71,7 @@ def _submit(parts: Services) -> Response:
     settings = parts.settings
     submitted = read_input(lambda body: from_json(body, settings), lambda form, files: from_form(form, files, settings))
     if not submitted.uploads:
-        raise Problem(422, "No images", "the audit holds no images", problem="missing_images")
+        raise RequestError("missing_images", "the audit holds no images", "No images")
     entry = resolve_model(parts, submitted.model)
     require(entry.manifest, entry.reference, EXPLAIN_NEEDS, "an audit")
     classes = entry.labels()

@@ -21,12 +21,12 @@ from classlens.core.images import ImageError, fit_to_input
 from classlens.core.jobs import content_key, sha256_hex
 from classlens.core.queue import EXPLAIN_TASK, enqueue
 from classlens.core.render import render_overlay, to_png_bytes
+from classlens.core.requests import ClassNames, RequestError, parse_class
 from model_store.catalog import ModelNotFoundError
 from service import quotas
 from service.app import Services, services
 from service.batches import read_input
 from service.decoding import check_decodable, with_decoded
-from service.errors import Problem
 from service.job_responses import find_job, job_response, resolve_model, stored_result, wait_seconds
 from service.model_info import model_info
 from service.params import ExplainInput, canonical_request, from_form, from_json, require
@@ -108,25 +108,25 @@ def get_explanation(id: str) -> Response:
 
 
 def _target(explanation: dict[str, Any], target: str) -> dict[str, Any]:
-    for candidate in explanation["targets"]:
-        if target == str(candidate["index"]) or target.casefold() == candidate["label"].casefold():
-            return dict(candidate)
+    """The explained target a URL names, by index or label, as a submission names its targets."""
+    candidates = {candidate["index"]: candidate for candidate in explanation["targets"]}
+    index = ClassNames({index: candidate["label"] for index, candidate in candidates.items()}).find(parse_class(target))
+    if index is not None:
+        return dict(candidates[index])
     explained = ", ".join(f"{t['index']} ({t['label']})" for t in explanation["targets"])
-    raise Problem(
-        404, "Unknown target", f"{target!r} was not explained; targets: {explained}", problem="unknown_target"
-    )
+    raise RequestError("unknown_target", f"{target!r} was not explained; targets: {explained}", "Unknown target")
 
 
 def _map_of(explanation: dict[str, Any], target: dict[str, Any], kind: str) -> tuple[list[list[float]], str]:
     if kind == "gradient":
         if target.get("gradient_map") is None:
-            raise Problem(404, "No gradient map", "submit the job with gradient_map: true", problem="no_map")
+            raise RequestError("no_map", "submit the job with gradient_map: true", "No gradient map")
         return target["gradient_map"], f"{target['label']}: gradient relevance"
     maps: dict[str, list[list[float]]] = target["projection_maps"]
     layer = str(int(request.args["layer"])) if "layer" in request.args else list(maps)[-1]
     if layer not in maps:
-        raise Problem(
-            404, "No map at this layer", f"layer {layer} was not computed; layers: {', '.join(maps)}", problem="no_map"
+        raise RequestError(
+            "no_map", f"layer {layer} was not computed; layers: {', '.join(maps)}", "No map at this layer"
         )
     title = f"{target['label']}: {explanation['map_kind']} at layer {layer} of {explanation['layers']}"
     return maps[layer], title
@@ -138,18 +138,18 @@ def get_map(id: str, target: str) -> Response:
     parts = services()
     job = _job(parts, id)
     if job.status != "succeeded":
-        raise Problem(409, "Job not succeeded", f"job {job.id} is {job.status}", problem="not_ready")
+        raise RequestError("not_ready", f"job {job.id} is {job.status}", "Job not succeeded")
     explanation = json.loads(stored_result(parts, job, "explanation job") or b"{}")
     chosen = _target(explanation, target)
     kind = request.args.get("kind", "projection")
     values, title = _map_of(explanation, chosen, kind)
     data = parts.jobs.image(job.image_key) if job.image_key else None
     if data is None:
-        raise Problem(410, "Image expired", f"the image of job {job.id} has expired", problem="expired")
+        raise RequestError("expired", f"the image of job {job.id} has expired", "Image expired")
     try:
         manifest = parts.catalog.resolve(job.model).manifest
     except ModelNotFoundError as error:
-        raise Problem(410, "Model gone", f"{job.model} is no longer in the catalog", problem="expired") from error
+        raise RequestError("expired", f"{job.model} is no longer in the catalog", "Model gone") from error
     colormap = "RdBu_r" if kind == "gradient" else "inferno"
 
     def draw(image: Image.Image) -> bytes:

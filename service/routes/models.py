@@ -30,6 +30,7 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from classlens.core.contract import Job
 from classlens.core.jobs import new_job_id
 from classlens.core.queue import MODEL_ADD_TASK, enqueue
+from classlens.core.requests import RequestError, invalid_parameters
 from model_store.sources import (
     CONFIG_FILE,
     LABELS_FILE,
@@ -44,7 +45,6 @@ from service.auth import MODELS_WRITE, requires_scope
 from service.errors import Problem
 from service.job_responses import find_job, job_response, wait_seconds
 from service.model_info import detail, summary
-from service.params import invalid_parameters
 from service.views import model_job_view
 
 blueprint = Blueprint("models", __name__, url_prefix="/v1/models")
@@ -95,8 +95,8 @@ def get_model(name: str) -> Response:
 # -- registering ----------------------------------------------------------------------------------------
 
 
-def _bad(detail: str, problem: str = "bad_parameter", title: str = "Invalid parameter", **extra: Any) -> Problem:
-    return Problem(422, title, detail, problem=problem, **extra)
+def _bad(detail: str, problem: str = "bad_parameter", title: str = "Invalid parameter", **extra: Any) -> RequestError:
+    return RequestError(problem, detail, title, **extra)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -167,12 +167,11 @@ def safe_weights_name(filename: str | None) -> str:
     base = re.split(r"[\\/]", filename or "")[-1].strip()
     suffix = weights_suffix(base)
     if suffix is None:
-        raise Problem(
-            415,
-            "Unsupported weights file",
+        raise _bad(
             f"the weights file {base or '(unnamed)'!r} must end in .safetensors (preferred), .bin, .pth, .pt or "
             ".pth.tar: the name tells the worker how to read it",
-            problem="unsupported_weights",
+            "unsupported_weights",
+            "Unsupported weights file",
         )
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", weights_stem(base)).lstrip(".")[:100] or "weights"
     return f"{stem}{suffix}"
@@ -228,11 +227,10 @@ def add_model() -> Response:
     options = register_options(request.form)
     reference = f"{options.name}@{options.version}"
     if (settings.user_model_dir / options.name / options.version).exists() and not options.overwrite:
-        raise Problem(
-            409,
-            "Version exists",
+        raise _bad(
             f"{reference} is registered already; choose another version, or send overwrite=true to replace it",
-            problem="model_exists",
+            "model_exists",
+            "Version exists",
         )
     job_id = new_job_id()
     folder = settings.upload_dir / job_id
@@ -294,10 +292,9 @@ def disable_model(name: str) -> Response:
     try:  # an unknown version is a ModelNotFoundError: a 404 problem
         parts.catalog.disable(name, note="through DELETE /v1/models")
     except OSError as error:
-        raise Problem(
-            409,
-            "Cannot disable",
+        raise _bad(
             f"{name}'s folder cannot be written ({error.strerror or error}); disable it where the store is writable",
-            problem="store_read_only",
+            "store_read_only",
+            "Cannot disable",
         ) from error
     return Response(status=204)

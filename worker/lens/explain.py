@@ -8,13 +8,13 @@ that one set of logits: more targets cost comparisons, not forward passes.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from classlens.core import requests as rules
 from classlens.core.contract import (
     MAP_DECIMALS,
     ClassScore,
@@ -25,6 +25,7 @@ from classlens.core.contract import (
     StreamStats,
     TargetExplanation,
 )
+from classlens.core.requests import RequestError
 from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
 from worker.lens.families import open_model
 from worker.lens.gradient import gradient_relevance
@@ -37,37 +38,27 @@ Tracer = Callable[[torch.Tensor, bool], Trace]
 
 
 class ExplainError(ValueError):
-    """A request the lens cannot honour (unknown class, layer out of range, wrong image shape)."""
+    """A request the lens cannot honour (unknown class, layer out of range, wrong image shape).
+
+    The request rules of :mod:`classlens.core.requests` refuse with a :class:`RequestError`; the
+    lens says the same detail as its own error, so that every caller of :func:`explain` handles one.
+    """
 
 
 def resolve_targets(targets: Sequence[int | str], labels: Sequence[str]) -> list[int]:
-    """Class indices from indices or label names (case-insensitive), with a clear error for the rest."""
-    by_name = {label.casefold(): index for index, label in enumerate(labels)}
-    resolved = []
-    for target in targets:
-        if isinstance(target, bool):
-            raise ExplainError(f"target {target!r} is neither a class index nor a label")
-        if isinstance(target, int):
-            if not 0 <= target < len(labels):
-                raise ExplainError(f"class index {target} is out of range: the model has classes 0..{len(labels) - 1}")
-            resolved.append(target)
-            continue
-        index = by_name.get(target.casefold())
-        if index is None:
-            close = difflib.get_close_matches(target, labels, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ExplainError(f"unknown class {target!r}{hint}")
-        resolved.append(index)
-    if len(set(resolved)) != len(resolved):
-        raise ExplainError("targets repeat a class")
-    return resolved
+    """Class indices from indices or label names, by the rule the API and the CLI follow too."""
+    try:
+        return rules.resolve_targets(targets, labels)
+    except RequestError as error:
+        raise ExplainError(error.detail) from error
 
 
 def check_layers(layers: Sequence[int], depth: int) -> list[int]:
-    bad = [layer for layer in layers if not 0 <= layer <= depth]
-    if bad:
-        raise ExplainError(f"layer {bad[0]} is out of range: layers are 0 (embedding) to {depth} (last block)")
-    return sorted(set(layers))
+    """The layers sorted and without repeats, each in 0..depth (:func:`classlens.core.requests.check_layers`)."""
+    try:
+        return rules.check_layers(layers, depth)
+    except RequestError as error:
+        raise ExplainError(error.detail) from error
 
 
 def check_images(images: torch.Tensor, lens: LensModel) -> None:
