@@ -1,8 +1,9 @@
-"""How a job fails: the title each expected error gives it.
+"""How a job fails: the title each expected error gives it, and the exception its task then raises.
 
 An expected failure (the request's or the model's fault) is recorded with its title and the
 error's own words; any other error is recorded as an internal error and logged with its
-traceback.
+traceback. Either way the task then raises :class:`JobFailed`, so that Celery, and a monitor
+such as Flower, count the task as failed rather than succeeded.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 
 class InputExpired(LookupError):
     """An uploaded image or list of images is no longer in the store (its TTL ran out before the job ran)."""
+
+
+class JobFailed(Exception):
+    """Raised by a task whose job ended failed, once the failure is in the job record.
+
+    The task declares it expected (Celery's ``throws``): the worker logs it in one line, without
+    a traceback; the message is acknowledged as after a success (late acknowledgement acknowledges
+    a failure too) and nothing retries it.
+    """
 
 
 # Failures that are the request's or the model's fault, with the title the job gets.
@@ -65,3 +75,11 @@ def record_failure(rt: Runtime, job: Job, error: Exception) -> Job:
     else:
         detail = getattr(error, "detail", None) or str(error)
     return rt.jobs.fail(job, title, detail)
+
+
+def raise_if_failed(job: Job | None) -> None:
+    """Raise :class:`JobFailed` when the job (as its task leaves it) has failed; gone or otherwise: nothing."""
+    if job is None or job.status != "failed":
+        return
+    title = job.error.title if job.error is not None else "failed"
+    raise JobFailed(f"job {job.id}: {title}")
