@@ -2,15 +2,17 @@
 
 import csv
 import json
+import typing
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from classlens.core.contract import AnalysisRequest
+from classlens.core.contract import ANALYSIS_RULES, AnalysisKind, AnalysisRequest
 from model_store.catalog import BUNDLED_ROOT, BUNDLED_SAMPLES, Catalog
-from worker.analyses.run import AnalysisError, _Job, _Steps, run_analysis
+from worker.analyses.job import AnalysisJob, Steps
+from worker.analyses.run import RUNNERS, AnalysisError, run_analysis
 from worker.lens.vit import UnsupportedModelError
 from worker.runtime import ModelCache, load
 
@@ -177,7 +179,7 @@ def test_labels_are_checked(models, samples):
 
 def test_a_short_last_batch_joins_the_one_before():
     request = AnalysisRequest(kind="cka", batch_size=4)
-    job = _Job(request, [], [Image.new("L", (28, 28))] * 10, None, _Steps(lambda done, total: None))
+    job = AnalysisJob(request, [], [Image.new("L", (28, 28))] * 10, None, Steps(lambda done, total: None))
     assert job.spans == [(0, 4), (4, 10)]
 
 
@@ -190,3 +192,36 @@ def test_non_vits_load_only_when_asked(bundled_catalog):
     with pytest.raises(UnsupportedModelError):
         cache.get("fmnist-resnet@1")  # cached for an analysis, still refused for explaining
     assert cache.get("fmnist-vit@1") is cache.get("fmnist-vit@1", require_vit=False)
+
+
+def test_every_kind_has_one_row_of_rules_and_one_runner():
+    assert set(ANALYSIS_RULES) == set(typing.get_args(AnalysisKind)) == set(RUNNERS)
+
+
+@pytest.mark.parametrize("kind", sorted(ANALYSIS_RULES))
+def test_the_worker_refuses_what_the_rules_table_rules_out(models, samples, kind):
+    rules = ANALYSIS_RULES[kind]
+    images, truth = samples
+    vit, resnet = models["fmnist-vit"], models["fmnist-resnet"]
+    two = {"compare_to": "fmnist-vit"} if rules.second_model == "required" else {}
+    pair = [vit, vit] if two else [vit]
+
+    def refused(message, which, labels=truth, count=None, **fields):
+        request = AnalysisRequest(kind=kind, batch_size=4, **{**two, **fields})
+        given = images[:count] if count else images
+        with pytest.raises(AnalysisError, match=message):
+            run_analysis(request, which, given, None if labels is None else labels[: len(given)])
+
+    refused("at least 4", pair, count=3)
+    if rules.second_model == "required":
+        refused(f"{kind} needs compare_to", [vit], compare_to=None)
+    if rules.second_model == "never":
+        refused(f"{kind} takes 1 model", [vit, vit], compare_to="fmnist-vit")
+    if rules.labels == "required":
+        refused(f"{kind} need labels", pair, labels=None)
+    if rules.labels != "ignored":
+        refused(r"class indices 0\.\.9", pair, labels=np.full(len(images), 10))
+    if rules.vit:
+        refused("needs a Vision Transformer", [resnet] * len(pair))
+    if not rules.region:
+        refused("region is a parameter of perturb only", pair, region=(0, 0, 1, 1))

@@ -275,8 +275,9 @@ def test_unknown_analysis(app, client):
 
 
 def test_task_progress_figures_and_failures(settings, store, idle_app, monkeypatch):
-    import worker.tasks as tasks
+    import worker.jobs.analysis as analysis
     from worker.analyses.run import AnalysisError, AnalysisOutcome
+    from worker.jobs.runtime import runtime as process_runtime
 
     client = idle_app.test_client()
     seen = []
@@ -289,13 +290,11 @@ def test_task_progress_figures_and_failures(settings, store, idle_app, monkeypat
             raise AnalysisError("memories need value vectors: not this model")
         return AnalysisOutcome({"layers": [1, 2]}, {"curve": PNG_SIGNATURE + b"curve", "report": b"<html></html>"})
 
-    monkeypatch.setattr(tasks, "run_analysis", stand_in)
-    monkeypatch.setattr(tasks, "_settings", settings)
-    monkeypatch.setattr(tasks, "_runtime", None)
-    runtime = tasks.runtime()
+    monkeypatch.setattr(analysis, "run_analysis", stand_in)
+    runtime = process_runtime(settings)  # this process's task runtime, on the module's settings
 
     def run(job_id: str) -> Job:
-        job = tasks.analysis_job(runtime, job_id)
+        job = analysis.analysis_job(runtime, job_id)
         assert job is not None
         return job
 

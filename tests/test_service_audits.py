@@ -356,25 +356,24 @@ def test_unknown_audit(app, client):
     problem(app, client.get("/v1/audits/0123456789abcdef/report.json"), 404, "unknown_job")
 
 
-def test_redelivery_is_idempotent_and_failures_are_recorded(app, client, settings, store, audit_worker, monkeypatch):
-    import worker.tasks as tasks
+def test_redelivery_is_idempotent_and_failures_are_recorded(app, client, settings, store, audit_worker):
+    from worker.jobs.audit import audit_job
+    from worker.jobs.runtime import runtime as process_runtime
 
     body = {"model": TINY_MODEL, "images": [{"image": b64(sample_png("test-00003.png")), "label": 1}]}
     job = finished(app, client, checked(app, client.post("/v1/audits?wait=60", json=body)).get_json()["id"])
     assert job["status"] == "succeeded"
-    # This process's task runtime on the module's settings, restored afterwards for other modules.
-    monkeypatch.setattr(tasks, "_settings", settings)
-    monkeypatch.setattr(tasks, "_runtime", None)
-    runtime = tasks.runtime()
+    # This process's task runtime on the module's settings (another module's settings get their own).
+    runtime = process_runtime(settings)
     record = runtime.jobs.get(job["id"])
     # A redelivered message for a job already done: nothing recomputed, the job stays succeeded.
     runtime.jobs.save(record.model_copy(update={"status": "running"}))
-    assert tasks.audit_job(runtime, job["id"]).status == "succeeded"
+    assert audit_job(runtime, job["id"]).status == "succeeded"
     assert checked(app, client.get(f"/v1/audits/{job['id']}")).get_json()["result"] == job["result"]
     # A job whose list of images expired fails with a title and a detail that say so.
     gone = record.model_copy(update={"id": "f" * 32, "status": "queued", "content_key": "0" * 64})
     runtime.jobs.save(gone.model_copy(update={"parameters": {**gone.parameters, "manifest_key": "missing"}}))
-    failed = tasks.audit_job(runtime, gone.id)
+    failed = audit_job(runtime, gone.id)
     assert failed.status == "failed" and failed.error.title and "expired" in failed.error.detail
     view = checked(app, client.get(f"/v1/audits/{gone.id}")).get_json()
     assert view["status"] == "failed" and view["error"]["detail"] == failed.error.detail

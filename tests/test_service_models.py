@@ -384,8 +384,9 @@ def test_upload_folders_whose_task_never_ran_are_swept_once_old(tmp_path):
     from classlens.core.jobs import JobStore
     from classlens.core.store import SqliteStore
     from model_store.catalog import Catalog
+    from worker.jobs.registration import sweep_uploads
+    from worker.jobs.runtime import Runtime
     from worker.runtime import ModelCache
-    from worker.tasks import Runtime, _sweep_uploads
 
     settings = Settings(redis_url=None, data_dir=tmp_path)
     jobs = JobStore(SqliteStore(tmp_path / "store.sqlite3"), ttl_s=60, inflight_ttl_s=60)
@@ -399,5 +400,5 @@ def test_upload_folders_whose_task_never_ran_are_swept_once_old(tmp_path):
         (settings.upload_dir / name).mkdir(parents=True)
         if name != "being-written":  # the API writes the files before the job record: young folders stay
             os.utime(settings.upload_dir / name, (old, old))
-    _sweep_uploads(rt)
+    sweep_uploads(rt)
     assert sorted(path.name for path in settings.upload_dir.iterdir()) == ["being-written", "waiting"]

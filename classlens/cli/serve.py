@@ -156,12 +156,11 @@ def worker_command(
 
     from celery.signals import worker_ready
 
-    import worker.tasks as tasks
     from classlens.core.heartbeat import start_heartbeat
     from classlens.core.queue import create_celery
     from classlens.core.store import open_store
 
-    tasks.configure(settings)
+    # The tasks build their runtime in each worker process from these same settings, read from the environment.
     app = create_celery(settings, include_tasks=True)
     store = open_store(settings)
 

@@ -18,16 +18,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from classlens.core.contract import analysis_kinds
+
 Need = Literal["vit", "cls"]
 
 # Explanations and audits read the residual stream through the lens.
 EXPLAIN_NEEDS: frozenset[Need] = frozenset({"vit"})
-# Analysis kinds that open the blocks of a ViT (attention, MLP memories, token grid, residual streams).
-VIT_KINDS: frozenset[str] = frozenset({"attention-distance", "localization", "memories", "perturb", "residual"})
-# Analysis kinds that read ``representation``, and so need a CLS token when it is "cls".
-REPRESENTATION_KINDS: frozenset[str] = frozenset({"cka", "probes", "compare"})
-# Analysis kinds whose representation need applies to the second model (compare_to) as well.
-BOTH_MODELS_KINDS: frozenset[str] = frozenset({"cka", "compare"})
+# Read from the analysis kinds' rules (classlens.core.contract.ANALYSIS_RULES):
+# the kinds that open the blocks of a ViT,
+VIT_KINDS: frozenset[str] = analysis_kinds(lambda rules: rules.vit)
+# those that read ``representation``, and so need a CLS token when it is "cls",
+REPRESENTATION_KINDS: frozenset[str] = analysis_kinds(lambda rules: rules.representation)
+# and those whose representation need applies to the second model (compare_to) as well.
+BOTH_MODELS_KINDS: frozenset[str] = analysis_kinds(lambda rules: rules.representation and rules.second_model != "never")
 
 _WHY: dict[Need, str] = {
     "vit": "a Vision Transformer that the lens opens (the manifest's structure)",

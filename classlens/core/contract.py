@@ -8,6 +8,8 @@ states never leave the worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -260,6 +262,48 @@ AnalysisKind = Literal[
     "cka", "attention-distance", "skip-ratio", "localization", "probes", "memories", "perturb", "residual", "compare"
 ]
 Representation = Literal["tokens", "cls", "gap"]
+
+# Every kind is held to it: CKA's unbiased estimator needs a minibatch of at least 4 images.
+ANALYSIS_MIN_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class AnalysisRules:
+    """What one analysis kind asks of its request and its model(s).
+
+    One row per kind in :data:`ANALYSIS_RULES`: the API refuses at submission what a row rules
+    out, and the worker checks the same row again before it runs the kind, so that the two never
+    disagree about what a kind accepts.
+    """
+
+    # compare_to: refused ("never"), allowed, or required (the second model of a comparison).
+    second_model: Literal["never", "optional", "required"] = "never"
+    # "ignored": labels are not read (nor checked against the model's classes).
+    labels: Literal["ignored", "optional", "required"] = "optional"
+    # It opens the blocks of a Vision Transformer (attention, MLP memories, token grid, residual streams).
+    vit: bool = False
+    # It reads ``representation``, and so needs a CLS token when that is "cls".
+    representation: bool = False
+    # It takes ``region`` (a box of the token grid).
+    region: bool = False
+
+
+ANALYSIS_RULES: Mapping[str, AnalysisRules] = {
+    "cka": AnalysisRules(second_model="optional", labels="ignored", representation=True),
+    "attention-distance": AnalysisRules(vit=True),
+    "skip-ratio": AnalysisRules(),
+    "localization": AnalysisRules(vit=True),
+    "probes": AnalysisRules(labels="required", representation=True),
+    "memories": AnalysisRules(vit=True),
+    "perturb": AnalysisRules(vit=True, region=True),
+    "residual": AnalysisRules(vit=True),
+    "compare": AnalysisRules(second_model="required", representation=True),
+}
+
+
+def analysis_kinds(rule: Callable[[AnalysisRules], bool]) -> frozenset[str]:
+    """The analysis kinds whose row meets ``rule`` (e.g. those that take a region)."""
+    return frozenset(kind for kind, rules in ANALYSIS_RULES.items() if rule(rules))
 
 
 class AnalysisRequest(_Frozen):

@@ -26,7 +26,14 @@ from pydantic import ValidationError
 from werkzeug.datastructures import FileStorage, MultiDict
 
 from classlens.core.capabilities import BOTH_MODELS_KINDS, analysis_needs
-from classlens.core.contract import AnalysisRequest, Job
+from classlens.core.contract import (
+    ANALYSIS_MIN_IMAGES,
+    ANALYSIS_RULES,
+    AnalysisRequest,
+    AnalysisRules,
+    Job,
+    analysis_kinds,
+)
 from classlens.core.jobs import content_key
 from classlens.core.queue import ANALYSIS_TASK
 from model_store.catalog import ModelEntry
@@ -41,10 +48,15 @@ from service.views import REPORT, analysis_view
 
 blueprint = Blueprint("analyses", __name__, url_prefix="/v1/analyses")
 
-MIN_IMAGES = 4  # CKA's unbiased estimator needs a minibatch of at least 4; every kind is held to it
-NEEDS_SECOND_MODEL = frozenset({"compare"})
-TAKES_SECOND_MODEL = frozenset({"cka", "compare"})
-NEEDS_LABELS = frozenset({"probes"})
+# Which kind takes what is the kinds' rules table (ANALYSIS_RULES), which the worker checks again.
+TAKES_SECOND_MODEL = analysis_kinds(lambda rules: rules.second_model != "never")
+TAKES_REGION = analysis_kinds(lambda rules: rules.region)
+
+
+def _rules(kind: str) -> AnalysisRules:
+    """The kind's row; a kind that is none (the contract refuses it first) takes nothing extra."""
+    return ANALYSIS_RULES.get(kind, AnalysisRules())
+
 
 PARAMETERS = tuple(AnalysisRequest.model_fields)
 _TEXT_FIELDS = ("kind", "compare_to", "representation", "prefix_rows")
@@ -84,12 +96,12 @@ def _second_model(parts: Services, fields: Mapping[str, Any]) -> ModelEntry | No
     kind = fields["kind"]
     reference = fields.get("compare_to")
     if reference is None:
-        if kind in NEEDS_SECOND_MODEL:
+        if _rules(kind).second_model == "required":
             raise _bad(
                 f"{kind} needs compare_to: the model to compare with", "missing_compare_to", "Second model needed"
             )
         return None
-    if kind not in TAKES_SECOND_MODEL:
+    if _rules(kind).second_model == "never":
         raise _bad(f"compare_to is used by {' and '.join(sorted(TAKES_SECOND_MODEL))} only, not by {kind}")
     return _resolve(parts, reference, "compare_to")
 
@@ -99,8 +111,8 @@ def _check_region(fields: Mapping[str, Any], entry: ModelEntry) -> None:
     region = fields.get("region")
     if region is None:
         return
-    if fields["kind"] != "perturb":
-        raise _bad(f"region is used by perturb only, not by {fields['kind']}")
+    if not _rules(fields["kind"]).region:
+        raise _bad(f"region is used by {' and '.join(sorted(TAKES_REGION))} only, not by {fields['kind']}")
     row0, col0, row1, col1 = region
     grid = model_info(entry.manifest).grid
     inside = grid is None or (row1 <= grid[0] and col1 <= grid[1])
@@ -145,7 +157,7 @@ def _labels(labels: list[int | None], kind: str) -> None:
             "partial_labels",
             "Bad labels",
         )
-    if kind in NEEDS_LABELS and not labelled:
+    if _rules(kind).labels == "required" and not labelled:
         raise _bad(f"{kind} needs the true class of every image: send labels", "missing_labels", "Labels needed")
 
 
@@ -155,9 +167,11 @@ def _submit(parts: Services) -> Response:
     entry = _resolve(parts, submitted.model, "model")
     request, second = analysis_request(parts, submitted.fields, entry)
     count = len(submitted.uploads)
-    if count < MIN_IMAGES:
+    if count < ANALYSIS_MIN_IMAGES:
         raise _bad(
-            f"{count} images were sent; an analysis needs at least {MIN_IMAGES}", "too_few_images", "Too few images"
+            f"{count} images were sent; an analysis needs at least {ANALYSIS_MIN_IMAGES}",
+            "too_few_images",
+            "Too few images",
         )
     labels = resolve_labels(submitted.uploads, entry.labels())
     _labels(labels, request.kind)

@@ -1,0 +1,129 @@
+"""Explanation jobs: one image each, explained together with queued jobs of the same model and parameters.
+
+With ``batch_max > 1`` a job's worker takes companions (other queued jobs of the same model and
+parameters, :mod:`classlens.core.batching`) and explains all their images in one forward pass;
+each job still ends on its own terms.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
+
+from classlens.core import stats
+from classlens.core.contract import ExplainRequest, Job
+from classlens.core.images import decode_image
+from classlens.core.store import StoreError
+from model_store.catalog import ModelChangedError, ModelEntry
+from worker.jobs.failures import record_failure
+from worker.jobs.runtime import Runtime, resume
+from worker.lens.explain import ExplainError
+
+
+def explain_job(rt: Runtime, job_id: str) -> Job | None:
+    """Run one explanation job to a terminal status; None when the job record is gone (expired).
+
+    With ``batch_max > 1`` the job is explained together with other queued jobs of the same
+    model and parameters, in one forward pass (:mod:`classlens.core.batching`).
+    """
+    job, needs_work = resume(rt, job_id)
+    if job is None or not needs_work:
+        return job
+    batches = rt.batches
+    if not batches.claim(job.id):
+        # A live worker holds it (in its batch, or a second delivery of its message): that worker
+        # finishes it, or, should it die, its claim is abandoned and the job queued again. Never wait.
+        return job
+    others: list[Job] = []
+    try:
+        job, needs_work = resume(rt, job.id)  # it may have finished between the first look and the claim
+        if job is None or not needs_work:
+            return job
+        if rt.settings.batch_max > 1:
+            others = batches.companions(
+                job, rt.settings.batch_max - 1, rt.settings.batch_wait_ms / 1000, lambda other: _needs_work(rt, other)
+            )
+        return _explain_together(rt, [job, *others])[0]
+    finally:
+        batches.release([job_id, *(other.id for other in others)])
+
+
+def _needs_work(rt: Runtime, job_id: str) -> Job | None:
+    job, needs_work = resume(rt, job_id)
+    return job if needs_work else None
+
+
+def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
+    """Explain the images of ``jobs`` (one model, one set of parameters) in one forward pass.
+
+    Each job ends on its own terms: an image that cannot be decoded fails its job only;
+    a failure of the pass itself fails every job of the batch, each with the reason.
+    """
+    store = rt.jobs
+    started = time.monotonic()
+    running = [store.start(job) for job in jobs]
+    finished: dict[str, Job] = {}
+    ready, images = [], []
+    for job in running:
+        try:
+            images.append(_job_image(rt, job))
+            ready.append(job)
+        except StoreError:
+            raise  # not the job's fault: the task runs it again once the store answers
+        except Exception as error:
+            finished[job.id] = record_failure(rt, job, error)
+    explanations = []
+    try:
+        if ready:
+            request = ExplainRequest.model_validate(ready[0].parameters)
+            model = rt.models.get(ready[0].model, fingerprint=ready[0].fingerprints.get(ready[0].model))
+            ready, images = _same_model(rt, ready, images, model.entry, finished)
+            explanations = model.explain(images, request) if ready else []
+    except SoftTimeLimitExceeded:
+        detail = f"the explanation took longer than {rt.settings.task_soft_time_limit_s} s"
+        finished |= {job.id: store.fail(job, "Time limit exceeded", detail) for job in ready}
+    except StoreError:
+        raise
+    except Exception as error:
+        finished |= {job.id: record_failure(rt, job, error) for job in ready}
+    else:
+        for job, explanation in zip(ready, explanations, strict=True):
+            batched = job.model_copy(update={"batch_size": len(ready)})
+            finished[job.id] = store.succeed(batched, explanation.model_dump_json().encode())
+            for target in explanation.targets:
+                stats.record_emergence(store.store, model=job.model, layer=target.emergence_layer)
+    duration_s = time.monotonic() - started
+    for job in running:
+        done = finished[job.id]
+        stats.record_job(store.store, kind=done.kind, model=done.model, status=done.status, duration_s=duration_s)
+    return [finished[job.id] for job in jobs]
+
+
+def _same_model(
+    rt: Runtime, jobs: list[Job], images: list[Image.Image], entry: ModelEntry, finished: dict[str, Job]
+) -> tuple[list[Job], list[Image.Image]]:
+    """The jobs (and their images) keyed with ``entry`` as it is; the others fail (submitted before it changed).
+
+    Companions share a model reference and parameters, not necessarily the model's content: one
+    submitted before the version was registered again names the old content in its key.
+    """
+    keep: list[tuple[Job, Image.Image]] = []
+    for job, image in zip(jobs, images, strict=True):
+        expected = job.fingerprints.get(job.model)
+        if expected is None or expected == entry.result_fingerprint:
+            keep.append((job, image))
+        else:
+            error = ModelChangedError(f"{job.model} was registered again after this job was submitted; submit again")
+            finished[job.id] = record_failure(rt, job, error)
+    return [job for job, _ in keep], [image for _, image in keep]
+
+
+def _job_image(rt: Runtime, job: Job) -> Image.Image:
+    if job.image_key is None:
+        raise ExplainError("the job has no image")
+    data = rt.jobs.image(job.image_key)
+    if data is None:
+        raise ExplainError("the uploaded image has expired; submit it again")
+    return decode_image(data, max_pixels=rt.settings.max_image_pixels)
