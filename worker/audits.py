@@ -1,6 +1,6 @@
 """Audits: many images through the one explain entry point, summarised per image and overall.
 
-The task (:func:`worker.tasks.audit_job`) feeds batches to :func:`explain_batch` and turns
+The task (:func:`worker.jobs.audit.audit_job`) feeds batches to :func:`explain_batch` and turns
 what comes back into :class:`~classlens.core.contract.AuditRow` with :func:`audit_row`; once all
 batches are done, :func:`aggregate` summarises the rows. Everything but
 :func:`explain_batch` is plain arithmetic over the contract's models, so it is tested and
