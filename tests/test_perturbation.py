@@ -7,12 +7,11 @@ from tests.test_representations import tiny_vit
 from worker.analyses.perturbation import (
     attention_mask,
     default_region,
-    dropped_tokens,
     masked_attention,
     perturbation_effects,
     region_keep,
 )
-from worker.lens.tokens import forward_without_tokens
+from worker.lens.tokens import dropped_tokens, forward_without_tokens, keep_tokens
 from worker.lens.vit import trace
 
 
@@ -67,6 +66,14 @@ def test_dropped_tokens_match_the_lens_token_removal():
     assert run.residual.shape[2] == 1 + len(keep)
     assert torch.allclose(run.logits, expected, atol=1e-5)
     assert not model.patch_drop._forward_hooks
+
+
+def test_keep_tokens_keeps_the_prefix_and_the_listed_image_tokens_in_order():
+    sequence = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # 1 prefix + 4 image tokens
+    shared = keep_tokens(sequence, torch.tensor([3, 1]), num_prefix=1)
+    assert torch.equal(shared, sequence[:, [0, 4, 2]])
+    own = keep_tokens(sequence, torch.tensor([[3, 1], [0, 2]]), num_prefix=1)
+    assert torch.equal(own[0], sequence[0, [0, 4, 2]]) and torch.equal(own[1], sequence[1, [0, 1, 3]])
 
 
 def test_effects_per_layer():
