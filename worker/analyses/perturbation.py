@@ -35,11 +35,11 @@ from torch import nn
 
 from worker.lens.projection import ClassProjection
 from worker.lens.ranks import class_rank, identifiability
+from worker.lens.regions import Region, central_box
 from worker.lens.tokens import dropped_tokens
 from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, inspect_vit, trace
 
 AttentionPerturbation = Literal["self-only", "no-cls"]
-Region = tuple[int, int, int, int]
 
 
 def attention_mask(kind: AttentionPerturbation, num_prefix: int, num_image_tokens: int) -> torch.Tensor:
@@ -94,11 +94,16 @@ def region_keep(grid: tuple[int, int], region: Region) -> torch.Tensor:
 
 
 def default_region(grid: tuple[int, int]) -> Region:
-    """The central box of half the grid's height and width (at least one token)."""
-    h, w = grid
-    height, width = max(1, round(h / 2)), max(1, round(w / 2))
-    row0, col0 = (h - height) // 2, (w - width) // 2
-    return row0, col0, row0 + height, col0 + width
+    """The region dropped when none is given: the central region of the audits' ``central_share``.
+
+    That is :func:`worker.lens.regions.central_box` (3x3 of a 7x7 grid). A grid with an axis of
+    2 cells has no central cell on it: such a model needs an explicit ``region``.
+    """
+    region = central_box(grid)
+    row0, col0, row1, col1 = region
+    if row0 == row1 or col0 == col1:
+        raise ValueError(f"the {grid[0]}x{grid[1]} grid has no central region: give the region to drop")
+    return region
 
 
 def _identifiability(
