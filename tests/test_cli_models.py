@@ -3,12 +3,12 @@
 import json
 
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 
 from model_store.catalog import Catalog
 from worker.model_loader import load_model
+from worker.random_models import random_vit
 
 
 @pytest.fixture
@@ -45,9 +45,7 @@ def test_verify_fails_on_a_tampered_copy(run, store_copy, monkeypatch):
 
 
 def _user_checkpoint(tmp_path, suffix=".safetensors", num_classes=3):
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=num_classes
-    ).eval()
+    model = random_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=num_classes)
     weights = tmp_path / f"user{suffix}"
     if suffix == ".safetensors":
         save_file(model.state_dict(), str(weights))

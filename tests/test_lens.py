@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from classlens.core.contract import ExplainRequest, Explanation, ModelRef
+from worker import random_models
 from worker.analyses.memories import class_directions
 from worker.lens.explain import ExplainError, explain, resolve_targets
 from worker.lens.gradient import gradient_relevance
@@ -30,9 +31,8 @@ REF = ModelRef(name="random", version="0", weights_sha256="0" * 64)
 
 
 def random_vit(name, **overrides):
-    torch.manual_seed(0)
     arguments = {**ARCHITECTURES[name][0], **overrides} if name in ARCHITECTURES else overrides
-    return timm.create_model(name, pretrained=False, **arguments).eval()
+    return random_models.random_vit(name, **arguments)
 
 
 def images_for(model, batch=2):
