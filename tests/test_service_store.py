@@ -1,14 +1,19 @@
 """Both store back-ends against the same behaviour: a real redis-server and a real SQLite file."""
 
+import re
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from classlens.core import keys
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import JobStore, content_key
 from classlens.core.store import RedisStore, SqliteStore
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["redis", "sqlite"])
@@ -230,3 +235,28 @@ def test_content_keys_carry_the_lens_version(monkeypatch):
     before = content_key("w", "i", {})
     monkeypatch.setattr(contract, "LENS_VERSION", contract.LENS_VERSION + 1)
     assert content_key("w", "i", {}) != before
+
+
+def test_no_key_prefix_starts_another():
+    """So a sweep of one kind of key (``Store.keys(prefix)``) never returns keys of another kind."""
+    assert len(set(keys.PREFIXES)) == len(keys.PREFIXES)
+    assert all(p.endswith(":") for p in keys.PREFIXES)
+    assert not [(a, b) for a in keys.PREFIXES for b in keys.PREFIXES if a != b and b.startswith(a)]
+    table = keys.__doc__ or ""
+    assert all(f"``{prefix}``" in table for prefix in keys.PREFIXES), "every prefix is in the module's table"
+
+
+def test_key_prefixes_are_written_only_in_the_table():
+    """The core, the workers and the commands spell no prefix themselves: they take it from classlens.core.keys."""
+    names = "|".join(re.escape(prefix) for prefix in keys.PREFIXES)
+    quoted = re.compile(rf"""[fbr]?["']({names})""")
+    table = Path(keys.__file__).resolve()
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for folder in ("classlens", "worker")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if path.resolve() != table
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if quoted.search(line)
+    ]
+    assert not found, "\n".join(found)

@@ -32,6 +32,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from classlens.core import keys
 from classlens.core.settings import Settings
 
 
@@ -213,7 +214,7 @@ class RedisStore:
 
     def notify(self, channel: str) -> None:
         try:
-            self._client.publish(f"notice:{channel}", b"")
+            self._client.publish(keys.NOTICE + channel, b"")
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
@@ -223,7 +224,7 @@ class RedisStore:
         try:
             try:
                 # Subscribed once this returns: a notice published after it is delivered.
-                pubsub.subscribe(f"notice:{channel}")
+                pubsub.subscribe(keys.NOTICE + channel)
                 pubsub.get_message(timeout=self.timeout_s)
             except redis.RedisError as error:
                 raise StoreError(f"redis: {error}") from error
