@@ -120,6 +120,71 @@ def test_a_stale_claim_is_taken_over(store):
     assert submission.outcome == "queued" and queued == [submission.job.id]
 
 
+class ReadsTheClaimTogether:
+    """A real store that lets two submitters, ``first`` and ``second`` (thread names), both read a claim first.
+
+    ``first`` waits after its first read of ``claim`` until ``second`` has read it too, then goes on;
+    ``second`` waits after its first read until ``first`` is done (``first_done``). The other calls
+    go straight to the store.
+    """
+
+    def __init__(self, store, claim):
+        self._store, self._claim = store, claim
+        self._read: set[str] = set()
+        self.second_read, self.first_done = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def get(self, key):
+        value = self._store.get(key)
+        me = threading.current_thread().name
+        if key == self._claim and me not in self._read:
+            self._read.add(me)
+            if me == "first":
+                assert self.second_read.wait(10)
+            else:
+                self.second_read.set()
+                assert self.first_done.wait(10)
+        return value
+
+
+def test_two_submitters_that_find_the_same_stale_claim_queue_one_job(store):
+    """Both take the claim for stale; the first takes it over, and the second must not drop the first's new claim."""
+    k = key()
+    store.set(f"inflight:{k}", b"vanished-job", 60)
+    interleaved = ReadsTheClaimTogether(store, f"inflight:{k}")
+    jobs = JobStore(interleaved, ttl_s=60, inflight_ttl_s=60)
+    queued: list[str] = []
+    outcomes: dict[str, object] = {}
+
+    def submit(name):
+        try:
+            outcomes[name] = _submit(jobs, k, queued)
+        finally:
+            if name == "first":
+                interleaved.first_done.set()
+
+    threads = [threading.Thread(target=submit, args=(name,), name=name) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    first, second = outcomes["first"], outcomes["second"]
+    assert (first.outcome, second.outcome) == ("queued", "joined")
+    assert queued == [first.job.id] and second.job.id == first.job.id
+    assert store.get(f"inflight:{k}") == first.job.id.encode()
+
+
+def test_release_leaves_a_claim_that_another_job_took_after_it_lapsed(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    k = key()
+    first = _submit(jobs, k, [])
+    store.set(f"inflight:{k}", b"next-job", 60)  # the first job's claim lapsed and another job claimed the key
+    jobs.fail(first.job, "Broken", "it broke")
+    assert store.get(f"inflight:{k}") == b"next-job"
+
+
 def test_enqueue_failure_marks_the_job_failed(store):
     jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
     k = key()

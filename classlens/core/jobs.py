@@ -249,8 +249,10 @@ class JobStore:
 
         The new job's record is saved before it claims ``inflight:<key>`` (``set_if_absent``),
         so whoever reads the claim finds the job. A claim whose job has finished or vanished
-        is stale and is taken over. If ``enqueue`` raises, the job is marked failed, the claim
-        released and the error re-raised: nothing accepted is silently dropped.
+        is stale and is taken over, with a compare-and-delete: of two submitters that find the
+        same stale claim, one takes it over and the other joins that one's job. If ``enqueue``
+        raises, the job is marked failed, the claim released and the error re-raised: nothing
+        accepted is silently dropped.
         ``inflight_ttl_s`` overrides the claim's lifetime for tasks with a longer hard limit (audits).
         ``fingerprints`` (name@version -> result fingerprint) are the models as the key was made from them:
         the worker checks its own catalog against them (:attr:`Job.fingerprints`).
@@ -291,8 +293,8 @@ class JobStore:
                     # Its worker died holding it: queue it again rather than join a job nobody runs.
                     self._enqueue(running, enqueue)
                 return Submission(self._join_as(owner, running, job), "joined")
-            if claimed is not None:
-                self.store.delete(keys.INFLIGHT + key)
+            if claimed is not None:  # stale: taken over only if nobody else took it over meanwhile
+                self.store.delete_if(keys.INFLIGHT + key, claimed)
         raise RuntimeError(f"could not claim content key {key} after 3 attempts")
 
     def create(
@@ -364,7 +366,8 @@ class JobStore:
         return failed
 
     def release(self, job: Job) -> None:
-        """Drop ``inflight:<key>`` if this job holds it, so a later equal request is computed afresh."""
-        claimed = self.store.get(keys.INFLIGHT + job.content_key)
-        if claimed is not None and claimed.decode() == job.id:
-            self.store.delete(keys.INFLIGHT + job.content_key)
+        """Drop ``inflight:<key>`` if this job holds it, so a later equal request is computed afresh.
+
+        A compare-and-delete: a claim that lapsed and was taken by another job meanwhile stays that job's.
+        """
+        self.store.delete_if(keys.INFLIGHT + job.content_key, job.id.encode())
