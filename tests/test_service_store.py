@@ -1,6 +1,7 @@
 """Both store back-ends against the same behaviour: a real redis-server and a real SQLite file."""
 
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -325,3 +326,36 @@ def test_key_prefixes_are_written_only_in_the_table():
         if quoted.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def _rows(path) -> int:
+    with sqlite3.connect(path) as connection:
+        return sum(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("kv", "lists"))
+
+
+def test_sqlite_writes_delete_expired_rows(tmp_path):
+    """The embedded store does not grow forever: a write after ``purge_every_s`` deletes what has expired."""
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path, purge_every_s=1.0)
+    store.set("short", b"v", 0.1)
+    store.push("list", b"item", 0.1)
+    store.incr("counter")  # never expires
+    time.sleep(0.2)
+    store.set("long", b"v", 60)  # within purge_every_s of the first write: nothing is purged yet
+    assert _rows(path) == 4
+    time.sleep(0.9)
+    store.set_if_absent("other", b"v", 60)
+    assert _rows(path) == 3  # counter, long, other
+    assert store.get("long") == b"v" and store.get("counter") == b"1"
+
+
+def test_sqlite_first_write_purges_what_an_earlier_run_left(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    earlier = SqliteStore(path, purge_every_s=3600)
+    earlier.set("expires", b"v", 60)
+    earlier.set("forgotten", b"v", 0.05)
+    time.sleep(0.1)
+    assert _rows(path) == 2
+    SqliteStore(path, purge_every_s=3600).push("list", b"item", 60)
+    assert _rows(path) == 2  # expires, and the list item
+    assert earlier.purge_expired() == 0
