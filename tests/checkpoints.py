@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import timm
 import torch
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
+from worker.random_models import random_vit
 
 ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -21,8 +21,7 @@ LABELS = ["cat", "dog", "bird"]
 
 
 def tiny_vit(num_classes: int = 3, seed: int = 0, **extra) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(ARCH, pretrained=False, num_classes=num_classes, **{**TINY, **extra}).eval()
+    return random_vit(ARCH, seed=seed, num_classes=num_classes, **{**TINY, **extra})
 
 
 def train_checkpoint(folder: Path, ema: bool = True) -> tuple[torch.nn.Module, torch.nn.Module | None, Path]:

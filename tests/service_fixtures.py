@@ -76,13 +76,11 @@ def redis_url() -> Iterator[str]:
 
 def add_tiny_vit(work: Path, version: str = "1", seed: int = 0) -> Path:
     """A store root under ``work`` with ``tiny-vit@<version>``: a random 2-block ViT (weights from ``seed``)."""
-    import timm
-    import torch
     from safetensors.torch import save_file
 
     from model_store.catalog import add_model
+    from worker.random_models import random_vit
 
-    torch.manual_seed(seed)
     args: dict[str, Any] = {
         "img_size": 28,
         "patch_size": 4,
@@ -92,7 +90,7 @@ def add_tiny_vit(work: Path, version: str = "1", seed: int = 0) -> Path:
         "num_heads": 2,
         "num_classes": 10,
     }
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    model = random_vit("vit_tiny_patch16_224", seed=seed, **args)
     weights = work / "tiny.safetensors"
     save_file(model.state_dict(), str(weights))
     labels = work / "labels.txt"

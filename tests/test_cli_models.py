@@ -1,14 +1,17 @@
 """The `classlens models ...` commands, run through the real click entry point."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 
 from model_store.catalog import Catalog
 from worker.model_loader import load_model
+from worker.random_models import random_vit
 
 
 @pytest.fixture
@@ -45,9 +48,7 @@ def test_verify_fails_on_a_tampered_copy(run, store_copy, monkeypatch):
 
 
 def _user_checkpoint(tmp_path, suffix=".safetensors", num_classes=3):
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=num_classes
-    ).eval()
+    model = random_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=num_classes)
     weights = tmp_path / f"user{suffix}"
     if suffix == ".safetensors":
         save_file(model.state_dict(), str(weights))
@@ -194,3 +195,35 @@ def test_disable_list_and_enable_a_version(run, store_copy, monkeypatch):
 def test_disable_needs_a_version(run):
     result = run("models", "disable", "fmnist-vit")
     assert result.exit_code == 1 and "names no version" in result.output
+
+
+# A fresh interpreter in which torch, torchvision and timm cannot be imported, as where the worker extra is missing.
+WITHOUT_TORCH = """
+import sys
+
+
+class NoWorkerExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoWorkerExtra())
+from classlens.cli import main
+
+main(prog_name="classlens")
+"""
+
+
+def test_add_without_the_worker_extra_is_a_clear_cli_error(tmp_path):
+    weights = tmp_path / "user.safetensors"
+    weights.write_bytes(b"not read: the command stops before")
+    environment = {**os.environ, "CLASSLENS_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-c", WITHOUT_TORCH, "models", "add", str(weights), "--architecture", "vit_tiny"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Error: classlens models add" in result.stderr and "pip install 'classlens[worker]'" in result.stderr
+    assert "torch is not installed" in result.stderr
+    assert not (tmp_path / "data" / "models").exists()

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from classlens.core.contract import ExplainRequest, Explanation, ModelRef
+from worker import random_models
+from worker.analyses.memories import class_directions
 from worker.lens.explain import ExplainError, explain, resolve_targets
 from worker.lens.gradient import gradient_relevance
-from worker.lens.projection import ClassProjection, ProjectionSettings
+from worker.lens.projection import ClassProjection, ProjectionSettings, centred_embedding
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
 from worker.lens.vit import UnsupportedModelError, inspect_vit, materialised_attention, trace
 
@@ -29,9 +31,8 @@ REF = ModelRef(name="random", version="0", weights_sha256="0" * 64)
 
 
 def random_vit(name, **overrides):
-    torch.manual_seed(0)
     arguments = {**ARCHITECTURES[name][0], **overrides} if name in ARCHITECTURES else overrides
-    return timm.create_model(name, pretrained=False, **arguments).eval()
+    return random_models.random_vit(name, **arguments)
 
 
 def images_for(model, batch=2):
@@ -115,6 +116,22 @@ def test_all_streams_at_once_equal_projecting_each_stream(name, settings):
     targets = run.logits.topk(3).indices
     differ = class_rank(at_once, targets) != class_rank(direct, targets)
     assert differ.float().mean() < 1e-3
+
+
+def test_centred_embedding_is_the_linear_part_of_the_projection_for_the_lens_and_the_memories():
+    model = tiny_vit()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2.0)  # a gain that is not all ones
+        projection = ClassProjection(model)
+        v = torch.randn(5, model.embed_dim, generator=torch.Generator().manual_seed(2))
+        scale = torch.sqrt(v.var(dim=-1, unbiased=False) + model.norm.eps)[:, None]
+        linear = v @ projection.centred_embedding.T / scale + projection.offset
+        assert torch.allclose(linear, projection(v), atol=1e-5)
+        # The memories' class directions are the same E_c, in float64 and L2-normalised.
+        assert torch.allclose(class_directions(model), F.normalize(projection.centred_embedding.double(), dim=-1))
+    rms = torch.nn.RMSNorm(4)
+    weight = torch.randn(3, 4)
+    assert torch.equal(centred_embedding(weight, rms), weight * rms.weight)  # no mean subtracted, none removed
 
 
 def test_class_rank_split_over_threads_equals_the_plain_count():

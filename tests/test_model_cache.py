@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from model_store.catalog import Catalog, ModelChangedError, ModelDisabledError
 from model_store.sources import ModelSources, RegisterOptions
+from worker.random_models import random_vit
 from worker.registration import register
 from worker.runtime import ModelCache
 
@@ -28,8 +28,7 @@ def _args(width: int) -> dict:
 def add(root: Path, work: Path, name: str, *, width: int = 64, labels=("cat", "dog", "bird"), overwrite=False):
     """Register a random tiny ViT ``name@1`` (``width`` wide) into ``root``; its entry."""
     work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(width)
-    model = timm.create_model(ARCHITECTURE, pretrained=False, **_args(width))
+    model = random_vit(ARCHITECTURE, seed=width, **_args(width))
     weights, label_file = work / f"{name}.safetensors", work / f"{name}.txt"
     save_file(model.state_dict(), str(weights))
     label_file.write_text("\n".join(labels) + "\n")

@@ -1,5 +1,6 @@
 """Attention and context perturbations: the masks reach every block, hooks go away, region tokens are dropped."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,12 +8,13 @@ from tests.test_representations import tiny_vit
 from worker.analyses.perturbation import (
     attention_mask,
     default_region,
-    dropped_tokens,
     masked_attention,
     perturbation_effects,
     region_keep,
 )
-from worker.lens.tokens import forward_without_tokens
+from worker.audits import central_mask
+from worker.lens.regions import central_box
+from worker.lens.tokens import dropped_tokens, forward_without_tokens, keep_tokens
 from worker.lens.vit import trace
 
 
@@ -48,13 +50,31 @@ def test_masked_attention_reaches_every_block_fused_or_not(kind):
 def test_region_tokens():
     keep = region_keep((4, 4), (1, 1, 3, 3))
     assert keep.tolist() == [0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15]
-    assert default_region((7, 7)) == (1, 1, 5, 5) and default_region((4, 4)) == (1, 1, 3, 3)
+    assert default_region((7, 7)) == (2, 2, 5, 5) and default_region((4, 4)) == (1, 1, 3, 3)
     with pytest.raises(ValueError, match="not a box"):
         region_keep((4, 4), (0, 0, 5, 2))
     with pytest.raises(ValueError, match="not a box"):
         region_keep((4, 4), (2, 0, 2, 2))
     with pytest.raises(ValueError, match="whole"):
         region_keep((4, 4), (0, 0, 4, 4))
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (14, 14), (4, 4), (3, 5), (6, 9), (7, 2)])
+def test_perturb_drops_the_cells_of_the_audits_central_share(grid):
+    """The default region is the audits' central region: ``central_share`` and ``perturb`` mean the same cells."""
+    mask = central_mask(*grid)
+    if not mask.any():
+        with pytest.raises(ValueError, match="no central region"):
+            default_region(grid)
+        return
+    dropped = set(range(grid[0] * grid[1])) - set(region_keep(grid, default_region(grid)).tolist())
+    assert dropped == set(np.flatnonzero(mask).tolist())
+
+
+def test_the_central_region_is_strictly_inside_the_half_box():
+    assert central_box((7, 7)) == (2, 2, 5, 5) and central_mask(7, 7).sum() == 9
+    assert central_box((14, 14)) == (4, 4, 10, 10) and central_mask(14, 14).sum() == 36
+    assert central_box((2, 6)) == (1, 2, 1, 4)  # no cell centre of a 2-cell axis is strictly inside
 
 
 def test_dropped_tokens_match_the_lens_token_removal():
@@ -67,6 +87,14 @@ def test_dropped_tokens_match_the_lens_token_removal():
     assert run.residual.shape[2] == 1 + len(keep)
     assert torch.allclose(run.logits, expected, atol=1e-5)
     assert not model.patch_drop._forward_hooks
+
+
+def test_keep_tokens_keeps_the_prefix_and_the_listed_image_tokens_in_order():
+    sequence = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # 1 prefix + 4 image tokens
+    shared = keep_tokens(sequence, torch.tensor([3, 1]), num_prefix=1)
+    assert torch.equal(shared, sequence[:, [0, 4, 2]])
+    own = keep_tokens(sequence, torch.tensor([[3, 1], [0, 2]]), num_prefix=1)
+    assert torch.equal(own[0], sequence[0, [0, 4, 2]]) and torch.equal(own[1], sequence[1, [0, 1, 3]])
 
 
 def test_effects_per_layer():

@@ -1,14 +1,20 @@
 """Both store back-ends against the same behaviour: a real redis-server and a real SQLite file."""
 
+import re
+import sqlite3
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from classlens.core import keys
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import JobStore, content_key
 from classlens.core.store import RedisStore, SqliteStore
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["redis", "sqlite"])
@@ -113,6 +119,71 @@ def test_a_stale_claim_is_taken_over(store):
     queued: list[str] = []
     submission = _submit(jobs, k, queued)
     assert submission.outcome == "queued" and queued == [submission.job.id]
+
+
+class ReadsTheClaimTogether:
+    """A real store that lets two submitters, ``first`` and ``second`` (thread names), both read a claim first.
+
+    ``first`` waits after its first read of ``claim`` until ``second`` has read it too, then goes on;
+    ``second`` waits after its first read until ``first`` is done (``first_done``). The other calls
+    go straight to the store.
+    """
+
+    def __init__(self, store, claim):
+        self._store, self._claim = store, claim
+        self._read: set[str] = set()
+        self.second_read, self.first_done = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def get(self, key):
+        value = self._store.get(key)
+        me = threading.current_thread().name
+        if key == self._claim and me not in self._read:
+            self._read.add(me)
+            if me == "first":
+                assert self.second_read.wait(10)
+            else:
+                self.second_read.set()
+                assert self.first_done.wait(10)
+        return value
+
+
+def test_two_submitters_that_find_the_same_stale_claim_queue_one_job(store):
+    """Both take the claim for stale; the first takes it over, and the second must not drop the first's new claim."""
+    k = key()
+    store.set(f"inflight:{k}", b"vanished-job", 60)
+    interleaved = ReadsTheClaimTogether(store, f"inflight:{k}")
+    jobs = JobStore(interleaved, ttl_s=60, inflight_ttl_s=60)
+    queued: list[str] = []
+    outcomes: dict[str, object] = {}
+
+    def submit(name):
+        try:
+            outcomes[name] = _submit(jobs, k, queued)
+        finally:
+            if name == "first":
+                interleaved.first_done.set()
+
+    threads = [threading.Thread(target=submit, args=(name,), name=name) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    first, second = outcomes["first"], outcomes["second"]
+    assert (first.outcome, second.outcome) == ("queued", "joined")
+    assert queued == [first.job.id] and second.job.id == first.job.id
+    assert store.get(f"inflight:{k}") == first.job.id.encode()
+
+
+def test_release_leaves_a_claim_that_another_job_took_after_it_lapsed(store):
+    jobs = JobStore(store, ttl_s=60, inflight_ttl_s=60)
+    k = key()
+    first = _submit(jobs, k, [])
+    store.set(f"inflight:{k}", b"next-job", 60)  # the first job's claim lapsed and another job claimed the key
+    jobs.fail(first.job, "Broken", "it broke")
+    assert store.get(f"inflight:{k}") == b"next-job"
 
 
 def test_enqueue_failure_marks_the_job_failed(store):
@@ -230,3 +301,61 @@ def test_content_keys_carry_the_lens_version(monkeypatch):
     before = content_key("w", "i", {})
     monkeypatch.setattr(contract, "LENS_VERSION", contract.LENS_VERSION + 1)
     assert content_key("w", "i", {}) != before
+
+
+def test_no_key_prefix_starts_another():
+    """So a sweep of one kind of key (``Store.keys(prefix)``) never returns keys of another kind."""
+    assert len(set(keys.PREFIXES)) == len(keys.PREFIXES)
+    assert all(p.endswith(":") for p in keys.PREFIXES)
+    assert not [(a, b) for a in keys.PREFIXES for b in keys.PREFIXES if a != b and b.startswith(a)]
+    table = keys.__doc__ or ""
+    assert all(f"``{prefix}``" in table for prefix in keys.PREFIXES), "every prefix is in the module's table"
+
+
+def test_key_prefixes_are_written_only_in_the_table():
+    """The core, the workers and the commands spell no prefix themselves: they take it from classlens.core.keys."""
+    names = "|".join(re.escape(prefix) for prefix in keys.PREFIXES)
+    quoted = re.compile(rf"""[fbr]?["']({names})""")
+    table = Path(keys.__file__).resolve()
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for folder in ("classlens", "worker")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if path.resolve() != table
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if quoted.search(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+def _rows(path) -> int:
+    with sqlite3.connect(path) as connection:
+        return sum(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("kv", "lists"))
+
+
+def test_sqlite_writes_delete_expired_rows(tmp_path):
+    """The embedded store does not grow forever: a write after ``purge_every_s`` deletes what has expired."""
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path, purge_every_s=1.0)
+    store.set("short", b"v", 0.1)
+    store.push("list", b"item", 0.1)
+    store.incr("counter")  # never expires
+    time.sleep(0.2)
+    store.set("long", b"v", 60)  # within purge_every_s of the first write: nothing is purged yet
+    assert _rows(path) == 4
+    time.sleep(0.9)
+    store.set_if_absent("other", b"v", 60)
+    assert _rows(path) == 3  # counter, long, other
+    assert store.get("long") == b"v" and store.get("counter") == b"1"
+
+
+def test_sqlite_first_write_purges_what_an_earlier_run_left(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    earlier = SqliteStore(path, purge_every_s=3600)
+    earlier.set("expires", b"v", 60)
+    earlier.set("forgotten", b"v", 0.05)
+    time.sleep(0.1)
+    assert _rows(path) == 2
+    SqliteStore(path, purge_every_s=3600).push("list", b"item", 60)
+    assert _rows(path) == 2  # expires, and the list item
+    assert earlier.purge_expired() == 0

@@ -27,6 +27,7 @@ from classlens.core.contract import (
     RelevanceLocation,
     TargetExplanation,
 )
+from worker.lens.regions import central_box
 from worker.runtime import LoadedModel
 
 _DECIMALS = 6
@@ -79,15 +80,16 @@ def explain_batch(
 
 
 def central_mask(height: int, width: int) -> np.ndarray:
-    """Grid cells whose centre lies strictly inside the central box of half the height and half the width.
+    """The cells of :func:`worker.lens.regions.central_box` on a ``height x width`` grid, as a boolean mask.
 
-    The box is centred on the image and covers a quarter of its area; on a coarse grid the
-    cells inside cover a little less (9 of 49 on 7x7, 36 of 196 on 14x14), which is why
-    results report that share (``central_cells_share``) as the baseline a uniform map gets.
+    On a coarse grid they cover a little less than the box's quarter of the area (9 of 49 on
+    7x7, 36 of 196 on 14x14), which is why results report that share (``central_cells_share``)
+    as the baseline a uniform map gets.
     """
-    rows = np.abs(np.arange(height) + 0.5 - height / 2) < height / 4
-    cols = np.abs(np.arange(width) + 0.5 - width / 2) < width / 4
-    return np.asarray(rows[:, None] & cols[None, :])
+    row0, col0, row1, col1 = central_box((height, width))
+    mask = np.zeros((height, width), dtype=bool)
+    mask[row0:row1, col0:col1] = True
+    return mask
 
 
 def locate_relevance(values: Sequence[Sequence[float]]) -> RelevanceLocation:

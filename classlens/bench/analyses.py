@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -32,16 +31,6 @@ from worker.analyses.attention_distance import mean_attention_distance
 from worker.analyses.layer_cka import cka_within
 
 TARGET_CKA_RATIO = 1.5
-
-
-def random_vit(architecture: str = "vit_base_patch16_224", img_size: int = 224, seed: int = 0) -> VisionTransformer:
-    torch.manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False, img_size=img_size).eval()
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{architecture} is not a timm VisionTransformer")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
 
 
 def image_batches(
@@ -64,7 +53,7 @@ def bench_analyses(
     repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """One record per image count: median time, ratio to the forward passes and peak extra memory per method."""
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)  # the analyses need no gradients of the weights
     height, width = model.patch_embed.img_size
     shape = (int(model.patch_embed.proj.in_channels), int(height), int(width))
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -28,6 +27,7 @@ from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection
+from worker.random_models import random_vit
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,7 @@ class BenchModel:
 
 def random_imagenet_vit(architecture: str, seed: int = 0) -> BenchModel:
     """A random-initialised timm ViT with 1,000 classes: the cost of a real ImageNet model without its weights."""
-    torch.manual_seed(seed)
-    model = timm.create_model(architecture, pretrained=False).eval()
-    assert isinstance(model, VisionTransformer)
+    model = random_vit(architecture, seed=seed)
     ref = ModelRef(name=f"{architecture}-random", version="0", weights_sha256="0" * 64)
     return BenchModel(ref.name, model, [f"class {i}" for i in range(model.num_classes)], ref)
 

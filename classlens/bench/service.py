@@ -80,12 +80,12 @@ def register_random_vit(root: Path, seed: int = 0) -> str:
     No pretrained weights are downloaded: the cost of an explanation depends on the
     architecture, not on what the weights have learnt, and the benchmark must run offline.
     """
-    import timm
     from safetensors.torch import save_file
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    torch.manual_seed(seed)
-    model = timm.create_model(RANDOM_VIT, pretrained=False, num_classes=1000).eval()
+    from worker.random_models import random_vit
+
+    model = random_vit(RANDOM_VIT, seed=seed, num_classes=1000)
     staging = root.parent / f".{RANDOM_VIT_NAME}-files"
     staging.mkdir(parents=True, exist_ok=True)
     weights = staging / "weights.safetensors"

@@ -62,14 +62,15 @@ def bench_command(settings: Settings, reference: str, **options: Any) -> None:
 
 
 def _bench_analyses(options: dict[str, Any]) -> None:
-    from classlens.bench.analyses import bench_analyses, format_table, random_vit, summary
+    from classlens.bench.analyses import bench_analyses, format_table, summary
     from classlens.bench.lens import environment
+    from worker.random_models import random_vit
     from worker.runtime import default_device
 
     device = default_device()
     architecture, size = options["analyses_architecture"], options["analyses_img_size"]
     try:
-        model = random_vit(architecture, size)
+        model = random_vit(architecture, img_size=size)
     except (RuntimeError, TypeError, ValueError) as error:
         raise click.ClickException(f"cannot build {architecture} at {size}x{size}: {error}") from error
     counts = sorted(set(options["analyses_images"]))

@@ -208,7 +208,17 @@ def models_add(settings: Settings, path: Path | None, weights_alias: Path | None
     options.update(name=name, model_args=model_args)
 
     from model_store.sources import ModelSources, RegisterOptions
-    from worker.registration import RegistrationError, register
+
+    try:
+        from worker.registration import RegistrationError, register
+    except ImportError as error:
+        missing = _missing_worker_package(error)
+        if missing is None:
+            raise
+        raise click.ClickException(
+            f"classlens models add loads the model with torch and timm, and {missing} is not installed here: "
+            "install the worker extra (pip install 'classlens[worker]')"
+        ) from error
 
     try:
         register_options = RegisterOptions(**options)
@@ -227,6 +237,16 @@ def models_add(settings: Settings, path: Path | None, weights_alias: Path | None
         raise click.ClickException(f"{error}\nnothing was registered") from error
     click.echo(f"registered {entry.reference} in {entry.folder}")
     click.echo(f"read: {entry.manifest.provenance.notes}")
+
+
+# The worker extra's packages (pyproject.toml): what registering a model loads it with.
+_WORKER_PACKAGES = frozenset({"torch", "torchvision", "timm", "safetensors", "numba", "matplotlib", "transformers"})
+
+
+def _missing_worker_package(error: ImportError) -> str | None:
+    """The package of the worker extra whose absence ``error`` reports, or None for any other import error."""
+    missing = (error.name or "").partition(".")[0]
+    return missing if missing in _WORKER_PACKAGES else None
 
 
 def _default_name(path: Path) -> str:

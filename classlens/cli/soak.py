@@ -160,9 +160,11 @@ class Deployment:
         """Jobs of ``model`` the workers counted as finished (succeeded or failed)."""
         import redis
 
+        from classlens.core.stats import STATUSES, jobs_key
+
         client = redis.Redis.from_url(self.url)
-        keys = [f"stats:jobs:explanation:{model}:{status}" for status in ("succeeded", "failed")]
-        return sum(int(value or 0) for value in client.mget(keys))
+        counters = [jobs_key("explanation", model, status) for status in STATUSES]
+        return sum(int(value or 0) for value in client.mget(counters))
 
     def stop(self) -> None:
         for name in ["api", *self.worker_names, "worker-heavy", "redis"]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from classlens.core import keys
 from classlens.core.contract import Job
 from classlens.core.jobs import canonical_json, sha256_hex
 from classlens.core.leases import Claims
@@ -30,7 +31,7 @@ from classlens.core.store import Store
 
 def batch_key(model: str, parameters: dict[str, object]) -> str:
     """The list of jobs that can share a forward pass: same resolved model, same canonical parameters."""
-    return "batch:" + sha256_hex(canonical_json({"model": model, "parameters": parameters}).encode())
+    return keys.BATCH + sha256_hex(canonical_json({"model": model, "parameters": parameters}).encode())
 
 
 def offer(store: Store, job: Job, ttl_s: float) -> None:

@@ -13,9 +13,10 @@ import socket
 import threading
 import time
 
+from classlens.core import keys
 from classlens.core.store import Store, StoreError
 
-HEARTBEAT_KEY = "heartbeat:worker"
+HEARTBEAT_KEY = keys.HEARTBEAT + "worker"
 
 
 def beat(store: Store, period_s: float, name: str | None = None) -> None:

@@ -1,18 +1,10 @@
 """Job records, content keys and in-flight de-duplication, over any :class:`~classlens.core.store.Store`.
 
-The API and the workers change jobs only through :class:`JobStore`, so the key layout
-of ``docs/service-design.md`` lives in one place:
-
-========================  ==================================  ===================
-key                       value                               TTL
-========================  ==================================  ===================
-``job:<id>``              :class:`~classlens.core.contract.Job`    result TTL
-``image:<sha256>``        the uploaded image bytes            result TTL
-``result:<content key>``  the result JSON (the cache)         result TTL
-``inflight:<content key>`` id of the job computing it         task hard limit
-``manifest:<sha256>``     the images of an audit or analysis  result TTL
-``figure:<sha256>``       an analysis figure (PNG or HTML)    result TTL
-========================  ==================================  ===================
+The API and the workers change jobs only through :class:`JobStore`, under the keys of
+:mod:`classlens.core.keys`: ``job:<id>`` (the record), ``image:``, ``manifest:`` and
+``figure:`` ``<sha256>`` (content-addressed uploads and figures), and ``result:``,
+``inflight:`` and ``made-for:`` ``<content key>`` (the cache, the claim on computing it,
+and whose submission did), all kept for the result TTL except the claim (the task's hard limit).
 
 A content key names a result by everything it depends on: the lens version
 (:data:`classlens.core.contract.LENS_VERSION`), the model's result fingerprint
@@ -35,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from classlens.core import contract, leases
+from classlens.core import contract, keys, leases
 from classlens.core.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
 from classlens.core.store import Store
 
@@ -119,7 +111,7 @@ class JobStore:
     # -- records -------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        data = self.store.get(f"job:{job_id}")
+        data = self.store.get(keys.JOB + job_id)
         if data is None:
             return None
         try:
@@ -169,17 +161,17 @@ class JobStore:
 
     def _made_for(self, key: str) -> str:
         """The owner whose submission first computed the result under ``key`` ('' for none)."""
-        found = self.store.get(f"made-for:{key}")
+        found = self.store.get(keys.MADE_FOR + key)
         return found.decode() if found is not None else ""
 
     def save(self, job: Job) -> Job:
-        self.store.set(f"job:{job.id}", job.model_dump_json().encode(), self.ttl_s)
+        self.store.set(keys.JOB + job.id, job.model_dump_json().encode(), self.ttl_s)
         return job
 
     def update(self, job: Job, **changes: Any) -> Job:
         """Save the changed job and wake whoever long-polls it."""
         updated = self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
-        self.store.notify(f"job:{job.id}")
+        self.store.notify(keys.JOB + job.id)
         return updated
 
     def wait(self, job: Job, seconds: float) -> Job:
@@ -198,7 +190,7 @@ class JobStore:
     def _wait(self, job: Job, seconds: float) -> Job:
         deadline = time.monotonic() + seconds
         # A follower changes only when its leader does: listen to the leader's notices.
-        with self.store.listen(f"job:{job.follows or job.id}") as changes:
+        with self.store.listen(keys.JOB + (job.follows or job.id)) as changes:
             job = self.get(job.id) or job  # read after listening: a change from now on wakes us
             while job.status not in TERMINAL_STATUSES and (remaining := deadline - time.monotonic()) > 0:
                 changes.wait(remaining)
@@ -206,36 +198,36 @@ class JobStore:
         return job
 
     def _put_blob(self, prefix: str, data: bytes) -> str:
-        """Store ``data`` under ``<prefix>:<its sha256>`` (content-addressed) and return the digest."""
+        """Store ``data`` under ``<prefix><its sha256>`` (content-addressed) and return the digest."""
         digest = sha256_hex(data)
-        self.store.set(f"{prefix}:{digest}", data, self.ttl_s)
+        self.store.set(prefix + digest, data, self.ttl_s)
         return digest
 
     def put_image(self, data: bytes) -> str:
-        return self._put_blob("image", data)
+        return self._put_blob(keys.IMAGE, data)
 
     def image(self, digest: str) -> bytes | None:
-        return self.store.get(f"image:{digest}")
+        return self.store.get(keys.IMAGE + digest)
 
     def put_manifest(self, data: bytes) -> str:
         """Store an audit's manifest (JSON) under its digest: the job record stays small however many images."""
-        return self._put_blob("manifest", data)
+        return self._put_blob(keys.MANIFEST, data)
 
     def manifest(self, digest: str) -> bytes | None:
-        return self.store.get(f"manifest:{digest}")
+        return self.store.get(keys.MANIFEST + digest)
 
     def put_figure(self, data: bytes) -> str:
         """Store an analysis' figure (PNG, or the HTML report) under its digest; the result names it by that."""
-        return self._put_blob("figure", data)
+        return self._put_blob(keys.FIGURE, data)
 
     def figure(self, digest: str) -> bytes | None:
-        return self.store.get(f"figure:{digest}")
+        return self.store.get(keys.FIGURE + digest)
 
     def result(self, key: str) -> bytes | None:
-        return self.store.get(f"result:{key}")
+        return self.store.get(keys.RESULT + key)
 
     def put_result(self, key: str, data: bytes) -> None:
-        self.store.set(f"result:{key}", data, self.ttl_s)
+        self.store.set(keys.RESULT + key, data, self.ttl_s)
 
     # -- the API side --------------------------------------------------------------------------------
 
@@ -257,8 +249,10 @@ class JobStore:
 
         The new job's record is saved before it claims ``inflight:<key>`` (``set_if_absent``),
         so whoever reads the claim finds the job. A claim whose job has finished or vanished
-        is stale and is taken over. If ``enqueue`` raises, the job is marked failed, the claim
-        released and the error re-raised: nothing accepted is silently dropped.
+        is stale and is taken over, with a compare-and-delete: of two submitters that find the
+        same stale claim, one takes it over and the other joins that one's job. If ``enqueue``
+        raises, the job is marked failed, the claim released and the error re-raised: nothing
+        accepted is silently dropped.
         ``inflight_ttl_s`` overrides the claim's lifetime for tasks with a longer hard limit (audits).
         ``fingerprints`` (name@version -> result fingerprint) are the models as the key was made from them:
         the worker checks its own catalog against them (:attr:`Job.fingerprints`).
@@ -287,20 +281,20 @@ class JobStore:
                 return Submission(self.save(done), "cached", cached, foreign=foreign)
             self.save(job)
             claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
-            if self.store.set_if_absent(f"inflight:{key}", job.id.encode(), claim_ttl_s):
-                self.store.set(f"made-for:{key}", (owner or "").encode(), self.ttl_s)
+            if self.store.set_if_absent(keys.INFLIGHT + key, job.id.encode(), claim_ttl_s):
+                self.store.set(keys.MADE_FOR + key, (owner or "").encode(), self.ttl_s)
                 self._enqueue(job, enqueue)
                 return Submission(job, "queued")
-            self.store.delete(f"job:{job.id}")
-            claimed = self.store.get(f"inflight:{key}")
+            self.store.delete(keys.JOB + job.id)
+            claimed = self.store.get(keys.INFLIGHT + key)
             running = self.get(claimed.decode()) if claimed else None
             if running is not None and running.status not in TERMINAL_STATUSES:
                 if leases.drop_if_abandoned(self.store, running.id):
                     # Its worker died holding it: queue it again rather than join a job nobody runs.
                     self._enqueue(running, enqueue)
                 return Submission(self._join_as(owner, running, job), "joined")
-            if claimed is not None:
-                self.store.delete(f"inflight:{key}")
+            if claimed is not None:  # stale: taken over only if nobody else took it over meanwhile
+                self.store.delete_if(keys.INFLIGHT + key, claimed)
         raise RuntimeError(f"could not claim content key {key} after 3 attempts")
 
     def create(
@@ -332,7 +326,7 @@ class JobStore:
         behind abandoned, and a worker's reaper queues the job once the store answers again
         (:mod:`classlens.core.leases`), instead of leaving it ``queued`` with no message.
         """
-        guard, mine = leases.CLAIM_PREFIX + job.id, leases.handover_holder().encode()
+        guard, mine = keys.CLAIM + job.id, leases.handover_holder().encode()
         # Never over a worker's claim (a job queued again after its worker died may be taken already).
         guarded = self.store.set_if_absent(guard, mine, self.ttl_s)
         try:
@@ -372,7 +366,8 @@ class JobStore:
         return failed
 
     def release(self, job: Job) -> None:
-        """Drop ``inflight:<key>`` if this job holds it, so a later equal request is computed afresh."""
-        claimed = self.store.get(f"inflight:{job.content_key}")
-        if claimed is not None and claimed.decode() == job.id:
-            self.store.delete(f"inflight:{job.content_key}")
+        """Drop ``inflight:<key>`` if this job holds it, so a later equal request is computed afresh.
+
+        A compare-and-delete: a claim that lapsed and was taken by another job meanwhile stays that job's.
+        """
+        self.store.delete_if(keys.INFLIGHT + job.content_key, job.id.encode())

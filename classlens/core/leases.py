@@ -30,12 +30,13 @@ import time
 import uuid
 from collections.abc import Callable
 
+from classlens.core import keys
 from classlens.core.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-CLAIM_PREFIX = "claim:"
-ALIVE_PREFIX = "alive:"
+CLAIM_PREFIX = keys.CLAIM
+ALIVE_PREFIX = keys.ALIVE
 # The holder named by the API's claim while it hands a job to the queue: never alive, so the worker that
 # receives the message takes it over at once; others leave it alone for a while (see :func:`is_abandoned`).
 HANDOVER_PREFIX = "api:"

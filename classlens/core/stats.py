@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from classlens.core import keys
 from classlens.core.store import Store
 
 # Upper bounds (seconds) of the job-duration histogram; +Inf is implied.
@@ -24,18 +25,35 @@ def _bucket_name(bound: float) -> str:
     return "inf" if math.isinf(bound) else f"{bound:g}"
 
 
+def jobs_key(kind: str, model: str, status: str) -> str:
+    """The counter of ``model``'s finished jobs of ``kind`` that ended ``status``."""
+    return f"{keys.STATS}jobs:{kind}:{model}:{status}"
+
+
+def _duration_key(kind: str, model: str, bound: float) -> str:
+    return f"{keys.STATS}duration:{kind}:{model}:{_bucket_name(bound)}"
+
+
+def _duration_sum_key(kind: str, model: str) -> str:
+    return f"{keys.STATS}duration_ms:{kind}:{model}"
+
+
+def _emergence_key(model: str, layer: int | str) -> str:
+    return f"{keys.STATS}emergence:{model}:{layer}"
+
+
 def record_job(store: Store, *, kind: str, model: str, status: str, duration_s: float) -> None:
     """Count a finished job and its run time (cumulative histogram buckets, sum in milliseconds)."""
-    store.incr(f"stats:jobs:{kind}:{model}:{status}")
+    store.incr(jobs_key(kind, model, status))
     for bound in (*DURATION_BUCKETS, math.inf):
         if duration_s <= bound:
-            store.incr(f"stats:duration:{kind}:{model}:{_bucket_name(bound)}")
-    store.incr(f"stats:duration_ms:{kind}:{model}", round(duration_s * 1000))
+            store.incr(_duration_key(kind, model, bound))
+    store.incr(_duration_sum_key(kind, model), round(duration_s * 1000))
 
 
 def record_emergence(store: Store, *, model: str, layer: int | None) -> None:
     """Count the layer at which an explained class emerged (``never`` when it did not)."""
-    store.incr(f"stats:emergence:{model}:{NEVER if layer is None else layer}")
+    store.incr(_emergence_key(model, NEVER if layer is None else layer))
 
 
 def _count(store: Store, key: str) -> int:
@@ -60,12 +78,11 @@ def read_model_stats(store: Store, model: str, depth: int | None, kinds: Iterabl
     sums: dict[str, float] = {}
     for kind in kinds:
         for status in STATUSES:
-            jobs[(kind, status)] = _count(store, f"stats:jobs:{kind}:{model}:{status}")
+            jobs[(kind, status)] = _count(store, jobs_key(kind, model, status))
         buckets[kind] = [
-            (bound, _count(store, f"stats:duration:{kind}:{model}:{_bucket_name(bound)}"))
-            for bound in (*DURATION_BUCKETS, math.inf)
+            (bound, _count(store, _duration_key(kind, model, bound))) for bound in (*DURATION_BUCKETS, math.inf)
         ]
-        sums[kind] = _count(store, f"stats:duration_ms:{kind}:{model}") / 1000
+        sums[kind] = _count(store, _duration_sum_key(kind, model)) / 1000
     layers = [str(layer) for layer in range((depth if depth is not None else 64) + 1)] + [NEVER]
-    emergence = {layer: _count(store, f"stats:emergence:{model}:{layer}") for layer in layers}
+    emergence = {layer: _count(store, _emergence_key(model, layer)) for layer in layers}
     return ModelStats(jobs, buckets, sums, {layer: n for layer, n in emergence.items() if n})

@@ -6,7 +6,8 @@ Redis (``REDIS_URL`` set) and embedded on one machine (SQLite under the data dir
 - :class:`RedisStore`: ``SET ... PX`` for TTLs, ``SET NX`` for in-flight de-duplication.
 - :class:`SqliteStore`: one table in WAL mode, shared safely by the API's threads and the
   worker process; expiry is checked on read, and ``set_if_absent`` treats an expired row
-  as absent, so both back-ends agree on every operation.
+  as absent, so both back-ends agree on every operation. Expired rows are deleted by the
+  writes themselves, at most once a minute per process, so the file does not grow forever.
 
 Long polls wait on a :meth:`Store.listen` channel instead of re-reading a key on a timer:
 Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests; SQLite has
@@ -32,6 +33,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from classlens.core import keys
 from classlens.core.settings import Settings
 
 
@@ -213,7 +215,7 @@ class RedisStore:
 
     def notify(self, channel: str) -> None:
         try:
-            self._client.publish(f"notice:{channel}", b"")
+            self._client.publish(keys.NOTICE + channel, b"")
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
@@ -223,7 +225,7 @@ class RedisStore:
         try:
             try:
                 # Subscribed once this returns: a notice published after it is delivered.
-                pubsub.subscribe(f"notice:{channel}")
+                pubsub.subscribe(keys.NOTICE + channel)
                 pubsub.get_message(timeout=self.timeout_s)
             except redis.RedisError as error:
                 raise StoreError(f"redis: {error}") from error
@@ -245,11 +247,17 @@ class SqliteStore:
 
     A connection per thread and process (SQLite connections must not cross either);
     WAL lets the API read while the worker writes. ``expires`` is NULL for counters.
+
+    Redis forgets expired keys by itself; here a write (``set``, ``set_if_absent``, ``push``)
+    first deletes every expired row when ``purge_every_s`` have passed since this object last
+    did (the first write always does, so rows left by an earlier run go too).
     """
 
-    def __init__(self, path: Path, *, timeout_s: float = 10.0):
+    def __init__(self, path: Path, *, timeout_s: float = 10.0, purge_every_s: float = 60.0):
         self.path = path
         self.timeout_s = timeout_s
+        self.purge_every_s = purge_every_s
+        self._next_purge = time.monotonic()
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as connection:
@@ -284,7 +292,15 @@ class SqliteStore:
         value = row[0]
         return value.encode() if isinstance(value, str) else bytes(value)  # counters are stored as text
 
+    def _purge_when_due(self) -> None:
+        """:meth:`purge_expired` when ``purge_every_s`` have passed (two threads at once may both purge: harmless)."""
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._next_purge = now + self.purge_every_s
+            self.purge_expired()
+
     def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._purge_when_due()
         self._run("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, time.time() + ttl_s))
 
     @contextmanager
@@ -303,6 +319,7 @@ class SqliteStore:
             raise StoreError(f"sqlite {self.path}: {error}") from error
 
     def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        self._purge_when_due()
         now = time.time()
         with self._transaction() as connection:  # the expired row goes and the new one comes in atomically
             connection.execute("DELETE FROM kv WHERE key = ? AND expires IS NOT NULL AND expires <= ?", (key, now))
@@ -312,6 +329,7 @@ class SqliteStore:
         return cursor.rowcount == 1
 
     def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._purge_when_due()
         expires = time.time() + ttl_s
         with self._transaction() as connection:
             connection.execute("INSERT INTO lists (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
@@ -362,7 +380,7 @@ class SqliteStore:
         yield _SleepingListener()
 
     def purge_expired(self) -> int:
-        """Delete expired rows (the embedded server calls this now and then); the number deleted."""
+        """Delete expired rows (writes call this every ``purge_every_s``); the number deleted."""
         now = time.time()
         lists = self._run("DELETE FROM lists WHERE expires <= ?", (now,)).rowcount
         return lists + self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount

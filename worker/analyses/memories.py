@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from worker.lens.projection import ClassProjection
+from worker.lens.projection import ClassProjection, centred_embedding
 from worker.lens.vit import attention_of, blocks_of, hooked, inspect_vit
 
 AGREEMENT_K = 5
@@ -51,14 +51,8 @@ class MemoryLayoutError(ValueError):
 def class_directions(model: VisionTransformer) -> torch.Tensor:
     """``[C, D]`` float64: ``E diag(g)`` with centred rows, L2-normalised (see the module docstring)."""
     projection = ClassProjection(model)
-    weight = projection.readouts[0].head.weight.detach().double()
-    norm = projection.final_norm
-    gain = getattr(norm, "weight", None)
-    if isinstance(gain, torch.Tensor):
-        weight = weight * gain.detach().double()
-    if isinstance(norm, nn.LayerNorm):
-        weight = weight - weight.mean(dim=-1, keepdim=True)
-    return F.normalize(weight, dim=-1)
+    weight = centred_embedding(projection.readouts[0].head.weight.detach().double(), projection.final_norm)
+    return F.normalize(weight.detach(), dim=-1)
 
 
 def _mlp(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:

@@ -10,8 +10,9 @@
 The attention perturbations mask the attention of image-token queries (prefix-token
 queries attend as usual); the mask reaches every block's attention through a forward
 pre-hook that sets its ``attn_mask`` argument (fused and unfused attention honour it alike),
-and the context perturbation gathers the kept tokens in a forward hook on ``patch_drop``.
-Both hooks are removed whatever happens. Each perturbed pass is one
+and the context perturbation keeps its tokens with :func:`worker.lens.tokens.dropped_tokens`
+(a forward hook on ``patch_drop``: the token removal of the faithfulness protocol). Both
+hooks are removed whatever happens. Each perturbed pass is one
 :func:`worker.lens.vit.trace`, so every layer's residual stream comes from the same pass.
 
 The figure of merit is, per layer ``0 .. L``, the mean over images of the mean
@@ -34,10 +35,11 @@ from torch import nn
 
 from worker.lens.projection import ClassProjection
 from worker.lens.ranks import class_rank, identifiability
-from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, hooked, inspect_vit, trace
+from worker.lens.regions import Region, central_box
+from worker.lens.tokens import dropped_tokens
+from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, inspect_vit, trace
 
 AttentionPerturbation = Literal["self-only", "no-cls"]
-Region = tuple[int, int, int, int]
 
 
 def attention_mask(kind: AttentionPerturbation, num_prefix: int, num_image_tokens: int) -> torch.Tensor:
@@ -92,23 +94,16 @@ def region_keep(grid: tuple[int, int], region: Region) -> torch.Tensor:
 
 
 def default_region(grid: tuple[int, int]) -> Region:
-    """The central box of half the grid's height and width (at least one token)."""
-    h, w = grid
-    height, width = max(1, round(h / 2)), max(1, round(w / 2))
-    row0, col0 = (h - height) // 2, (w - width) // 2
-    return row0, col0, row0 + height, col0 + width
+    """The region dropped when none is given: the central region of the audits' ``central_share``.
 
-
-@contextmanager
-def dropped_tokens(model: VisionTransformer, keep: torch.Tensor) -> Iterator[None]:
-    """Only the prefix tokens and the image tokens ``keep`` enter the blocks (a hook on ``patch_drop``)."""
-    prefix = int(model.num_prefix_tokens)
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return torch.cat([output[:, :prefix], output[:, prefix + keep.to(output.device)]], dim=1)
-
-    with hooked(model.patch_drop, hook):
-        yield
+    That is :func:`worker.lens.regions.central_box` (3x3 of a 7x7 grid). A grid with an axis of
+    2 cells has no central cell on it: such a model needs an explicit ``region``.
+    """
+    region = central_box(grid)
+    row0, col0, row1, col1 = region
+    if row0 == row1 or col0 == col1:
+        raise ValueError(f"the {grid[0]}x{grid[1]} grid has no central region: give the region to drop")
+    return region
 
 
 def _identifiability(

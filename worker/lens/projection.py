@@ -184,10 +184,8 @@ class ClassProjection:
 
     @functools.cached_property
     def centred_embedding(self) -> torch.Tensor:
-        """``E_c`` (``[C, D]``): the main head's class embeddings through the final norm's gain, rows centred."""
-        norm, head = cast(nn.LayerNorm, self.final_norm), self.readouts[0].head
-        weight = head.weight if norm.weight is None else head.weight * norm.weight
-        return weight - weight.mean(dim=-1, keepdim=True)
+        """``E_c`` (``[C, D]``) of the main head (:func:`centred_embedding`), computed once per projection."""
+        return centred_embedding(self.readouts[0].head.weight, self.final_norm)
 
     @functools.cached_property
     def offset(self) -> torch.Tensor:
@@ -229,6 +227,22 @@ class ClassProjection:
             return self._linear(readout.head, readout.pool(self.normalise(tokens, last_layer)))
         reference = None if last_layer is None else readout.pool(last_layer)
         return self._linear(readout.head, self.normalise(readout.pool(tokens), reference))
+
+
+def centred_embedding(weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``E_c`` ``[C, D]``: class embeddings ``weight`` ``[C, D]`` through the final norm's gain, rows centred.
+
+    A LayerNorm subtracts each vector's mean before its gain ``g``, so ``E (g * (v - mean v))``
+    equals ``E_c v`` with ``E_c = E diag(g)`` and each row centred: the linear part of the
+    projection (the module docstring). A final norm that subtracts no mean (an RMS norm)
+    leaves the rows as they are. Computed in ``weight``'s dtype; the gain is cast to it.
+    """
+    gain = getattr(norm, "weight", None)
+    if isinstance(gain, torch.Tensor):
+        weight = weight * gain.to(weight.dtype)
+    if isinstance(norm, nn.LayerNorm):
+        weight = weight - weight.mean(dim=-1, keepdim=True)
+    return weight
 
 
 def centred_stream_logits(
