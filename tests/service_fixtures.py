@@ -243,7 +243,9 @@ def problem(app, response, status: int, name: str | None = None) -> dict:
     assert response.status_code == status, response.get_json()
     assert response.mimetype == "application/problem+json"
     body = response.get_json()
-    assert body["status"] == status and body["title"] and body["detail"]
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
     if name is not None:
         assert body["problem"] == name, body
     return body

@@ -56,7 +56,8 @@ def test_companions_are_the_offered_jobs_of_the_same_batch_claimed_once(store):
     known = {j.id: j for j in [first, *same, other]}
     for offered in [first, *same, other]:
         batching.offer(store, offered, 60)
-    assert queue.claim(first.id) and not queue.claim(first.id)
+    assert queue.claim(first.id)
+    assert not queue.claim(first.id)
     taken = queue.companions(first, 3, 0.0, known.get)
     assert [j.id for j in taken] == [j.id for j in same[:3]]  # oldest first, never the job itself
     assert not any(queue.claim(j.id) for j in taken)  # claimed for this worker
@@ -121,7 +122,8 @@ def test_the_api_hand_over_claim_is_taken_by_the_worker_at_once_and_reaped_only_
     assert live_queue(store).claim(taken.id)
     requeued: list[str] = []
     assert leases.reap(store, requeued.append) == [stale.id] == requeued
-    assert leases.holder(store, fresh.id) is not None and leases.holder(store, stale.id) is None
+    assert leases.holder(store, fresh.id) is not None
+    assert leases.holder(store, stale.id) is None
 
 
 def test_jobs_that_need_no_work_or_are_held_elsewhere_are_passed_over(store):

@@ -41,8 +41,11 @@ def test_bench_service_quick_run_writes_positive_figures(tmp_path, tiny_model_ro
     assert figures["service"]["images_per_s"] > 0
     assert figures["service"]["ratio_to_raw"] > 0
     batched = figures["batched"]  # the same phase against a service that batches across requests
-    assert batched["images"] == 4 and batched["images_per_s"] > 0 and batched["gain"] > 0
-    assert 1 <= batched["mean_batch_size"] <= 4 and figures["service"]["mean_batch_size"] == 1
+    assert batched["images"] == 4
+    assert batched["images_per_s"] > 0
+    assert batched["gain"] > 0
+    assert 1 <= batched["mean_batch_size"] <= 4
+    assert figures["service"]["mean_batch_size"] == 1
     assert record["environment"]["batch_max"] == 4
     hits = figures["cache_hits"]
     assert hits["requests"] == 4

@@ -70,7 +70,9 @@ def test_the_comparison_report_renders_with_every_figure(report, tmp_path):
     dom, shot = rendered(report.figures["report"], tmp_path)
     figures = re.findall(r'<img[^>]+src="data:image/png;base64,', dom)
     assert len(figures) == len(report.figures) - 1  # every PNG figure, embedded (the report is the rest)
-    assert "fmnist-vit@1" in dom and "fmnist-vit@2" in dom and "<table" in dom
+    assert "fmnist-vit@1" in dom
+    assert "fmnist-vit@2" in dom
+    assert "<table" in dom
     # The first figure (a CKA heatmap) is decoded and drawn: a page of text and tables has no coloured pixels.
     assert coloured_pixels(shot) > 20_000, coloured_pixels(shot)
 
@@ -78,7 +80,8 @@ def test_the_comparison_report_renders_with_every_figure(report, tmp_path):
 def test_the_docs_page_renders_the_whole_contract(tmp_path, tiny_model_root):
     app = create_app(Settings(redis_url=None, data_dir=tmp_path / "data", model_dirs=[tiny_model_root]))
     page = app.test_client().get("/docs")
-    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert page.status_code == 200
+    assert page.mimetype == "text/html"
     dom, shot = rendered(page.data, tmp_path)
     contract = app.extensions["classlens"].contract.document
     for path in contract["paths"]:

@@ -15,7 +15,8 @@ from worker import model_loader
 def test_bundled_demo_models_are_listed_and_verify(bundled_catalog):
     assert set(DEMO_MODELS) <= set(bundled_catalog.names())
     results = bundled_catalog.verify()
-    assert results and all(result.ok for result in results), results
+    assert results, results
+    assert all(result.ok for result in results), results
 
 
 def test_resolve_name_gives_newest_version_and_name_at_version_is_exact(store_copy):
@@ -61,7 +62,9 @@ def test_tampered_weights_are_refused_and_never_deserialised(store_copy, monkeyp
 
     catalog = Catalog([store_copy])
     [result] = catalog.verify("fmnist-vit@1")
-    assert not result.ok and expected in result.problems[0] and "refusing to load" in result.problems[0]
+    assert not result.ok
+    assert expected in result.problems[0]
+    assert "refusing to load" in result.problems[0]
 
     def must_not_be_called(*args, **kwargs):
         raise AssertionError("tampered weights were read")
@@ -74,7 +77,8 @@ def test_tampered_weights_are_refused_and_never_deserialised(store_copy, monkeyp
 def test_missing_weights_file(store_copy):
     (store_copy / "fmnist-resnet" / "1" / "model.safetensors").unlink()
     [result] = Catalog([store_copy]).verify("fmnist-resnet")
-    assert not result.ok and "artifact missing" in result.problems[0]
+    assert not result.ok
+    assert "artifact missing" in result.problems[0]
 
 
 class Payload:
@@ -124,7 +128,8 @@ def test_a_refreshing_catalog_sees_versions_added_replaced_and_removed(store_cop
     write_manifest(replaced, store_copy / "fmnist-vit" / "3" / "new.yaml")
     (store_copy / "fmnist-vit" / "3" / "new.yaml").replace(store_copy / "fmnist-vit" / "3" / "manifest.yaml")
     after = catalog.resolve("fmnist-vit@3")
-    assert after.manifest.description == "registered again" and after != before
+    assert after.manifest.description == "registered again"
+    assert after != before
 
     shutil.rmtree(store_copy / "fmnist-vit" / "3")
     assert catalog.versions("fmnist-vit") == ["1", "2"]
@@ -144,7 +149,8 @@ def test_a_static_catalog_reads_its_roots_once(store_copy):
     _add_version(store_copy, "5").rename(store_copy / "fmnist-vit" / "5")
     with pytest.raises(ModelNotFoundError):
         catalog.resolve("fmnist-vit@5")
-    assert catalog.refresh() and catalog.resolve("fmnist-vit@5")  # unless told to
+    assert catalog.refresh()
+    assert catalog.resolve("fmnist-vit@5")
 
 
 def test_disabling_a_version_keeps_its_files_and_stops_serving_it(store_copy):
@@ -153,14 +159,16 @@ def test_disabling_a_version_keeps_its_files_and_stops_serving_it(store_copy):
     files = sorted(path.name for path in (store_copy / "fmnist-vit" / "2").iterdir())
 
     disabled = catalog.disable("fmnist-vit@2", note="tests")
-    assert disabled.disabled and (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).is_file()
+    assert disabled.disabled
+    assert (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).is_file()
     assert "delete this file to enable it again" in (store_copy / "fmnist-vit" / "2" / DISABLED_FILE).read_text()
     assert sorted(path.name for path in (store_copy / "fmnist-vit" / "2").iterdir()) == sorted([*files, DISABLED_FILE])
     for seen in (catalog, other):
         with pytest.raises(ModelDisabledError, match="fmnist-vit@2 is disabled; versions served: 1"):
             seen.resolve("fmnist-vit@2")
         assert seen.resolve("fmnist-vit").reference == "fmnist-vit@1"  # the newest version still served
-        assert seen.is_disabled("fmnist-vit@2") and not seen.is_disabled("fmnist-vit@1")
+        assert seen.is_disabled("fmnist-vit@2")
+        assert not seen.is_disabled("fmnist-vit@1")
         assert seen.versions("fmnist-vit") == ["1"]
         assert seen.versions("fmnist-vit", include_disabled=True) == ["1", "2"]
         assert [e.reference for e in seen.listing(include_disabled=True) if e.disabled] == ["fmnist-vit@2"]

@@ -1,4 +1,4 @@
-"""CKA: the properties METHODS.md lists, against a direct float64 implementation of its formulas."""
+"""CKA: the properties docs/methods.md lists, against a direct float64 implementation of its formulas."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from worker.analyses.cka import CKAError, MinibatchCKA, gram, hsic1, linear_cka
 
 
 def direct_hsic1(x: torch.Tensor, y: torch.Tensor) -> float:
-    """METHODS.md's HSIC1, term by term, in float64, with no centring of features."""
+    """docs/methods.md's HSIC1, term by term, in float64, with no centring of features."""
     x, y = x.double().reshape(len(x), -1), y.double().reshape(len(y), -1)
     n = x.shape[0]
     k, l = x @ x.T, y @ y.T  # noqa: E741
@@ -78,7 +78,8 @@ def test_minibatch_sums_hsic_over_batches(data):
     xx = direct_hsic1(x[:20], x[:20]) + direct_hsic1(x[20:], x[20:])
     yy = direct_hsic1(y[:20], y[:20]) + direct_hsic1(y[20:], y[20:])
     assert float(accumulator.result()[0, 0]) == pytest.approx(numerator / (xx * yy) ** 0.5, abs=1e-9)
-    assert accumulator.examples == 40 and accumulator.batches == 2
+    assert accumulator.examples == 40
+    assert accumulator.batches == 2
 
 
 def test_all_layer_pairs_at_once_match_pairwise_values(data):

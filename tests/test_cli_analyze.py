@@ -37,8 +37,10 @@ def test_cka_across_a_vit_and_the_cnn_writes_json_and_figures(tmp_path):
     )
     assert result.exit_code == 0, result.output
     stored = AnalysisResult.model_validate_json((tmp_path / "cka.json").read_text())
-    assert [m.name for m in stored.models] == ["fmnist-vit", "fmnist-resnet"] and stored.images == 8
-    assert stored.data["representation"] == "gap" and len(stored.data["matrix"]) == 6
+    assert [m.name for m in stored.models] == ["fmnist-vit", "fmnist-resnet"]
+    assert stored.images == 8
+    assert stored.data["representation"] == "gap"
+    assert len(stored.data["matrix"]) == 6
     png = (tmp_path / "cka.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     printed = json.loads(result.stdout.strip().splitlines()[-1])
@@ -60,7 +62,8 @@ def test_image_files_and_compare_report(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "compare_report.html").read_text().startswith("<!DOCTYPE html>")
-    assert (tmp_path / "compare_cka.png").exists() and (tmp_path / "compare.json").exists()
+    assert (tmp_path / "compare_cka.png").exists()
+    assert (tmp_path / "compare.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -86,11 +89,13 @@ def test_bad_input_is_a_clear_error(tmp_path, args, code, message):
     result = analyze(*args, "--out", tmp_path)
     assert result.exit_code == code, result.output
     assert message in result.output
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
 
 
 def test_helpers():
-    assert parse_region("1, 2,3,4") == (1, 2, 3, 4) and parse_region(None) is None
+    assert parse_region("1, 2,3,4") == (1, 2, 3, 4)
+    assert parse_region(None) is None
     assert figure_file("cka", "cka") == "cka.png"
     assert figure_file("attention-distance", "attention_distance") == "attention_distance.png"
     assert figure_file("memories", "memories_agreement") == "memories_agreement.png"

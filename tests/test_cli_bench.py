@@ -19,7 +19,8 @@ def test_bench_writes_ratios_for_every_method(tmp_path, bundled_catalog):
     )
     assert result.returncode == 0, result.stderr
     [record] = json.loads(out.read_text())["lens"]
-    assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference and record["batch"] == 2
+    assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference
+    assert record["batch"] == 2
     assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam", "onnx_forward", "onnx_explain"}
     assert set(record["onnxruntime"]) == {
         "explain_speedup_over_torch",

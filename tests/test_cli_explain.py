@@ -95,7 +95,8 @@ def test_explain_writes_json_and_figures(registered, tmp_path):
     assert set(document.targets[0].projection_maps) == {"0", "1", "2"}
     for suffix in ("", "_layers", "_gradient"):
         figure = Image.open(out / f"{SAMPLES[0].stem}_8-Bag{suffix}.png")
-        assert figure.mode == "RGB" and min(figure.size) >= 224
+        assert figure.mode == "RGB"
+        assert min(figure.size) >= 224
 
 
 def test_targets_and_layers_are_read_as_the_api_reads_them(registered, tmp_path):
@@ -111,7 +112,8 @@ def test_explain_default_is_top3_at_the_last_layer(registered, tmp_path):
     result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     document = Explanation.model_validate_json((tmp_path / f"{SAMPLES[0].stem}.json").read_text())
-    assert len(document.targets) == 3 and list(document.targets[0].projection_maps) == ["2"]
+    assert len(document.targets) == 3
+    assert list(document.targets[0].projection_maps) == ["2"]
     assert document.targets[0].rank == 0
 
 
@@ -130,7 +132,8 @@ def test_explain_default_is_top3_at_the_last_layer(registered, tmp_path):
 )
 def test_bad_requests_are_clear_errors_not_tracebacks(registered, tmp_path, arguments, message):
     result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path, *arguments)
-    assert result.exit_code != 0 and message in result.output
+    assert result.exit_code != 0
+    assert message in result.output
     assert "Traceback" not in result.output
 
 
@@ -141,11 +144,13 @@ def test_unreadable_images_are_skipped_and_reported(registered, tmp_path):
     text.write_text("not an image")
     result = run(registered, broken, text, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path / "out")
     assert result.exit_code == 1
-    assert f"skipped {broken}" in result.output and f"skipped {text}" in result.output
+    assert f"skipped {broken}" in result.output
+    assert f"skipped {text}" in result.output
     assert "2 image(s) could not be read" in result.output
     assert (tmp_path / "out" / f"{SAMPLES[0].stem}.json").exists()
 
 
 def test_a_cnn_is_refused_with_the_reason(registered, tmp_path):
     result = run(registered, SAMPLES[0], "--model", "fmnist-resnet", "--out", tmp_path)
-    assert result.exit_code == 1 and "not a timm VisionTransformer" in result.output
+    assert result.exit_code == 1
+    assert "not a timm VisionTransformer" in result.output

@@ -22,18 +22,23 @@ def run(cli):
 
 def test_list_show_verify_bundled(run):
     listed = run("models", "list")
-    assert listed.exit_code == 0 and "fmnist-vit@1" in listed.output and "fmnist-resnet@1" in listed.output
+    assert listed.exit_code == 0
+    assert "fmnist-vit@1" in listed.output
+    assert "fmnist-resnet@1" in listed.output
     rows = json.loads(run("models", "list", "--json").output)
     assert {row["name"] for row in rows} >= {"fmnist-vit", "fmnist-resnet"}
     shown = json.loads(run("models", "show", "fmnist-vit").output)
-    assert shown["label_names"][9] == "Ankle boot" and shown["input"]["channels"] == 1
+    assert shown["label_names"][9] == "Ankle boot"
+    assert shown["input"]["channels"] == 1
     verified = run("models", "verify")
-    assert verified.exit_code == 0 and "ok      fmnist-vit@1" in verified.output
+    assert verified.exit_code == 0
+    assert "ok      fmnist-vit@1" in verified.output
 
 
 def test_show_unknown_model_is_a_clear_error(run):
     result = run("models", "show", "nope")
-    assert result.exit_code == 1 and "unknown model 'nope'" in result.output
+    assert result.exit_code == 1
+    assert "unknown model 'nope'" in result.output
 
 
 def test_verify_fails_on_a_tampered_copy(run, store_copy, monkeypatch):
@@ -44,7 +49,8 @@ def test_verify_fails_on_a_tampered_copy(run, store_copy, monkeypatch):
     monkeypatch.setenv("CLASSLENS_MODEL_DIRS", str(store_copy))
     result = run("models", "verify", "fmnist-resnet")
     assert result.exit_code == 1
-    assert "FAILED  fmnist-resnet@1" in result.output and "sha256" in result.output
+    assert "FAILED  fmnist-resnet@1" in result.output
+    assert "sha256" in result.output
 
 
 def _user_checkpoint(tmp_path, suffix=".safetensors", num_classes=3):
@@ -93,7 +99,8 @@ def test_add_round_trip(run, tmp_path, suffix):
     assert "registered pets@3" in result.output
 
     listed = {row["name"]: row for row in json.loads(run("models", "list", "--json").output)}
-    assert listed["pets"]["classes"] == 3 and listed["pets"]["input"] == "32x32 RGB"
+    assert listed["pets"]["classes"] == 3
+    assert listed["pets"]["input"] == "32x32 RGB"
     assert run("models", "verify", "pets").exit_code == 0
 
     entry = Catalog([tmp_path / "data" / "models"]).resolve("pets@3")
@@ -116,7 +123,8 @@ def test_add_refuses_weights_that_do_not_fit_and_writes_nothing(run, tmp_path):
     )
     result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *args)
     assert result.exit_code == 1
-    assert "weights do not fit" in result.output and "nothing was registered" in result.output
+    assert "weights do not fit" in result.output
+    assert "nothing was registered" in result.output
     assert not (tmp_path / "data" / "models" / "pets").exists() or not any(
         (tmp_path / "data" / "models" / "pets").iterdir()
     )
@@ -126,7 +134,8 @@ def test_add_refuses_a_label_count_that_differs_from_the_head(run, tmp_path):
     _, weights, labels = _user_checkpoint(tmp_path)
     labels.write_text("cat\ndog\n")
     result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS)
-    assert result.exit_code == 1 and "3 classes but 2 labels" in result.output
+    assert result.exit_code == 1
+    assert "3 classes but 2 labels" in result.output
 
 
 def test_add_refuses_an_existing_version_unless_overwrite(run, tmp_path):
@@ -134,7 +143,8 @@ def test_add_refuses_an_existing_version_unless_overwrite(run, tmp_path):
     base = ("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS)
     assert run(*base).exit_code == 0
     again = run(*base)
-    assert again.exit_code == 1 and "exists" in again.output
+    assert again.exit_code == 1
+    assert "exists" in again.output
     assert run(*base, "--overwrite").exit_code == 0
 
 
@@ -150,7 +160,8 @@ def test_add_refuses_an_existing_version_unless_overwrite(run, tmp_path):
 def test_add_bad_options_are_clear(run, tmp_path, extra, message):
     _, weights, labels = _user_checkpoint(tmp_path)
     result = run("models", "add", "--name", "pets", "--weights", weights, "--labels", labels, *ADD_ARGS, *extra)
-    assert result.exit_code != 0 and message in result.output
+    assert result.exit_code != 0
+    assert message in result.output
 
 
 def test_add_takes_the_path_as_an_argument_and_names_the_model_after_it(run, tmp_path):
@@ -170,31 +181,37 @@ def test_add_takes_the_path_as_an_argument_and_names_the_model_after_it(run, tmp
 def test_add_needs_one_path(run, tmp_path):
     _, weights, labels = _user_checkpoint(tmp_path)
     both = run("models", "add", weights, "--weights", weights, "--labels", labels, *ADD_ARGS)
-    assert both.exit_code == 2 and "not both" in both.output
+    assert both.exit_code == 2
+    assert "not both" in both.output
     neither = run("models", "add", "--labels", labels, *ADD_ARGS)
-    assert neither.exit_code == 2 and "give the PATH" in neither.output
+    assert neither.exit_code == 2
+    assert "give the PATH" in neither.output
 
 
 def test_disable_list_and_enable_a_version(run, store_copy, monkeypatch):
     monkeypatch.setenv("CLASSLENS_MODEL_DIRS", str(store_copy))
     result = run("models", "disable", "fmnist-vit@1", "--note", "superseded")
-    assert result.exit_code == 0 and "disabled fmnist-vit@1" in result.output
+    assert result.exit_code == 0
+    assert "disabled fmnist-vit@1" in result.output
     assert "superseded" in (store_copy / "fmnist-vit" / "1" / "DISABLED").read_text()
     listed = run("models", "list").output
-    assert "fmnist-vit@1 " not in listed and "fmnist-vit@2" in listed
+    assert "fmnist-vit@1 " not in listed
+    assert "fmnist-vit@2" in listed
     assert "fmnist-vit@1 (disabled)" in run("models", "list", "--include-disabled").output
     rows = json.loads(run("models", "list", "--json", "--include-disabled").output)
     assert {(r["name"], r["version"]): r["disabled"] for r in rows}[("fmnist-vit", "1")] is True
     assert run("models", "show", "fmnist-vit@1").exit_code == 1  # not resolved for new work
 
     result = run("models", "enable", "fmnist-vit@1")
-    assert result.exit_code == 0 and not (store_copy / "fmnist-vit" / "1" / "DISABLED").exists()
+    assert result.exit_code == 0
+    assert not (store_copy / "fmnist-vit" / "1" / "DISABLED").exists()
     assert "fmnist-vit@1 " in run("models", "list").output
 
 
 def test_disable_needs_a_version(run):
     result = run("models", "disable", "fmnist-vit")
-    assert result.exit_code == 1 and "names no version" in result.output
+    assert result.exit_code == 1
+    assert "names no version" in result.output
 
 
 # A fresh interpreter in which torch, torchvision and timm cannot be imported, as where the worker extra is missing.
@@ -224,6 +241,7 @@ def test_add_without_the_worker_extra_is_a_clear_cli_error(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert "Error: classlens models add" in result.stderr and "pip install 'classlens[worker]'" in result.stderr
+    assert "Error: classlens models add" in result.stderr
+    assert "pip install 'classlens[worker]'" in result.stderr
     assert "torch is not installed" in result.stderr
     assert not (tmp_path / "data" / "models").exists()

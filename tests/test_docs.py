@@ -121,7 +121,9 @@ def shown_default(value: object) -> str:
 
 
 def test_there_are_pages():
-    assert README in PAGES and CONFIGURATION in PAGES and len(PAGES) >= 10
+    assert README in PAGES
+    assert CONFIGURATION in PAGES
+    assert len(PAGES) >= 10
 
 
 @pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
@@ -218,7 +220,8 @@ def test_the_readme_is_short_and_names_the_two_commands():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 220
     # CI (.ci/run) runs exactly `make test`, the command the README gives for the tests.
-    assert "make test" in text and "make run" in text
+    assert "make test" in text
+    assert "make run" in text
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 

@@ -1,4 +1,4 @@
-"""Token removal, relevance baselines and the faithfulness protocol (METHODS.md section 1), on tiny random ViTs."""
+"""Token removal, relevance baselines and the faithfulness protocol (docs/methods.md), on tiny random ViTs."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_removal_curve_starts_at_the_full_model_and_follows_the_order() -> None:
     labels = logits.argmax(-1)
     relevance = torch.rand(4, NUM_TOKENS, generator=torch.Generator().manual_seed(3))
     curve = removal_curve(model, x, labels, relevance, positive=True)
-    assert curve["fractions"][0] == 0.0 and len(curve["accuracy"]) == 10
+    assert curve["fractions"][0] == 0.0
+    assert len(curve["accuracy"]) == 10
     assert curve["accuracy"][0] == 1.0
     assert curve["probability"][0] == pytest.approx(logits.softmax(-1).max(-1).values.mean().item(), abs=1e-6)
     assert curve["dropped"] == [round(k / 10 * NUM_TOKENS) for k in range(10)]
@@ -112,7 +113,7 @@ def test_auc_is_the_mean_height() -> None:
     ramp = [1.0 - f for f in fractions]  # 1.0 down to 0.1, mean 0.55
     assert auc(fractions, ramp) == pytest.approx(0.55)
     assert auc([0.0, 0.5, 1.0], [0.0, 1.0, 0.0]) == pytest.approx(0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least two points"):
         auc([0.0], [1.0])
 
 

@@ -8,7 +8,8 @@ from classlens.core import fashion_mnist
 
 def test_test_split_shapes_and_labels():
     images, labels = fashion_mnist.load("test")
-    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert images.shape == (10_000, 28, 28)
+    assert images.dtype == np.uint8
     assert labels.shape == (10_000,)
     assert set(np.unique(labels)) == set(range(10))
     assert len(fashion_mnist.LABELS) == 10

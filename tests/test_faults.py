@@ -196,7 +196,8 @@ def test_a_submission_does_not_join_a_job_whose_worker_died(tmp_path, tiny_model
         [done] = submitter.finished([job.id], time.monotonic() + RECOVERY_S + 30).values()
     finally:
         stop_worker(worker)
-    assert done.status == "succeeded" and submitter.finishes() == 1
+    assert done.status == "succeeded"
+    assert submitter.finishes() == 1
 
 
 # -- the embedded default ---------------------------------------------------------------------------------
@@ -229,7 +230,8 @@ def test_the_embedded_worker_is_restarted_and_its_jobs_complete(tmp_path, embedd
         killed_at = time.monotonic()
         jobs = submitter.finished(job_ids, killed_at + RECOVERY_S)
         print(f"embedded: every job terminal {time.monotonic() - killed_at:.1f} s after kill -9")
-        assert supervised.restarts >= 1 and supervised.process.pid != first.pid
+        assert supervised.restarts >= 1
+        assert supervised.process.pid != first.pid
         assert any("exited with -9" in line for line in said), said
     finally:
         supervised.stop(grace_s=20)
@@ -442,7 +444,8 @@ def test_slow_clients_do_not_stop_classlens_serve(tmp_path, tiny_model_root, red
                 urllib.request.urlopen(livez, timeout=1).read()
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
         for _ in range(600):
             slow = socket.create_connection(("127.0.0.1", port), timeout=5)

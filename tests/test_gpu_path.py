@@ -175,7 +175,8 @@ def test_parse_nvidia_smi_ignores_other_lines() -> None:
 
 def test_counting_gpus_touches_no_cuda(fake_nvidia_smi, cuda_tripwire: None) -> None:
     fake_nvidia_smi(TWO_GPUS)
-    assert worker_plan(visible_gpus(), {}) and not torch.cuda.is_initialized()
+    assert worker_plan(visible_gpus(), {})
+    assert not torch.cuda.is_initialized()
 
 
 # --- worker_plan --------------------------------------------------------------------------------
@@ -264,13 +265,15 @@ def test_worker_gpus_more_than_visible_is_an_error(
 ) -> None:
     fake_nvidia_smi(TWO_GPUS)
     result = CliRunner().invoke(main, ["worker", "--gpus", "3"])
-    assert result.exit_code == 2 and "--gpus 3: only 2 GPU(s) visible (0, 1)" in result.output
+    assert result.exit_code == 2
+    assert "--gpus 3: only 2 GPU(s) visible (0, 1)" in result.output
     assert started == []
 
 
 def test_worker_gpus_rejects_other_values() -> None:
     result = CliRunner().invoke(main, ["worker", "--gpus", "some"])
-    assert result.exit_code == 2 and "expected 'all' or a number of GPUs" in result.output
+    assert result.exit_code == 2
+    assert "expected 'all' or a number of GPUs" in result.output
 
 
 def test_gpu_plan_without_gpus_runs_one_worker_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -361,7 +364,8 @@ def test_half_precision_tolerance_on_cpu_kernels(
     entry = bundled_catalog.resolve("fmnist-vit")
     full = load(entry, CPU, onnx="off")
     half = load(entry, CPU, onnx="off", precision=precision, half_on_cpu=True)  # type: ignore[arg-type]
-    assert half.half is not None and full.half is None
+    assert half.half is not None
+    assert full.half is None
     bound = TOLERANCE[precision]
 
     # The streams: every class's rank at every token of every stream (x_b, a_b, m_b).

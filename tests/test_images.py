@@ -53,7 +53,8 @@ def test_accepted_formats_decode_fully(fmt):
 def test_not_images(data, problem, message):
     with pytest.raises(ImageError) as error:
         decode_image(data)
-    assert error.value.problem == problem and message in str(error.value)
+    assert error.value.problem == problem
+    assert message in str(error.value)
 
 
 def test_truncated_image_is_named_truncated():
@@ -81,7 +82,8 @@ def test_pixel_limit_is_configurable():
 def test_unsupported_format():
     with pytest.raises(ImageError) as error:
         decode_image(encode(noisy(), "PPM"))
-    assert error.value.problem == "unsupported_format" and "PNG" in str(error.value)
+    assert error.value.problem == "unsupported_format"
+    assert "PNG" in str(error.value)
 
 
 def test_first_frame_of_an_animation():
@@ -98,5 +100,7 @@ def test_fit_to_input_resizes_then_crops_the_centre():
     spec = InputSpec(height=224, width=224, channels=3, colour_mode="RGB")
     steps = Preprocessing(resize=(256, 256), crop=(224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)
     fitted = fit_to_input(image.convert("RGBA"), spec, steps)
-    assert fitted.size == (224, 224) and fitted.mode == "RGB"
-    assert fitted.getpixel((10, 112))[0] > 200 and fitted.getpixel((214, 112))[0] < 50
+    assert fitted.size == (224, 224)
+    assert fitted.mode == "RGB"
+    assert fitted.getpixel((10, 112))[0] > 200
+    assert fitted.getpixel((214, 112))[0] < 50

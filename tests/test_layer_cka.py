@@ -25,7 +25,9 @@ def test_within_matches_minibatch_cka_of_traced_features():
         for b, name in enumerate(names, start=1):
             direct.add(name, run.residual[:, b, 1:].mean(dim=1))
         direct.end_batch()
-    assert result.rows == names and result.examples == 18 and result.batches == 3
+    assert result.rows == names
+    assert result.examples == 18
+    assert result.batches == 3
     assert torch.allclose(result.values, direct.result(), atol=1e-9)
     assert torch.allclose(result.values.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(result.values, result.values.T, atol=1e-9)
@@ -47,7 +49,8 @@ def test_across_a_vit_and_a_cnn():
     result = cka_across(vit, cnn, data, "gap")
     assert result.values.shape == (3, 5)
     assert result.columns == ["act1", "layer1", "layer2", "layer3", "layer4"]
-    assert torch.isfinite(result.values).all() and (result.values <= 1 + 1e-9).all()
+    assert torch.isfinite(result.values).all()
+    assert (result.values <= 1 + 1e-9).all()
 
 
 def test_batches_under_four_images_are_refused():
@@ -74,12 +77,14 @@ def test_localisation_finds_each_token_at_its_own_patch_when_blocks_do_nothing()
                 layer.weight.zero_()
                 layer.bias.zero_()
     maps = localisation_cka(model, batches(count=8, size=16, channels=1, side=16))
-    assert maps.maps.shape == (16, 4, 4) and maps.examples == 128
+    assert maps.maps.shape == (16, 4, 4)
+    assert maps.examples == 128
     own = maps.maps.flatten(1).diagonal()
     off = maps.maps.flatten(1)[~torch.eye(16, dtype=torch.bool)]
     assert own.min() > 0.6  # not 1: a random 16 -> 32 linear map is not orthogonal
     assert off.abs().max() < 0.2  # independent pixels: chance level
-    assert maps.own_position_share() == 1.0 and maps.mean_offset((8, 8)) == 0.0
+    assert maps.own_position_share() == 1.0
+    assert maps.mean_offset((8, 8)) == 0.0
 
 
 def test_a_constant_patch_has_no_cka_and_never_wins():

@@ -55,6 +55,7 @@ def test_cnn_probes_have_no_projection():
     images = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 2, 3] * 2)
     curves = layer_probes(model, [(images, labels)], num_classes=4)
-    assert curves.projection is None and curves.positions == ["gap", "map"]
+    assert curves.projection is None
+    assert curves.positions == ["gap", "map"]
     assert all(len(values) == 5 for values in curves.accuracy.values())
     assert all(0.0 <= v <= 1.0 for values in curves.accuracy.values() for v in values)

@@ -1,4 +1,4 @@
-"""Every model family the lens opens, through its adapter: the identities of METHODS.md on each.
+"""Every model family the lens opens, through its adapter: the identities of docs/methods.md on each.
 
 For every family and configuration (random initialisation, small where the architecture allows):
 the pooled projection of the last layer equals the model's logits within 1e-4, and the
@@ -170,7 +170,8 @@ def test_the_adapter_reads_the_model(case):
     assert lens.spec.pooling == pooling
     assert lens.norm_before_pool is before
     structure = describe(model)
-    assert structure.layers == lens.spec.depth and structure.grid == lens.spec.grid
+    assert structure.layers == lens.spec.depth
+    assert structure.grid == lens.spec.grid
 
 
 def test_pooled_last_layer_projection_equals_the_logits_and_blocks_add_up(case):
@@ -183,14 +184,15 @@ def test_pooled_last_layer_projection_equals_the_logits_and_blocks_add_up(case):
         pooled = ClassProjection(lens).pooled(run.residual[:, -1])
     tokens = spec.num_prefix + spec.num_image_tokens
     assert run.residual.shape == (2, spec.depth + 1, tokens, spec.width)
-    assert run.attention is not None and run.mlp is not None
+    assert run.attention is not None
+    assert run.mlp is not None
     assert (pooled - run.logits).abs().max() < 1e-4
     # The pre-norm block: x_b = x_{b-1} + a_b + m_b.
     assert torch.allclose(run.residual[:, 1:], run.residual[:, :-1] + run.attention + run.mlp, atol=1e-5)
 
 
 def test_norm_before_the_mean_makes_the_logits_the_mean_of_per_token_projections():
-    """METHODS.md: with the final norm inside the mean, the identity holds per token, exactly."""
+    """docs/methods.md: with the final norm inside the mean, the identity holds per token, exactly."""
     model = MODELS["vit_base_patch16_gap_224 (norm before the mean)"][0]()
     lens = open_model(model)
     projection = ClassProjection(lens)
@@ -218,7 +220,8 @@ def test_explain_and_gradient_map_run_through_every_adapter(case):
     projection = ClassProjection(lens)
     gradient = gradient_relevance(images, torch.tensor([[0, 1], [2, 3]]), projection)
     assert gradient.shape == (2, 2, lens.spec.num_image_tokens)
-    assert torch.isfinite(gradient).all() and gradient.abs().max() > 0
+    assert torch.isfinite(gradient).all()
+    assert gradient.abs().max() > 0
 
 
 def test_cached_scale_projection_matches_the_logits_at_the_last_layer(case):

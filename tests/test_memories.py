@@ -66,6 +66,7 @@ def test_key_value_agreement_with_planted_keys_and_values():
     assert set(scores[0, 2].topk(5).indices.tolist()) == set(range(5))
     images = torch.randn(4, 3, 32, 32)
     agreement = key_value_agreement(model, scores, [(images, torch.full((4,), 2))])
-    assert agreement[0] == 1.0 and agreement[1] == 0.0
+    assert agreement[0] == 1.0
+    assert agreement[1] == 0.0
     assert 0.0 <= agreement[2] <= 1.0
     assert not any(block.mlp.fc1._forward_hooks for block in model.blocks)

@@ -65,7 +65,8 @@ def test_at_most_max_models_least_recently_used_evicted_first(store, caplog):
     cache.get("c")
     assert cache.references == ["a@1", "c@1"]  # "b" was the least recently used
     [message] = _evictions(caplog)
-    assert message.startswith("evicted b@1 (") and "MiB of parameters and buffers" in message
+    assert message.startswith("evicted b@1 (")
+    assert "MiB of parameters and buffers" in message
     assert "to make room for c@1 (model_cache_max_models=2)" in message
     assert cache.get("a") is first
 
@@ -77,21 +78,27 @@ def test_at_most_max_bytes_of_parameters_and_buffers(store, caplog):
     wide = ModelCache.footprint(probe.get("wide"))
     network = probe.get("a").network
     exact = sum(t.numel() * t.element_size() for t in [*network.parameters(), *network.buffers()])
-    assert small == exact and wide > 3 * small  # 4x the width: about 4x the parameters
+    assert small == exact
+    assert wide > 3 * small
 
     cache = _cache(store, max_models=10, max_bytes=2 * small + small // 2)  # two small ones fit, not three
     for name in ("a", "b"):
         cache.get(name)
-    assert cache.references == ["a@1", "b@1"] and cache.bytes_held == 2 * small
+    assert cache.references == ["a@1", "b@1"]
+    assert cache.bytes_held == 2 * small
     cache.get("c")
-    assert cache.references == ["b@1", "c@1"] and cache.bytes_held == 2 * small
-    assert "model_cache_max_bytes" in _evictions(caplog)[-1] and "evicted a@1" in _evictions(caplog)[-1]
+    assert cache.references == ["b@1", "c@1"]
+    assert cache.bytes_held == 2 * small
+    assert "model_cache_max_bytes" in _evictions(caplog)[-1]
+    assert "evicted a@1" in _evictions(caplog)[-1]
 
     # Larger than the whole budget: served alone, with a warning, rather than refused.
     cache.get("wide")
-    assert cache.references == ["wide@1"] and cache.bytes_held == wide
+    assert cache.references == ["wide@1"]
+    assert cache.bytes_held == wide
     assert any("more than the cache's" in record.getMessage() for record in caplog.records)
-    assert cache.get("a") and cache.references == ["a@1"]
+    assert cache.get("a")
+    assert cache.references == ["a@1"]
 
 
 def test_a_model_registered_again_is_loaded_again(tmp_path, caplog):
@@ -105,7 +112,8 @@ def test_a_model_registered_again_is_loaded_again(tmp_path, caplog):
 
     again = add(root, tmp_path / "files", "relabelled", labels=("ant", "bee", "cow"), overwrite=True)
     after = cache.get("relabelled@1")
-    assert after is not before and after.labels == ["ant", "bee", "cow"]
+    assert after is not before
+    assert after.labels == ["ant", "bee", "cow"]
     assert after.entry.result_fingerprint == again.result_fingerprint != entry.result_fingerprint
     assert any("relabelled@1" in m and "catalog entry changed" in m for m in _evictions(caplog))
     assert cache.references == ["relabelled@1"]

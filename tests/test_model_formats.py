@@ -59,7 +59,8 @@ def photo(tmp_path) -> Path:
 def registered(cli, store, *args) -> Catalog:
     result = cli("models", "add", *args)
     assert result.exit_code == 0, result.output
-    assert "registered " in result.output and "read: " in result.output
+    assert "registered " in result.output
+    assert "read: " in result.output
     return Catalog([store])
 
 
@@ -94,13 +95,18 @@ def test_timm_hub_folder_in_one_command(cli, store, tmp_path, photo, safe):
 
     entry = registered(cli, store, folder).resolve("pets-hub")
     manifest = entry.manifest
-    assert manifest.framework == "timm" and manifest.architecture == ARCH
-    assert manifest.model_args["depth"] == 2 and manifest.model_args["num_classes"] == 3
+    assert manifest.framework == "timm"
+    assert manifest.architecture == ARCH
+    assert manifest.model_args["depth"] == 2
+    assert manifest.model_args["num_classes"] == 3
     assert entry.labels() == LABELS
     assert (manifest.input.height, manifest.input.width, manifest.input.colour_mode) == (32, 32, "RGB")
-    assert manifest.preprocessing.source["crop_pct"] == 0.9 and manifest.preprocessing.crop == (32, 32)
-    assert manifest.structure is not None and manifest.structure.family == "timm-vit"
-    assert manifest.structure.grid == (4, 4) and manifest.structure.layers == 2
+    assert manifest.preprocessing.source["crop_pct"] == 0.9
+    assert manifest.preprocessing.crop == (32, 32)
+    assert manifest.structure is not None
+    assert manifest.structure.family == "timm-vit"
+    assert manifest.structure.grid == (4, 4)
+    assert manifest.structure.layers == 2
     assert manifest.weights.format == "safetensors"
     assert "config.json" in manifest.provenance.notes
     same_logits(entry, model)
@@ -123,7 +129,8 @@ def test_timm_eva_hub_folder(cli, store, tmp_path, photo):
     folder = tmp_path / "eva"
     save_for_hf(eva, folder, model_config={"label_names": LABELS}, safe_serialization=True)
     entry = registered(cli, store, folder).resolve("eva")
-    assert entry.manifest.structure is not None and entry.manifest.structure.family == "timm-eva"
+    assert entry.manifest.structure is not None
+    assert entry.manifest.structure.family == "timm-eva"
     same_logits(entry, eva, size=28)
     explained(cli, tmp_path, photo, "eva")
 
@@ -135,7 +142,9 @@ def test_hub_folder_overrides(cli, store, tmp_path):
         cli, store, folder, "--name", "over", "--crop-pct", "1.0", "--interpolation", "bilinear", "--mean", "0,0,0"
     ).resolve("over")
     steps = entry.manifest.preprocessing
-    assert steps.source["crop_pct"] == 1.0 and steps.interpolation == "bilinear" and steps.mean == (0.0, 0.0, 0.0)
+    assert steps.source["crop_pct"] == 1.0
+    assert steps.interpolation == "bilinear"
+    assert steps.mean == (0.0, 0.0, 0.0)
     assert "overridden: crop_pct, interpolation, mean" in entry.manifest.provenance.notes
 
     exact = registered(cli, store, folder, "--name", "exact", "--resize", "40x40", "--crop", "32x32")
@@ -150,7 +159,8 @@ def test_preprocessing_that_cannot_be_stated_is_refused_unless_overridden(cli, s
     config["pretrained_cfg"]["interpolation"] = "random"  # a training-time choice: no fixed eval transform
     (folder / "config.json").write_text(json.dumps(config))
     output = refused(cli, store, folder)
-    assert "the preprocessing cannot be stated" in output and "'random'" in output
+    assert "the preprocessing cannot be stated" in output
+    assert "'random'" in output
     entry = registered(cli, store, folder, "--interpolation", "bicubic").resolve("rand")
     assert entry.manifest.preprocessing.interpolation == "bicubic"
 
@@ -200,7 +210,8 @@ def test_ddp_module_prefix_is_removed(cli, store, tmp_path, photo, labels_file):
         cli, store, weights, "--architecture", ARCH, "--model-args", json.dumps(TINY), "--labels", labels_file
     ).resolve("ddp")
     details = entry.manifest.weights.details
-    assert details["removed_prefix"] == "module." and details["source_file"] == "ddp.pth"
+    assert details["removed_prefix"] == "module."
+    assert details["source_file"] == "ddp.pth"
     assert not any(key.startswith("module.") for key in load_file(str(entry.artifact_path())))
     same_logits(entry, model)
     explained(cli, tmp_path, photo, "ddp")
@@ -216,7 +227,8 @@ def test_train_checkpoint_in_one_command(cli, store, tmp_path, photo, ema):
     entry = catalog.resolve("trained")
     manifest = entry.manifest
     assert manifest.architecture == ARCH  # from args.model
-    assert manifest.model_args["num_classes"] == 4 and manifest.model_args["depth"] == 2
+    assert manifest.model_args["num_classes"] == 4
+    assert manifest.model_args["depth"] == 2
     assert manifest.model_args["img_size"] == 32
     assert manifest.weights.details["source_entry"] == ("state_dict_ema" if ema else "state_dict")
     assert "epoch 3" in manifest.provenance.recipe
@@ -235,7 +247,8 @@ def test_ema_without_ema_weights_is_refused(cli, store, tmp_path):
     _, _, checkpoint = train_checkpoint(tmp_path / "run", ema=False)
     result = cli("models", "add", checkpoint, "--ema")
     assert result.exit_code == 1
-    assert "no state_dict_ema" in result.output and "nothing was registered" in result.output
+    assert "no state_dict_ema" in result.output
+    assert "nothing was registered" in result.output
     assert store_is_empty(store)
 
 
@@ -259,16 +272,20 @@ def test_transformers_vit_folder(cli, store, tmp_path, photo, weights_file):
 
     entry = registered(cli, store, folder).resolve("hf-vit")
     manifest = entry.manifest
-    assert manifest.framework == "transformers" and manifest.architecture == "ViTForImageClassification"
-    assert manifest.model_args["num_labels"] == 3 and "id2label" not in manifest.model_args
+    assert manifest.framework == "transformers"
+    assert manifest.architecture == "ViTForImageClassification"
+    assert manifest.model_args["num_labels"] == 3
+    assert "id2label" not in manifest.model_args
     assert manifest.model_args["model_type"] == "vit"
     assert entry.labels() == LABELS
-    assert manifest.preprocessing.resize == (32, 32) and manifest.preprocessing.interpolation == "bilinear"
+    assert manifest.preprocessing.resize == (32, 32)
+    assert manifest.preprocessing.interpolation == "bilinear"
     assert "preprocessor_config.json" in manifest.provenance.notes
     same_logits(entry, model)
     loaded: Any = load_model(entry)
     assert loaded.config._attn_implementation == "eager"  # attention probabilities can be read
-    assert manifest.structure is not None and manifest.structure.layers == 2
+    assert manifest.structure is not None
+    assert manifest.structure.layers == 2
     explained(cli, tmp_path, photo, "hf-vit")
 
 
@@ -284,7 +301,8 @@ def test_transformers_deit_folder(cli, store, tmp_path, photo, teacher):
 
     result = cli("models", "add", folder)
     assert result.exit_code == 0, result.output
-    assert "no preprocessor_config.json" in result.output and "nothing names the 4 classes" in result.output
+    assert "no preprocessor_config.json" in result.output
+    assert "nothing names the 4 classes" in result.output
     entry = Catalog([store]).resolve("hf-deit")
     assert entry.manifest.architecture == model_class.__name__
     assert entry.labels() == [f"class_{i}" for i in range(4)]
@@ -315,7 +333,8 @@ def test_unsupported_transformers_class_is_refused_naming_the_supported(cli, sto
 def refused(cli, store, *args) -> str:
     result = cli("models", "add", *args)
     assert result.exit_code == 1, result.output
-    assert "nothing was registered" in result.output and "Traceback" not in result.output
+    assert "nothing was registered" in result.output
+    assert "Traceback" not in result.output
     assert len(result.output) < SHORT, result.output
     assert store_is_empty(store)
     return result.output
@@ -354,7 +373,8 @@ def test_depth_mismatch(cli, store, tmp_path):
     weights = tmp_path / "two.safetensors"
     save_file(tiny_vit().state_dict(), str(weights))
     output = refused(cli, store, weights, "--architecture", ARCH, "--model-args", json.dumps({**TINY, "depth": 4}))
-    assert "missing keys" in output and "the checkpoint has 2 blocks, the model 4: set depth to 2" in output
+    assert "missing keys" in output
+    assert "the checkpoint has 2 blocks, the model 4: set depth to 2" in output
 
 
 def test_transformers_keys_under_a_timm_name(cli, store, tmp_path):
@@ -379,7 +399,8 @@ def test_pickled_objects_are_never_unpickled(cli, store, tmp_path):
     weights = tmp_path / "evil.pth"
     torch.save({"state_dict": tiny_vit().state_dict(), "extra": Path("x")}, weights)
     output = refused(cli, store, weights, "--architecture", ARCH)
-    assert "refused to unpickle" in output and "weights_only=True" in output
+    assert "refused to unpickle" in output
+    assert "weights_only=True" in output
 
 
 def test_a_vit_configuration_the_lens_refuses_needs_analyses_only(cli, store, tmp_path):
@@ -387,7 +408,8 @@ def test_a_vit_configuration_the_lens_refuses_needs_analyses_only(cli, store, tm
     save_for_hf(tiny_vit(global_pool="map"), folder, model_config={"label_names": LABELS}, safe_serialization=True)
     output = refused(cli, store, folder)
     assert "the class-embedding lens cannot open vit_tiny_patch16_224" in output.replace("\n", " ")
-    assert "global_pool 'map'" in output and "analyses-only" in output
+    assert "global_pool 'map'" in output
+    assert "analyses-only" in output
     assert registered(cli, store, folder, "--analyses-only").resolve("mapvit").manifest.structure is None
 
 
@@ -412,7 +434,8 @@ def test_a_cnn_needs_analyses_only(cli, store, tmp_path, labels_file):
     assert "the class-embedding lens cannot open resnet18" in output.replace("\n", " ")
 
     entry = registered(cli, store, *base, "--analyses-only").resolve("cnn")
-    assert entry.manifest.structure is None and entry.manifest.input.height == 64
+    assert entry.manifest.structure is None
+    assert entry.manifest.input.height == 64
     same_logits(entry, resnet, size=64)
 
 

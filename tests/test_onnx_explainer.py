@@ -80,7 +80,8 @@ def fmnist_entry(tmp_path_factory: pytest.TempPathFactory) -> ModelEntry:
     entry = Catalog([root]).resolve("fmnist-vit@2")
     assert BUNDLED_ROOT not in entry.folder.parents
     exported, agreement = onnx_export.export_entry(entry)
-    assert agreement.ok and agreement.images == len(list(onnx_export.SAMPLES.glob("*.png")))
+    assert agreement.ok
+    assert agreement.images == len(list(onnx_export.SAMPLES.glob("*.png")))
     return exported
 
 
@@ -106,11 +107,13 @@ def _samples() -> list[Image.Image]:
 def test_cli_export_records_the_graph_and_verify_passes(rgb_root: Path) -> None:
     code, output = _cli(rgb_root, "models", "export-onnx", f"{RGB_MODEL}@1", "--opset", "18")
     assert code == 0, output
-    assert "top-3 identical" in output and "recorded tiny-rgb@1 onnx_explainer" in output
+    assert "top-3 identical" in output
+    assert "recorded tiny-rgb@1 onnx_explainer" in output
     folder = rgb_root / RGB_MODEL / "1"
     manifest = read_manifest(folder / "manifest.yaml")
     artifact = manifest.artifacts[ONNX_EXPLAINER]
-    assert artifact.file == "explainer.onnx" and artifact.format == "onnx"
+    assert artifact.file == "explainer.onnx"
+    assert artifact.format == "onnx"
     assert artifact.size == (folder / "explainer.onnx").stat().st_size
     assert artifact.details["opset"] == 18
     assert artifact.details["outputs"] == list(onnx_export.OUTPUT_NAMES)
@@ -125,7 +128,8 @@ def test_cli_export_records_the_graph_and_verify_passes(rgb_root: Path) -> None:
         "model.safetensors",
     ]
     code, output = _cli(rgb_root, "models", "verify", f"{RGB_MODEL}@1")
-    assert code == 0 and "ok      tiny-rgb@1" in output, output
+    assert code == 0, output
+    assert "ok      tiny-rgb@1" in output, output
 
 
 def _compare(onnx: list[Explanation], torch_: list[Explanation]) -> None:
@@ -151,7 +155,8 @@ def _compare(onnx: list[Explanation], torch_: list[Explanation]) -> None:
 def _both(entry: ModelEntry) -> tuple[LoadedModel, LoadedModel]:
     """The model with its explainer graph, and the same model explaining with torch."""
     with_onnx = load(entry, CPU, onnx="auto")
-    assert with_onnx.onnx is not None and with_onnx.onnx.provider == "CPUExecutionProvider"
+    assert with_onnx.onnx is not None
+    assert with_onnx.onnx.provider == "CPUExecutionProvider"
     return with_onnx, dataclasses.replace(with_onnx, onnx=None)
 
 
@@ -283,7 +288,8 @@ def test_a_tampered_graph_is_refused_before_onnxruntime_reads_it(
     with pytest.raises(ArtifactError, match="sha256" if damage == "flip" else "size"):
         load(catalog.resolve("fmnist-vit@2"), CPU)
     [result] = catalog.verify("fmnist-vit@2")
-    assert not result.ok and "explainer.onnx" in result.problems[0]
+    assert not result.ok
+    assert "explainer.onnx" in result.problems[0]
     assert load(catalog.resolve("fmnist-vit@2"), CPU, onnx="off").onnx is None  # torch still serves it
 
 
@@ -298,7 +304,9 @@ def test_a_disagreeing_graph_is_not_recorded(tmp_path: Path, monkeypatch) -> Non
 
     monkeypatch.setattr(onnx_export, "verify_explainer", disagrees)
     code, output = _cli(root, "models", "export-onnx", RGB_MODEL)
-    assert code == 1 and "disagrees with torch" in output and "nothing was recorded" in output
+    assert code == 1
+    assert "disagrees with torch" in output
+    assert "nothing was recorded" in output
     assert (entry.folder / "manifest.yaml").read_bytes() == before
     assert sorted(p.name for p in entry.folder.iterdir()) == ["labels.txt", "manifest.yaml", "model.safetensors"]
 
@@ -315,7 +323,9 @@ def test_manifest_schema_keeps_old_manifests_and_types_the_graph(bundled_catalog
 def test_providers_fall_back_to_cpu_with_a_reason(monkeypatch) -> None:
     monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
     providers, why = onnx_explainer.choose_providers(torch.device("cuda"))
-    assert providers == ["CPUExecutionProvider"] and "falling back to CPU" in why and "onnx-gpu" in why
+    assert providers == ["CPUExecutionProvider"]
+    assert "falling back to CPU" in why
+    assert "onnx-gpu" in why
     monkeypatch.setattr(
         "onnxruntime.get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )

@@ -21,9 +21,12 @@ from worker.lens.vit import trace
 def test_masks():
     self_only = attention_mask("self-only", 1, 4)
     assert self_only[0].all()  # the CLS query attends as usual
-    assert torch.equal(self_only[1:, 1:], torch.eye(4, dtype=torch.bool)) and not self_only[1:, 0].any()
+    assert torch.equal(self_only[1:, 1:], torch.eye(4, dtype=torch.bool))
+    assert not self_only[1:, 0].any()
     no_cls = attention_mask("no-cls", 2, 4)
-    assert not no_cls[2:, :2].any() and no_cls[2:, 2:].all() and no_cls[:2].all()
+    assert not no_cls[2:, :2].any()
+    assert no_cls[2:, 2:].all()
+    assert no_cls[:2].all()
     with pytest.raises(ValueError, match="prefix"):
         attention_mask("no-cls", 0, 4)
 
@@ -50,7 +53,8 @@ def test_masked_attention_reaches_every_block_fused_or_not(kind):
 def test_region_tokens():
     keep = region_keep((4, 4), (1, 1, 3, 3))
     assert keep.tolist() == [0, 1, 2, 3, 4, 7, 8, 11, 12, 13, 14, 15]
-    assert default_region((7, 7)) == (2, 2, 5, 5) and default_region((4, 4)) == (1, 1, 3, 3)
+    assert default_region((7, 7)) == (2, 2, 5, 5)
+    assert default_region((4, 4)) == (1, 1, 3, 3)
     with pytest.raises(ValueError, match="not a box"):
         region_keep((4, 4), (0, 0, 5, 2))
     with pytest.raises(ValueError, match="not a box"):
@@ -72,8 +76,10 @@ def test_perturb_drops_the_cells_of_the_audits_central_share(grid):
 
 
 def test_the_central_region_is_strictly_inside_the_half_box():
-    assert central_box((7, 7)) == (2, 2, 5, 5) and central_mask(7, 7).sum() == 9
-    assert central_box((14, 14)) == (4, 4, 10, 10) and central_mask(14, 14).sum() == 36
+    assert central_box((7, 7)) == (2, 2, 5, 5)
+    assert central_mask(7, 7).sum() == 9
+    assert central_box((14, 14)) == (4, 4, 10, 10)
+    assert central_mask(14, 14).sum() == 36
     assert central_box((2, 6)) == (1, 2, 1, 4)  # no cell centre of a 2-cell axis is strictly inside
 
 
@@ -94,7 +100,8 @@ def test_keep_tokens_keeps_the_prefix_and_the_listed_image_tokens_in_order():
     shared = keep_tokens(sequence, torch.tensor([3, 1]), num_prefix=1)
     assert torch.equal(shared, sequence[:, [0, 4, 2]])
     own = keep_tokens(sequence, torch.tensor([[3, 1], [0, 2]]), num_prefix=1)
-    assert torch.equal(own[0], sequence[0, [0, 4, 2]]) and torch.equal(own[1], sequence[1, [0, 1, 3]])
+    assert torch.equal(own[0], sequence[0, [0, 4, 2]])
+    assert torch.equal(own[1], sequence[1, [0, 1, 3]])
 
 
 def test_effects_per_layer():
@@ -108,10 +115,12 @@ def test_effects_per_layer():
     assert curves["self-only"][0] == pytest.approx(curves["original"][0])
     assert curves["no-cls"][0] == pytest.approx(curves["original"][0])
     assert curves["context"][0] == pytest.approx(curves["context_original"][0])
-    assert effects["kept_tokens"] == 12 and effects["region"] == (1, 1, 3, 3)
+    assert effects["kept_tokens"] == 12
+    assert effects["region"] == (1, 1, 3, 3)
     assert set(effects["hits"]) == {"original", "self-only", "no-cls", "context"}
     assert effects["hits"]["original"] >= 0.5  # the unlabelled batch is scored against its own predictions
-    assert min(effects["hits"].values()) >= 0.0 and max(effects["hits"].values()) <= 1.0
+    assert min(effects["hits"].values()) >= 0.0
+    assert max(effects["hits"].values()) <= 1.0
 
 
 def test_a_gap_vit_without_prefix_tokens_has_no_no_cls_pass():

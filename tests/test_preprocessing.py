@@ -51,7 +51,8 @@ def spec_for(steps: Preprocessing, colour_mode: str = "RGB") -> InputSpec:
 
 
 def worst_difference(reference: Any, ours: torch.Tensor) -> float:
-    assert reference.shape == ours.shape and ours.dtype == torch.float32
+    assert reference.shape == ours.shape
+    assert ours.dtype == torch.float32
     return float((reference - ours).abs().max())
 
 
@@ -120,7 +121,8 @@ def test_timm_eval_transform_parity(case: str) -> None:
     config = timm_case_config(case)
     steps = assert_timm_parity(config)
     assert steps.output_size == tuple(config["input_size"][1:])
-    assert steps.source["framework"] == "timm" and steps.source["crop_mode"] == config["crop_mode"]
+    assert steps.source["framework"] == "timm"
+    assert steps.source["crop_mode"] == config["crop_mode"]
     # The manifest stores the steps as YAML: they must come back unchanged.
     assert Preprocessing.model_validate(yaml.safe_load(yaml.safe_dump(steps.model_dump(mode="json")))) == steps
 
@@ -158,7 +160,8 @@ def test_timm_trimmed_border_parity() -> None:
     """crop_border_pixels (TrimBorder before the resize); resolve_data_config never sets it, so add it."""
     config = {**timm_case_config("center-0.9-bicubic"), "crop_border_pixels": 3}
     steps = assert_timm_parity(config)
-    assert steps.trim_border == 3 and steps.source["crop_border_pixels"] == 3
+    assert steps.trim_border == 3
+    assert steps.source["crop_border_pixels"] == 3
 
 
 @pytest.mark.parametrize("crop_mode", ["center", "border", "squash"])
@@ -170,7 +173,8 @@ def test_timm_grey_model_parity(crop_mode: str) -> None:
 
     model = timm_model({}, {"crop_mode": crop_mode}, in_chans=1)
     config = timm.data.resolve_input_data_config(model)
-    assert config["input_size"][0] == 1 and len(config["mean"]) == 1
+    assert config["input_size"][0] == 1
+    assert len(config["mean"]) == 1
     steps = assert_timm_parity(config, colour_mode="L")
     assert len(steps.mean) == 1
     if crop_mode == "border":
@@ -193,14 +197,16 @@ def test_timm_config_json_of_save_for_hf(tmp_path: Path) -> None:
     resolved = timm.data.resolve_data_config({}, model=model)
     assert from_pretrained_cfg == from_timm_config(resolved)
     steps = assert_timm_parity(resolved)
-    assert steps == from_pretrained_cfg and steps.resize == (235, 235)
+    assert steps == from_pretrained_cfg
+    assert steps.resize == (235, 235)
 
 
 def test_timm_missing_keys_take_create_transforms_defaults() -> None:
     """Only input_size given: crop_pct 0.875, center, bilinear, ImageNet mean and std, as create_transform."""
     steps = assert_timm_parity({"input_size": (3, 224, 224)})
     assert (steps.resize, steps.resize_mode, steps.interpolation) == ((256, 256), "shorter", "bilinear")
-    assert steps.mean == IMAGENET["mean"] and steps.std == IMAGENET["std"]
+    assert steps.mean == IMAGENET["mean"]
+    assert steps.std == IMAGENET["std"]
     assert set(steps.source["defaulted"]) == {"crop_pct", "crop_mode", "interpolation", "mean", "std"}
 
 
@@ -293,7 +299,8 @@ def test_hf_torchvision_backend_measured_bound(
     assert config["image_processor_type"] == f"{name}ImageProcessor"
     steps = from_hf_processor(config)
     worst, mean = hf_differences(processor, steps)
-    assert worst <= max_levels + 1e-3 and mean <= mean_levels + 1e-3, (worst, mean)
+    assert worst <= max_levels + 1e-3, (worst, mean)
+    assert mean <= mean_levels + 1e-3, (worst, mean)
 
 
 @pytest.mark.parametrize("name", ["ViT", "DeiT", "Beit"])
@@ -310,8 +317,10 @@ def test_hf_defaults_are_the_processors_own(name: str, tmp_path: Path) -> None:
         "DeiT": ((256, 256), (224, 224), "bicubic"),
         "Beit": ((224, 224), None, "bicubic"),
     }[name]
-    assert (saved.resize, saved.crop, saved.interpolation) == expected and saved.resize_mode == "exact"
-    assert saved.mean == (0.5, 0.5, 0.5) and saved.std == (0.5, 0.5, 0.5)
+    assert (saved.resize, saved.crop, saved.interpolation) == expected
+    assert saved.resize_mode == "exact"
+    assert saved.mean == (0.5, 0.5, 0.5)
+    assert saved.std == (0.5, 0.5, 0.5)
 
 
 def test_hf_without_normalising_and_an_unknown_processor_type(tmp_path: Path) -> None:
@@ -320,7 +329,9 @@ def test_hf_without_normalising_and_an_unknown_processor_type(tmp_path: Path) ->
     processor = ViTImageProcessorPil(do_normalize=False, size={"height": 96, "width": 160}, resample=4)
     config = processor_config(processor, tmp_path)
     steps = from_hf_processor(config)
-    assert steps.mean == (0.0, 0.0, 0.0) and steps.std == (1.0, 1.0, 1.0) and steps.interpolation == "box"
+    assert steps.mean == (0.0, 0.0, 0.0)
+    assert steps.std == (1.0, 1.0, 1.0)
+    assert steps.interpolation == "box"
     worst, _ = hf_differences(processor, steps)
     assert worst / 255 <= PARITY
     # Any processor type whose keys fit is accepted: the keys decide, not the name.
@@ -419,7 +430,8 @@ def test_bundled_models_see_what_they_saw(path: Path) -> None:
     for image in [*IMAGES, noise((28, 28), "L"), noise((28, 28), "RGB")]:
         old = old_fit_to_input(image, spec, steps)
         new = fit_to_input(image, spec, steps)
-        assert (new.mode, new.size) == (old.mode, old.size) and new.tobytes() == old.tobytes()
+        assert (new.mode, new.size) == (old.mode, old.size)
+        assert new.tobytes() == old.tobytes()
         pixels = np.asarray(old, dtype=np.float32) / 255.0
         channels_first = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         mean, std = (torch.tensor(values)[:, None, None] for values in (steps.mean, steps.std))

@@ -99,7 +99,7 @@ def test_rdbu_r_is_rdbu_reversed() -> None:
 
 
 def test_tables_are_read_only() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         COLORMAPS["inferno"][0] = (1, 2, 3)
 
 
@@ -251,7 +251,8 @@ def test_overlay_legend_is_a_colour_bar_with_max_on_top() -> None:
     legend = out[:, left + panel.shape[1] :]
     top_rows = np.nonzero((legend == lut[-1]).all(axis=2).any(axis=1))[0]
     bottom_rows = np.nonzero((legend == lut[0]).all(axis=2).any(axis=1))[0]
-    assert top_rows.size and bottom_rows.size
+    assert top_rows.size
+    assert bottom_rows.size
     assert top_rows.max() < bottom_rows.min()
     # The bar spans (about) the panel's height.
     assert bottom_rows.max() - top_rows.min() >= 0.9 * panel.shape[0]
@@ -374,7 +375,8 @@ def test_caption_adds_a_strip_below_and_leaves_the_rest_unchanged() -> None:
     relevance = np.random.default_rng(6).random((7, 7))
     plain = pixels(render_overlay(grey_image(), relevance, title="t"))
     captioned = pixels(render_overlay(grey_image(), relevance, title="t", preprocessing=steps))
-    assert captioned.shape[1] == plain.shape[1] and captioned.shape[0] > plain.shape[0]
+    assert captioned.shape[1] == plain.shape[1]
+    assert captioned.shape[0] > plain.shape[0]
     np.testing.assert_array_equal(captioned[: plain.shape[0]], plain)  # map, title and legend as before
     assert (captioned[plain.shape[0] :] != 255).any()  # the strip holds text
     maps = [relevance, relevance * 2]

@@ -30,7 +30,9 @@ def collect(model, images):
 def test_vit_layers_are_the_residual_stream_of_trace():
     model, images = tiny_vit(), torch.randn(3, 3, 32, 32)
     spec = describe(model)
-    assert spec.names == ("block 1", "block 2", "block 3") and spec.num_prefix == 1 and spec.grid == (4, 4)
+    assert spec.names == ("block 1", "block 2", "block 3")
+    assert spec.num_prefix == 1
+    assert spec.grid == (4, 4)
     seen, logits = collect(model, images)
     with torch.no_grad():
         run = trace(model, images, sublayers=False)
@@ -47,7 +49,8 @@ def test_vit_layers_are_the_residual_stream_of_trace():
 def test_cnn_layers_are_forward_intermediates():
     model, images = tiny_resnet(), torch.randn(2, 1, 28, 28)
     spec = describe(model)
-    assert spec.kind == "cnn" and spec.names == ("act1", "layer1", "layer2", "layer3", "layer4")
+    assert spec.kind == "cnn"
+    assert spec.names == ("act1", "layer1", "layer2", "layer3", "layer4")
     seen, logits = collect(model, images)
     with torch.no_grad():
         _, expected = model.forward_intermediates(images)

@@ -60,8 +60,10 @@ def test_a_class_is_found_by_index_or_by_label_in_any_case_and_spacing():
     assert names.find(8) == 8
     assert names.find("bag") == names.find(" BAG ") == names.find("Bag") == 8
     assert names.find("ankle BOOT") == 9
-    assert names.find(10) is None and names.find(-1) is None
-    assert names.find("Bags") is None and names.find("8") is None  # text is a label: parse_class makes indices
+    assert names.find(10) is None
+    assert names.find(-1) is None
+    assert names.find("Bags") is None
+    assert names.find("8") is None
 
 
 def test_booleans_name_no_class():
@@ -72,8 +74,10 @@ def test_booleans_name_no_class():
 
 def test_some_classes_keep_their_own_indices():
     names = ClassNames({1: "Trouser", 0: "T-shirt/top"})
-    assert names.find(1) == 1 and names.find("t-shirt/top") == 0
-    assert names.find(2) is None and names.find("Pullover") is None
+    assert names.find(1) == 1
+    assert names.find("t-shirt/top") == 0
+    assert names.find(2) is None
+    assert names.find("Pullover") is None
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -191,7 +195,8 @@ def test_invalid_parameters_lists_each_error_where_it_is():
     with pytest.raises(ValidationError) as raised:
         ExplainRequest.model_validate({"layers": [0, "x"]})
     error = invalid_parameters(raised.value)
-    assert error.detail.startswith("layers.1: ") and error.extra == {"errors": [error.detail]}
+    assert error.detail.startswith("layers.1: ")
+    assert error.extra == {"errors": [error.detail]}
 
 
 # -- the exception itself, and where each caller meets it -------------------------------------------
@@ -200,7 +205,8 @@ def test_invalid_parameters_lists_each_error_where_it_is():
 def test_a_request_error_is_a_value_error_that_survives_pickling():
     error = RequestError("unknown_label", "no such label", "Unknown label", labels=["x"])
     copy = pickle.loads(pickle.dumps(error))
-    assert isinstance(copy, ValueError) and str(copy) == "no such label"
+    assert isinstance(copy, ValueError)
+    assert str(copy) == "no such label"
     assert (copy.problem, copy.detail, copy.title, copy.extra) == (
         "unknown_label",
         "no such label",

@@ -37,7 +37,8 @@ def test_residual_composition_shares():
     shares = residual_composition(model, torch.randn(3, 3, 32, 32))
     assert set(shares) == {"attention", "mlp", "previous", "composed"}
     for name, values in shares.items():
-        assert values.shape == (3,) and ((values >= 0) & (values <= 1)).all(), name
+        assert values.shape == (3,), name
+        assert ((values >= 0) & (values <= 1)).all(), name
     # A token is "composed" only when it matches none: composed + any match share covers every token.
     assert (
         shares["composed"]

@@ -45,7 +45,8 @@ def run(kind, models, samples, labels=True, **fields):
         lambda done, total: calls.append((done, total)),
     )
     json.dumps(outcome.data, allow_nan=False)  # JSON-ready: no NaN, no tensors
-    assert calls and calls[-1][0] == calls[-1][1] > 0, calls
+    assert calls, calls
+    assert calls[-1][0] == calls[-1][1] > 0, calls
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     return outcome
 
@@ -79,7 +80,8 @@ def test_residual_analyses_are_image_weighted_means_of_the_library_values(models
     batch = loaded.preprocess(images)
     direct = categorical_updates(loaded.model, batch, torch.as_tensor(truth))
     shares = residual_composition(loaded.model, batch)
-    assert data["target"] == "true class" and len(data["layers"]) == len(loaded.model.blocks)
+    assert data["target"] == "true class"
+    assert len(data["layers"]) == len(loaded.model.blocks)
     assert np.allclose(data["update_rises"], direct["rises"].numpy(), atol=1e-4)
     assert np.allclose(data["update_mlp_update"], direct["mlp_update"].numpy(), atol=1e-3)
     assert np.allclose(data["composition_composed"], shares["composed"].numpy(), atol=1e-4)
@@ -88,17 +90,21 @@ def test_residual_analyses_are_image_weighted_means_of_the_library_values(models
 def test_numbers_where_they_are_known(models, samples):
     vit = models["fmnist-vit"]
     cka = run("cka", [vit], samples).data
-    assert cka["examples"] == 12 and cka["batches"] == 3
+    assert cka["examples"] == 12
+    assert cka["batches"] == 3
     assert all(abs(cka["matrix"][i][i] - 1) < 1e-6 for i in range(6))
     distances = run("attention-distance", [vit], samples, prefix_rows="renormalise").data
-    assert distances["prefix"] == "renormalise" and len(distances["distances"]) == 6
+    assert distances["prefix"] == "renormalise"
+    assert len(distances["distances"]) == 6
     probes = run("probes", [vit], samples).data
     assert probes["split"] == {"rule": probes["split"]["rule"], "train": 9, "test": 3}
     perturb = run("perturb", [vit], samples, labels=False, region=(0, 0, 2, 7)).data
-    assert perturb["targets"] == "predicted class" and perturb["kept_tokens"] == 35
+    assert perturb["targets"] == "predicted class"
+    assert perturb["kept_tokens"] == 35
     assert perturb["top1_hits"]["original"] == 1.0  # scored against its own predictions
     memories = run("memories", [vit], samples, top_memories=3).data
-    assert len(memories["top_memories"]) == 6 and len(memories["top_memories"][0]["Bag"]) == 3
+    assert len(memories["top_memories"]) == 6
+    assert len(memories["top_memories"][0]["Bag"]) == 3
 
 
 def test_the_cnn(models, samples):
@@ -111,7 +117,9 @@ def test_the_cnn(models, samples):
 def test_cka_across_two_versions_pairs_layers(models, samples):
     vit, small_data = models["fmnist-vit"], models["fmnist-vit-10pct"]
     data = run("cka", [vit, small_data], samples, compare_to="fmnist-vit-10pct").data
-    assert data["across"] and len(data["same_layer"]) == 6 and len(data["best_match"]) == 6
+    assert data["across"]
+    assert len(data["same_layer"]) == 6
+    assert len(data["best_match"]) == 6
     again = load(vit.entry, torch.device("cpu"))  # the same weights, loaded twice: identical representations
     same = run("cka", [vit, again], samples, compare_to="fmnist-vit").data
     assert all(abs(value - 1) < 1e-6 for value in same["same_layer"])
@@ -132,7 +140,8 @@ def test_compare_writes_one_self_contained_report(models, samples):
         "report",
     }
     page = outcome.figures["report"].decode("utf-8")
-    assert "fmnist-vit@1" in page and "fmnist-resnet@1" in page
+    assert "fmnist-vit@1" in page
+    assert "fmnist-resnet@1" in page
     assert page.count("data:image/png;base64,") == 6  # the attention scatter holds the one ViT
     assert outcome.data["per_model"][1]["attention_distance"] is None
     unlabelled = run(
@@ -142,7 +151,8 @@ def test_compare_writes_one_self_contained_report(models, samples):
         labels=False,
         compare_to="fmnist-vit-10pct",
     )
-    assert "probes_a" not in unlabelled.figures and "Not run" in unlabelled.figures["report"].decode()
+    assert "probes_a" not in unlabelled.figures
+    assert "Not run" in unlabelled.figures["report"].decode()
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,8 @@ def download_figures(app, client, job: dict) -> dict[str, bytes]:
     assert set(job["links"]["figures"]) == set(job["result"]["figures"]) - {"report"}
     for name, url in job["links"]["figures"].items():
         response = checked(app, client.get(url))
-        assert response.status_code == 200 and response.mimetype == "image/png", name
+        assert response.status_code == 200, name
+        assert response.mimetype == "image/png", name
         assert response.data.startswith(PNG_SIGNATURE), name
         figures[name] = response.data
     return figures
@@ -118,19 +119,26 @@ def test_skip_ratio_from_a_zip_with_progress_figures_and_cache(app, client, stor
     assert response.status_code == 202, response.get_json()
     body = response.get_json()
     assert response.headers["Location"] == f"/v1/analyses/{body['id']}"
-    assert body["kind"] == "analysis" and body["status"] in {"queued", "running"} and body["model"] == V1
+    assert body["kind"] == "analysis"
+    assert body["status"] in {"queued", "running"}
+    assert body["model"] == V1
     assert body["parameters"]["analysis"]["kind"] == "skip-ratio"
-    assert body["parameters"]["images"] == len(NAMES) and body["parameters"]["labelled"] == len(NAMES)
+    assert body["parameters"]["images"] == len(NAMES)
+    assert body["parameters"]["labelled"] == len(NAMES)
 
     seen = watch_progress(store, body["id"])
     job = finished_job(app, client, response.headers["Location"])
     assert job["status"] == "succeeded", job["error"]
-    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 0, seen
+    assert seen[0][0] == 0, seen
+    assert seen[-1][0] == seen[-1][1] > 0, seen
     assert [done for done, _ in seen] == sorted(done for done, _ in seen), seen
     result = job["result"]
-    assert result["kind"] == "skip-ratio" and result["images"] == len(NAMES)
-    assert [model["name"] for model in result["models"]] == [TINY_MODEL] and result["models"][0]["version"] == "1"
-    assert result["data"] and result["figures"], result
+    assert result["kind"] == "skip-ratio"
+    assert result["images"] == len(NAMES)
+    assert [model["name"] for model in result["models"]] == [TINY_MODEL]
+    assert result["models"][0]["version"] == "1"
+    assert result["data"], result
+    assert result["figures"], result
     assert "report" not in job["links"]
     download_figures(app, client, job)
 
@@ -142,7 +150,8 @@ def test_skip_ratio_from_a_zip_with_progress_figures_and_cache(app, client, stor
 
     # The same analysis again: the cached result at once.
     again = checked(app, post_zip(client, archive, kind="skip-ratio", batch_size="4"))
-    assert again.status_code == 200 and again.get_json()["cached"] is True
+    assert again.status_code == 200
+    assert again.get_json()["cached"] is True
     assert again.get_json()["result"] == result
 
     metrics = client.get("/metrics").get_data(as_text=True)
@@ -156,7 +165,8 @@ def test_attention_distance_from_image_parts(app, client, analysis_worker):
     assert response.status_code in {200, 202}, response.get_json()
     job = finished_job(app, client, response.headers["Location"])
     assert job["status"] == "succeeded", job["error"]
-    assert job["result"]["kind"] == "attention-distance" and job["parameters"]["labelled"] == 0
+    assert job["result"]["kind"] == "attention-distance"
+    assert job["parameters"]["labelled"] == 0
     assert job["parameters"]["analysis"]["prefix_rows"] == "drop"
     download_figures(app, client, job)
 
@@ -170,11 +180,13 @@ def test_compare_two_versions_with_a_report(app, client, analysis_worker):
     assert job["parameters"]["analysis"]["compare_to"] == V2  # resolved: the content key names a version
     result = job["result"]
     assert [(model["name"], model["version"]) for model in result["models"]] == [(TINY_MODEL, "1"), (TINY_MODEL, "2")]
-    assert "report" in result["figures"] and job["links"]["report"] == f"/v1/analyses/{job['id']}/report.html"
+    assert "report" in result["figures"]
+    assert job["links"]["report"] == f"/v1/analyses/{job['id']}/report.html"
     download_figures(app, client, job)
 
     report = checked(app, client.get(job["links"]["report"]))
-    assert report.status_code == 200 and report.mimetype == "text/html"
+    assert report.status_code == 200
+    assert report.mimetype == "text/html"
     assert "default-src 'none'" in report.headers["Content-Security-Policy"]
     assert "<html" in report.get_data(as_text=True).lower()
 
@@ -190,7 +202,8 @@ def test_cka_against_a_cnn_and_a_kind_the_cnn_cannot_serve(app, client, analysis
     # The manifest says fmnist-resnet is no ViT (structure: null): refused at submission, nothing queued.
     response = post_images(client, images(NAMES[:4]), model="fmnist-resnet", kind="attention-distance")
     body = problem(app, response, 422, "unsupported_model")
-    assert "Vision Transformer" in body["detail"] and "fmnist-resnet@1" in body["detail"]
+    assert "Vision Transformer" in body["detail"]
+    assert "fmnist-resnet@1" in body["detail"]
 
 
 def test_identical_analyses_in_flight_join_one_job(idle_app):
@@ -203,14 +216,16 @@ def test_identical_analyses_in_flight_join_one_job(idle_app):
     third = checked(idle_app, client.post("/v1/analyses", json=json_body(files, **fields)))
     assert first.status_code == second.status_code == third.status_code == 202
     ids = {response.get_json()["id"] for response in (first, second, third)}
-    assert len(ids) == 1 and first.get_json()["status"] == "queued"
+    assert len(ids) == 1
+    assert first.get_json()["status"] == "queued"
     assert queue_depths(idle_app.extensions["classlens"].celery)[ANALYSIS_QUEUE] == 1
     assert 'classlens_submissions_total{kind="analysis",outcome="joined"} 2.0' in client.get("/metrics").get_data(
         as_text=True
     )
     # Another model version is another analysis.
     other = checked(idle_app, post_images(client, files, model=V2, **fields))
-    assert other.status_code == 202 and other.get_json()["id"] not in ids
+    assert other.status_code == 202
+    assert other.get_json()["id"] not in ids
 
 
 # -- bad input: a 4xx problem, nothing queued ----------------------------------------------------------
@@ -302,23 +317,27 @@ def test_task_progress_figures_and_failures(settings, store, idle_app, monkeypat
     queued = checked(idle_app, post_images(client, images(NAMES[:5]), labels, kind="cka", compare_to=V2)).get_json()
 
     job = run(queued["id"])
-    assert job.status == "succeeded" and job.progress.model_dump() == {"done": 3, "total": 3}, job
+    assert job.status == "succeeded", job
+    assert job.progress.model_dump() == {"done": 3, "total": 3}, job
     [(kind, versions, count, given)] = seen
     assert (kind, versions, count) == ("cka", ["1", "2"], 5)
     assert given.tolist() == [SAMPLE_LABELS[name] for name in NAMES[:5]]
     view = checked(idle_app, client.get(f"/v1/analyses/{job.id}")).get_json()
-    assert view["result"]["data"] == {"layers": [1, 2]} and set(view["result"]["figures"]) == {"curve", "report"}
+    assert view["result"]["data"] == {"layers": [1, 2]}
+    assert set(view["result"]["figures"]) == {"curve", "report"}
     assert client.get(view["links"]["figures"]["curve"]).data == PNG_SIGNATURE + b"curve"
     assert client.get(view["links"]["report"]).data == b"<html></html>"
 
     # A redelivered message for a job already done: nothing recomputed, the job stays succeeded.
     runtime.jobs.save(job.model_copy(update={"status": "running"}))
-    assert run(job.id).status == "succeeded" and len(seen) == 1
+    assert run(job.id).status == "succeeded"
+    assert len(seen) == 1
 
     # The analysis refuses the request: a failed job with a title and the analysis' own words.
     queued = checked(idle_app, post_images(client, images(NAMES[:4]), kind="memories")).get_json()
     failed = run(queued["id"])
-    assert failed.status == "failed" and failed.error is not None
+    assert failed.status == "failed"
+    assert failed.error is not None
     assert failed.error.title == "The analysis cannot be run"
     assert failed.error.detail == "memories need value vectors: not this model"
     problem(idle_app, client.get(f"/v1/analyses/{failed.id}/figures/curve.png"), 409, "not_ready")
@@ -327,4 +346,6 @@ def test_task_progress_figures_and_failures(settings, store, idle_app, monkeypat
     gone = failed.model_copy(update={"id": "e" * 32, "status": "queued", "content_key": "1" * 64, "error": None})
     runtime.jobs.save(gone.model_copy(update={"parameters": {**gone.parameters, "manifest_key": "missing"}}))
     expired = run(gone.id)
-    assert expired.status == "failed" and expired.error is not None and "expired" in expired.error.detail
+    assert expired.status == "failed"
+    assert expired.error is not None
+    assert "expired" in expired.error.detail

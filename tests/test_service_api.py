@@ -78,15 +78,20 @@ def test_full_flow_cache_hit_and_map(app, client, running_worker):
     job = finished(app, client, response.get_json()["id"])
     assert job["status"] == "succeeded", job
     result = job["result"]
-    assert result["model"]["name"] == TINY_MODEL and len(result["model"]["weights_sha256"]) == 64
-    assert result["grid"] == [7, 7] and result["layers"] == TINY_DEPTH
+    assert result["model"]["name"] == TINY_MODEL
+    assert len(result["model"]["weights_sha256"]) == 64
+    assert result["grid"] == [7, 7]
+    assert result["layers"] == TINY_DEPTH
     assert [t["index"] for t in result["targets"]] == [1, 0]  # label names resolved to indices, order kept
     target = result["targets"][0]
-    assert set(target["projection_maps"]) == {"0", "2"} and len(target["pooled_ranks"]) == TINY_DEPTH + 1
-    assert job["parameters"]["targets"] == [1, 0] and job["parameters"]["layers"] == [0, 2]
+    assert set(target["projection_maps"]) == {"0", "2"}
+    assert len(target["pooled_ranks"]) == TINY_DEPTH + 1
+    assert job["parameters"]["targets"] == [1, 0]
+    assert job["parameters"]["layers"] == [0, 2]
 
     png = client.get(f"/v1/explanations/{job['id']}/maps/1.png?layer=0")
-    assert png.status_code == 200 and png.mimetype == "image/png"
+    assert png.status_code == 200
+    assert png.mimetype == "image/png"
     assert Image.open(io.BytesIO(png.data)).size[0] >= 224
     by_label = checked(app, client.get(f"/v1/explanations/{job['id']}/maps/trouser.png"))
     assert by_label.status_code == 200
@@ -94,7 +99,8 @@ def test_full_flow_cache_hit_and_map(app, client, running_worker):
     # A target in the URL is read as a submitted one: ASCII digits an index, a label in any case and spacing.
     for named in ("01", "%20TROUSER%20"):
         same = checked(app, client.get(f"/v1/explanations/{job['id']}/maps/{named}.png?layer=0"))
-        assert same.status_code == 200 and same.data == png.data
+        assert same.status_code == 200
+        assert same.data == png.data
     body = problem(app, client.get(f"/v1/explanations/{job['id']}/maps/%C2%B9.png"), 404, "unknown_target")
     assert body["detail"] == "'¹' was not explained; targets: 1 (Trouser), 0 (T-shirt/top)"
     problem(app, client.get(f"/v1/explanations/{job['id']}/maps/1.png?layer=1"), 404, "no_map")
@@ -106,21 +112,25 @@ def test_full_flow_cache_hit_and_map(app, client, running_worker):
     )
     assert again.status_code == 200
     body = again.get_json()
-    assert body["cached"] is True and body["status"] == "succeeded" and body["id"] != job["id"]
+    assert body["cached"] is True
+    assert body["status"] == "succeeded"
+    assert body["id"] != job["id"]
     assert body["result"] == result
 
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'classlens_submissions_total{kind="explanation",outcome="cached"} 1.0' in metrics
     assert f'classlens_jobs_total{{kind="explanation",model="{TINY_MODEL}@1",status="succeeded"}}' in metrics
     assert "classlens_emergence_layer_total{layer=" in metrics or "classlens_emergence_layer_total{model=" in metrics
-    assert "classlens_job_duration_seconds_bucket" in metrics and "classlens_queue_depth" in metrics
+    assert "classlens_job_duration_seconds_bucket" in metrics
+    assert "classlens_queue_depth" in metrics
 
 
 def test_long_poll_top_k_and_failure_recorded(app, client, running_worker):
     response = checked(app, post_form(client, sample_png("test-00000.png"), "?wait=60", top_k="2", gradient_map="true"))
     job = finished(app, client, response.get_json()["id"])
     assert job["status"] == "succeeded"
-    assert len(job["result"]["targets"]) == 2 and job["result"]["targets"][0]["gradient_map"] is not None
+    assert len(job["result"]["targets"]) == 2
+    assert job["result"]["targets"][0]["gradient_map"] is not None
     gradient = client.get(f"/v1/explanations/{job['id']}/maps/{job['result']['targets'][0]['index']}.png?kind=gradient")
     assert gradient.status_code == 200
 
@@ -134,7 +144,8 @@ def test_identical_requests_in_flight_join_one_job(app, settings, store, redis_u
     first = checked(idle_app, post_form(client, image, layers="1"))
     second = checked(idle_app, post_json(client, {"image": b64(image), "model": TINY_MODEL, "layers": [1]}))
     assert first.status_code == second.status_code == 202
-    assert first.get_json()["id"] == second.get_json()["id"] and first.get_json()["status"] == "queued"
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert first.get_json()["status"] == "queued"
     assert queue_depths(idle)[EXPLAIN_QUEUE] == 1
     assert 'outcome="joined"} 1.0' in client.get("/metrics").get_data(as_text=True)
 
@@ -215,7 +226,8 @@ def test_bad_form_fields(app, client):
     problem(app, post_form(client, sample_png(), top_k="many"), 422)
     problem(app, post_form(client, sample_png(), layers="0,9"), 422, "bad_parameter")
     no_image = client.post("/v1/explanations", data={"model": TINY_MODEL}, content_type="multipart/form-data")
-    assert 400 <= no_image.status_code < 500 and no_image.mimetype == "application/problem+json"
+    assert 400 <= no_image.status_code < 500
+    assert no_image.mimetype == "application/problem+json"
 
 
 def test_malformed_json_and_bad_query(app, client):
@@ -251,9 +263,12 @@ def test_unknown_job_and_route(app, client):
 def test_models_endpoints(app, client):
     listed = checked(app, client.get("/v1/models")).get_json()["models"]
     tiny = next(model for model in listed if model["name"] == TINY_MODEL)
-    assert tiny["grid"] == [7, 7] and tiny["layers"] == TINY_DEPTH and tiny["classes"] == 10
+    assert tiny["grid"] == [7, 7]
+    assert tiny["layers"] == TINY_DEPTH
+    assert tiny["classes"] == 10
     detail = checked(app, client.get(f"/v1/models/{TINY_MODEL}@1")).get_json()
-    assert detail["labels"][1] == "Trouser" and detail["input"]["colour_mode"] == "L"
+    assert detail["labels"][1] == "Trouser"
+    assert detail["input"]["colour_mode"] == "L"
     problem(app, client.get("/v1/models/nope"), 404, "unknown_model")
 
 
@@ -269,7 +284,8 @@ def test_not_ready_without_a_worker(tmp_path, tiny_model_root, monkeypatch):
     bare = create_app(Settings(data_dir=tmp_path, model_dirs=[tiny_model_root]))
     response = bare.test_client().get("/readyz")
     body = problem(bare, response, 503, "not_ready")
-    assert body["checks"]["worker"] == "no worker heartbeat" and body["checks"]["store"] == "ok"
+    assert body["checks"]["worker"] == "no worker heartbeat"
+    assert body["checks"]["store"] == "ok"
 
 
 def test_metrics_and_contract(app, client):
@@ -278,9 +294,11 @@ def test_metrics_and_contract(app, client):
     assert 'classlens_http_requests_total{method="GET",route="/livez",status="200"}' in text
     assert "classlens_http_request_duration_seconds_bucket" in text
     spec = client.get("/openapi.yaml")
-    assert spec.status_code == 200 and spec.data.startswith(b"openapi: 3.1")
+    assert spec.status_code == 200
+    assert spec.data.startswith(b"openapi: 3.1")
     docs = client.get("/docs")
-    assert docs.status_code == 200 and b"/v1/explanations" in docs.data
+    assert docs.status_code == 200
+    assert b"/v1/explanations" in docs.data
 
 
 def test_zip_is_not_an_image(app, client):

@@ -109,7 +109,8 @@ def check_consistency(result: dict, expected_labels: dict[str, int | None]) -> N
         assert row["predicted_label"] == FASHION_LABELS[row["predicted_index"]]
         assert row["correct"] == (None if truth is None else row["predicted_index"] == truth)
         assert 0 <= row["probability"] <= 1
-        assert 0 <= row["peak_row"] < result["grid"][0] and 0 <= row["peak_col"] < result["grid"][1]
+        assert 0 <= row["peak_row"] < result["grid"][0]
+        assert 0 <= row["peak_col"] < result["grid"][1]
         if row["central_share"] is not None:
             assert 0 <= row["central_share"] <= 1
             assert row["central_share"] + row["border_share"] == pytest.approx(1, abs=1e-5)
@@ -117,7 +118,8 @@ def check_consistency(result: dict, expected_labels: dict[str, int | None]) -> N
         if truth is not None:
             assert row["explained_index"] == truth  # the default: the true class is explained
     labelled = [row for row in rows if row["true_index"] is not None]
-    assert aggregates["images"] == len(rows) and aggregates["labelled"] == len(labelled)
+    assert aggregates["images"] == len(rows)
+    assert aggregates["labelled"] == len(labelled)
     assert aggregates["correct"] == sum(1 for row in labelled if row["correct"])
     if labelled:
         assert aggregates["accuracy"] == pytest.approx(aggregates["correct"] / len(labelled), abs=1e-6)
@@ -173,25 +175,32 @@ def test_zip_with_labels_end_to_end(app, client, store, audit_worker):
     response = checked(app, post_zip(client, archive))
     assert response.status_code == 202, response.get_json()
     body = response.get_json()
-    assert body["kind"] == "audit" and body["progress"] == {"done": 0, "total": len(names)}
-    assert body["parameters"]["images"] == len(names) and body["parameters"]["labelled"] == len(names) - 1
+    assert body["kind"] == "audit"
+    assert body["progress"] == {"done": 0, "total": len(names)}
+    assert body["parameters"]["images"] == len(names)
+    assert body["parameters"]["labelled"] == len(names) - 1
     assert response.headers["Location"] == f"/v1/audits/{body['id']}"
 
     seen = watch_progress(store, body["id"])
-    assert seen[0] == 0 and seen[-1] == len(names), seen
-    assert seen == sorted(seen) and len(seen) >= 3, f"no intermediate progress seen: {seen}"
+    assert seen[0] == 0, seen
+    assert seen[-1] == len(names), seen
+    assert seen == sorted(seen), f"no intermediate progress seen: {seen}"
+    assert len(seen) >= 3, f"no intermediate progress seen: {seen}"
 
     job = finished(app, client, body["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"] == {"done": len(names), "total": len(names)}
     result = job["result"]
-    assert result["model"]["name"] == TINY_MODEL and result["grid"] == [7, 7] and result["layers"] == TINY_DEPTH
+    assert result["model"]["name"] == TINY_MODEL
+    assert result["grid"] == [7, 7]
+    assert result["layers"] == TINY_DEPTH
     assert result["relevance_layer"] == TINY_DEPTH
     expected = {f"audit/{name}": SAMPLE_LABELS[name] for name in names[:-1]} | {f"audit/{names[-1]}": None}
     check_consistency(result, expected)
 
     rows_csv = checked(app, client.get(job["links"]["rows_csv"]))
-    assert rows_csv.status_code == 200 and rows_csv.mimetype == "text/csv"
+    assert rows_csv.status_code == 200
+    assert rows_csv.mimetype == "text/csv"
     assert rows_csv.headers["Content-Disposition"].startswith("attachment")
     parsed = list(csv.DictReader(io.StringIO(rows_csv.get_data(as_text=True))))
     assert len(parsed) == len(names)
@@ -201,12 +210,14 @@ def test_zip_with_labels_end_to_end(app, client, store, audit_worker):
         assert line["correct"] == {True: "true", False: "false", None: ""}[row["correct"]]
 
     report = checked(app, client.get(job["links"]["report"]))
-    assert report.status_code == 200 and report.headers["Content-Disposition"].startswith("attachment")
+    assert report.status_code == 200
+    assert report.headers["Content-Disposition"].startswith("attachment")
     assert report.get_json() == result
 
     # The same audit again: the cached result at once, no new work.
     again = checked(app, post_zip(client, archive))
-    assert again.status_code == 200 and again.get_json()["cached"] is True
+    assert again.status_code == 200
+    assert again.get_json()["cached"] is True
     assert again.get_json()["result"] == result
 
     metrics = client.get("/metrics").get_data(as_text=True)
@@ -240,7 +251,8 @@ def test_json_images_with_targets_and_no_labels(app, client, audit_worker):
     result = job["result"]
     check_consistency(result, {"a.png": None, "image-0002": None})
     assert all(row["explained_index"] == FASHION_LABELS.index("Bag") for row in result["rows"])
-    assert result["aggregates"]["accuracy"] is None and result["aggregates"]["confusion"] == []
+    assert result["aggregates"]["accuracy"] is None
+    assert result["aggregates"]["confusion"] == []
 
 
 # -- bad input: a 4xx problem, nothing queued ----------------------------------------------------------
@@ -279,7 +291,8 @@ def test_corrupt_image_in_zip_names_the_file(app, client):
     data = noise_png(64)
     archive = make_zip({"good.png": sample_png(), "sub/bad.png": data[: len(data) // 2]})
     body = problem(app, post_zip(client, archive), 422, "truncated")
-    assert body["file"] == "sub/bad.png" and "sub/bad.png" in body["detail"]
+    assert body["file"] == "sub/bad.png"
+    assert "sub/bad.png" in body["detail"]
     body = problem(app, post_zip(client, make_zip({"notes.txt": b"hello"})), 422, "unreadable")
     assert body["file"] == "notes.txt"
 
@@ -296,7 +309,9 @@ def test_unknown_labels_are_named(app, client):
     labels_csv = b"file,label\na.png,Trousers\nb.png,42\nc.png,Bag\n"
     archive = make_zip({"a.png": sample_png(), "b.png": sample_png(), "c.png": sample_png(), "labels.csv": labels_csv})
     body = problem(app, post_zip(client, archive), 422, "unknown_label")
-    assert "Trousers" in body["detail"] and "42" in body["detail"] and body["labels"] == ["42", "Trousers"]
+    assert "Trousers" in body["detail"]
+    assert "42" in body["detail"]
+    assert body["labels"] == ["42", "Trousers"]
     problem(app, post_images(client, [("a.png", sample_png())], ["Sock"]), 422, "unknown_label")
 
 
@@ -374,7 +389,10 @@ def test_redelivery_is_idempotent_and_failures_are_recorded(app, client, setting
     gone = record.model_copy(update={"id": "f" * 32, "status": "queued", "content_key": "0" * 64})
     runtime.jobs.save(gone.model_copy(update={"parameters": {**gone.parameters, "manifest_key": "missing"}}))
     failed = audit_job(runtime, gone.id)
-    assert failed.status == "failed" and failed.error.title and "expired" in failed.error.detail
+    assert failed.status == "failed"
+    assert failed.error.title
+    assert "expired" in failed.error.detail
     view = checked(app, client.get(f"/v1/audits/{gone.id}")).get_json()
-    assert view["status"] == "failed" and view["error"]["detail"] == failed.error.detail
+    assert view["status"] == "failed"
+    assert view["error"]["detail"] == failed.error.detail
     problem(app, client.get(f"/v1/audits/{gone.id}/rows.csv"), 409, "not_ready")

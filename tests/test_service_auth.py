@@ -115,7 +115,8 @@ def test_every_protected_route_answers_401_without_a_valid_key(app, client):
 
 def test_403_without_the_scope_and_the_scopes_are_those_of_the_contract(app, client):
     body = problem(app, client.post("/v1/audits", headers=bearer("bob")), 403, "forbidden")
-    assert body["required_scope"] == "audit" and "bob" in body["detail"]
+    assert body["required_scope"] == "audit"
+    assert "bob" in body["detail"]
     problem(app, client.get("/v1/analyses/x", headers=bearer("bob")), 403, "forbidden")
     problem(app, client.get("/metrics", headers=bearer("bob")), 403, "forbidden")
     problem(app, client.delete(f"/v1/models/{TINY_MODEL}@1", headers=bearer("alice")), 403, "forbidden")
@@ -133,7 +134,8 @@ def test_403_without_the_scope_and_the_scopes_are_those_of_the_contract(app, cli
         assert operation["security"] == expected, (method, contract_path)
         codes = set(operation["responses"])
         if endpoint not in PUBLIC_ENDPOINTS:
-            assert {"401", "429"} <= codes and ("403" in codes) == (scope is not None), (method, contract_path)
+            assert {"401", "429"} <= codes, (method, contract_path)
+            assert ("403" in codes) == (scope is not None), (method, contract_path)
 
 
 def test_before_a_worker_runs_the_cap_on_jobs_in_flight_and_joins_across_keys(app, client, request, store):
@@ -142,19 +144,24 @@ def test_before_a_worker_runs_the_cap_on_jobs_in_flight_and_joins_across_keys(ap
     assert first.status_code == 202
     refused = post_image(client, "capped", noise_png(65))
     body = problem(app, refused, 429, "too_many_jobs")
-    assert int(refused.headers["Retry-After"]) > 0 and body["limit"] == 1 and body["in_flight"] == 1
+    assert int(refused.headers["Retry-After"]) > 0
+    assert body["limit"] == 1
+    assert body["in_flight"] == 1
 
     # An identical job in flight: the same key joins it; another key gets a record of its own.
     leader = checked(app, post_image(client, "alice", noise_png(65))).get_json()
     assert checked(app, post_image(client, "alice", noise_png(65))).get_json()["id"] == leader["id"]
     follower = checked(app, post_image(client, "bob", noise_png(65))).get_json()
-    assert follower["status"] == "queued" and follower["id"] != leader["id"] and follower["cached"] is False
+    assert follower["status"] == "queued"
+    assert follower["id"] != leader["id"]
+    assert follower["cached"] is False
     problem(app, client.get(f"/v1/explanations/{leader['id']}", headers=bearer("bob")), 404, "unknown_job")
     problem(app, client.get(f"/v1/explanations/{follower['id']}", headers=bearer("alice")), 404, "unknown_job")
 
     request.getfixturevalue("running_worker")
     done = finished(app, client, "bob", follower["id"])
-    assert done["status"] == "succeeded" and done["id"] == follower["id"]
+    assert done["status"] == "succeeded"
+    assert done["id"] == follower["id"]
     assert done["result"] == finished(app, client, "alice", leader["id"])["result"]
     assert json.loads(store.get(f"job:{follower['id']}"))["owner"] == "bob"
     assert finished(app, client, "capped", first.get_json()["id"])["status"] == "succeeded"
@@ -178,11 +185,14 @@ def test_another_keys_jobs_are_404_and_cached_never_leaks(app, client, running_w
         problem(app, client.get(f"{path}{job['id']}", headers=bearer("alice")), 404, "unknown_job")
 
     mine = checked(app, post_image(client, "alice", sample_png())).get_json()
-    assert mine["status"] == "succeeded" and mine["cached"] is True  # computed for alice: she may know
+    assert mine["status"] == "succeeded"
+    assert mine["cached"] is True
 
     theirs = checked(app, post_image(client, "bob", sample_png())).get_json()
     # The same result, but bob is not told that someone submitted this image before him.
-    assert theirs["status"] == "succeeded" and theirs["cached"] is False and theirs["id"] != job["id"]
+    assert theirs["status"] == "succeeded"
+    assert theirs["cached"] is False
+    assert theirs["id"] != job["id"]
     assert theirs["result"] == job["result"]
     assert checked(app, client.get(f"/v1/explanations/{theirs['id']}", headers=bearer("bob"))).status_code == 200
     assert client.get(f"/v1/explanations/{theirs['id']}/maps/{target}.png", headers=bearer("bob")).status_code == 200
@@ -203,7 +213,8 @@ def test_the_rate_limit_answers_429_with_retry_after(app, client):
         assert client.get("/v1/models", headers=bearer("limited")).status_code == 200
     refused = client.get("/v1/models", headers=bearer("limited"))
     body = problem(app, refused, 429, "rate_limited")
-    assert 0 < int(refused.headers["Retry-After"]) <= 60 and "3 per 1 minute" in body["detail"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert "3 per 1 minute" in body["detail"]
     # Every route of the key counts together; probes never count, and other keys have their own.
     problem(app, client.get("/v1/explanations/x", headers=bearer("limited")), 429, "rate_limited")
     assert client.get("/livez", headers=bearer("limited")).status_code == 200
@@ -221,7 +232,8 @@ def test_off_only_on_localhost_without_keys_and_said_loudly(tmp_path, tiny_model
     client = app.test_client()
     assert client.get("/v1/models").status_code == 200
     ready = problem(app, client.get("/readyz"), 503, "not_ready")  # no worker here
-    assert ready["authentication"]["enabled"] is False and "OFF" in ready["authentication"]["detail"]
+    assert ready["authentication"]["enabled"] is False
+    assert "OFF" in ready["authentication"]["detail"]
 
     for host in ("0.0.0.0", "192.0.2.7", "api.example"):  # off loopback: on, and with no key every route refuses
         public = create_app(settings, host=host)
@@ -241,7 +253,8 @@ def test_keys_create_prints_a_key_and_a_line_usable_as_is(tmp_path, tiny_model_r
     done = runner.invoke(main, ["keys", "create", "--id", "carol", "--scopes", "explain,admin"])
     assert done.exit_code == 0, done.output
     key = re.search(r"(clk_[A-Za-z0-9_-]{40,})", done.stderr).group(1)
-    assert key not in done.stdout and hash_key(key) in done.stdout
+    assert key not in done.stdout
+    assert hash_key(key) in done.stdout
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(done.stdout)  # exactly what `classlens keys create ... >> keys.yaml` appends
 
@@ -254,7 +267,8 @@ def test_keys_create_prints_a_key_and_a_line_usable_as_is(tmp_path, tiny_model_r
     problem(app, client.get("/metrics"), 401, "unauthenticated")
 
     refused = runner.invoke(main, ["keys", "create", "--id", "dave", "--scopes", "explain,write"])
-    assert refused.exit_code == 2 and "write" in refused.output
+    assert refused.exit_code == 2
+    assert "write" in refused.output
     keys_file.write_text("- {id: eve, sha256: nothex, scopes: [explain]}\n")
     from service.auth import KeyFileError
 
@@ -313,7 +327,8 @@ def test_tls_to_redis_checks_the_certificate_in_the_store_and_the_broker():
 
     url = "rediss://:s3cret@redis.example:6380/0"
     pool = RedisStore(url)._client.connection_pool
-    assert pool.connection_class is redis.SSLConnection and "ssl_cert_reqs" not in pool.connection_kwargs
+    assert pool.connection_class is redis.SSLConnection
+    assert "ssl_cert_reqs" not in pool.connection_kwargs
     assert inspect.signature(redis.SSLConnection).parameters["ssl_cert_reqs"].default == "required"
     assert create_celery(Settings(redis_url=url)).connection_for_write().ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     relaxed = create_celery(Settings(redis_url=f"{url}?ssl_cert_reqs=optional")).connection_for_write()
@@ -351,7 +366,8 @@ def test_an_explanation_end_to_end_over_tls_to_a_real_redis(tmp_path, tiny_model
                 RedisStore(url).ping()
                 break
             except StoreError:
-                assert server.poll() is None and time.monotonic() < deadline, "redis-server did not start with TLS"
+                assert server.poll() is None, "redis-server did not start with TLS"
+                assert time.monotonic() < deadline, "redis-server did not start with TLS"
                 time.sleep(0.1)
         with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
             RedisStore(f"rediss://:s3cret@127.0.0.1:{port}/0").ping()
@@ -387,8 +403,10 @@ def test_a_follower_takes_its_leaders_state_and_outlives_it(tmp_path):
 
     leader = submit("alice")
     follower = submit("bob")
-    assert (leader.outcome, follower.outcome) == ("queued", "joined") and queued == [leader.job.id]
-    assert follower.job.follows == leader.job.id and follower.job.owner == "bob"
+    assert (leader.outcome, follower.outcome) == ("queued", "joined")
+    assert queued == [leader.job.id]
+    assert follower.job.follows == leader.job.id
+    assert follower.job.owner == "bob"
     assert submit("alice").job.id == leader.job.id  # the same owner joins its own job
     jobs.start(leader.job)
     assert jobs.get(follower.job.id).status == "running"
@@ -400,9 +418,11 @@ def test_a_follower_takes_its_leaders_state_and_outlives_it(tmp_path):
     waiting = submit("bob", "k2")
     jobs.store.delete(f"job:{computing.job.id}")  # the leader's record is gone, and no result came
     lost = jobs.get(waiting.job.id)
-    assert lost.status == "failed" and lost.error.title == "Job lost"
+    assert lost.status == "failed"
+    assert lost.error.title == "Job lost"
 
     done = submit("alice", "k3")
     jobs.succeed(done.job, b"{}")
-    assert submit("alice", "k3").cached and not submit("bob", "k3").cached  # served to both, shown to one
+    assert submit("alice", "k3").cached
+    assert not submit("bob", "k3").cached
     assert submit("bob", "k3").outcome == "cached"

@@ -37,7 +37,8 @@ def settings(tmp_path_factory, redis_url, tiny_model_root):
 def _submit(app, client, image: bytes, **fields: str) -> str:
     data = {"image": (io.BytesIO(image), "image.png"), "model": TINY_MODEL, **fields}
     response = checked(app, client.post("/v1/explanations", data=data, content_type="multipart/form-data"))
-    assert response.status_code == 202 and response.get_json()["status"] == "queued", response.get_json()
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["status"] == "queued", response.get_json()
     return str(response.get_json()["id"])
 
 

@@ -31,9 +31,11 @@ def test_embedded_job_flow(embedded):
     response = client.post("/v1/explanations?wait=60", data=data, content_type="multipart/form-data")
     body = response.get_json()
     assert response.status_code == 200, (body, log.read_text()[-3000:])
-    assert body["status"] == "succeeded" and len(body["result"]["targets"]) == 1
+    assert body["status"] == "succeeded"
+    assert len(body["result"]["targets"]) == 1
     again = client.post(
         "/v1/explanations",
         json={"image": base64.b64encode(sample_png()).decode(), "model": TINY_MODEL, "top_k": 1},
     )
-    assert again.status_code == 200 and again.get_json()["cached"] is True
+    assert again.status_code == 200
+    assert again.get_json()["cached"] is True

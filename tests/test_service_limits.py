@@ -68,12 +68,15 @@ def post(client, route, body):
 
 def test_integral_floats_are_integers_and_huge_ones_are_out_of_range(app, client):
     accepted = checked(app, post(client, "/v1/explanations", explain_json(targets=[2.0, 0], top_k=3.0)))
-    assert accepted.status_code == 202 and accepted.get_json()["parameters"]["targets"] == [2, 0]
+    assert accepted.status_code == 202
+    assert accepted.get_json()["parameters"]["targets"] == [2, 0]
     body = problem(app, post(client, "/v1/explanations", explain_json(targets=[1e300])), 422, "unknown_class")
-    assert "out of range" in body["detail"] and "0..9" in body["detail"]
+    assert "out of range" in body["detail"]
+    assert "0..9" in body["detail"]
 
     audit = checked(app, post(client, "/v1/audits", batch_json(labels=[1.0, 2, 3.0, 4], targets=[1.0])))
-    assert audit.status_code == 202 and audit.get_json()["parameters"]["explain"]["targets"] == [1]
+    assert audit.status_code == 202
+    assert audit.get_json()["parameters"]["explain"]["targets"] == [1]
     problem(app, post(client, "/v1/audits", batch_json(targets=[1e300])), 422, "unknown_class")
     problem(app, post(client, "/v1/audits", batch_json(labels=[1e300, 1, 2, 3])), 422, "unknown_label")
 
@@ -121,7 +124,8 @@ def test_a_million_targets_are_refused_at_once(app, client, capsys):
     response = client.post("/v1/explanations", data=text, content_type="application/json")
     elapsed = time.perf_counter() - started
     body = problem(app, response, 422, "too_many_items")
-    assert "/targets: 1,000,000 items" in body["detail"] and "1,024" in body["detail"]
+    assert "/targets: 1,000,000 items" in body["detail"]
+    assert "1,024" in body["detail"]
     with capsys.disabled():
         print(f"\n  a million targets ({len(text):,} bytes) refused in {elapsed * 1000:.0f} ms")
 
@@ -140,7 +144,8 @@ def test_more_targets_than_classes_are_refused(app, client):
 def test_work_the_manifest_rules_out_is_refused_before_queueing(app, client, queued):
     before = queued()
     body = problem(app, post(client, "/v1/explanations", explain_json(model="fmnist-resnet")), 422, "unsupported_model")
-    assert "Vision Transformer" in body["detail"] and "fmnist-resnet@1" in body["detail"]
+    assert "Vision Transformer" in body["detail"]
+    assert "fmnist-resnet@1" in body["detail"]
     problem(app, post(client, "/v1/audits", batch_json(model="fmnist-resnet")), 422, "unsupported_model")
     for kind in sorted(VIT_KINDS):
         problem(
@@ -159,12 +164,14 @@ def test_work_the_manifest_rules_out_is_refused_before_queueing(app, client, que
         app, post(client, "/v1/analyses", batch_json(model="fmnist-resnet", kind="cka", representation="gap"))
     )
     cls = checked(app, post(client, "/v1/analyses", batch_json(model="fmnist-vit@1", kind="cka", representation="cls")))
-    assert gap.status_code == cls.status_code == 202 and queued() == before + 2
+    assert gap.status_code == cls.status_code == 202
+    assert queued() == before + 2
 
 
 def test_one_table_of_needs():
     assert analysis_needs("attention-distance") == {"vit"}
-    assert analysis_needs("probes", "cls") == {"cls"} and analysis_needs("probes", "gap") == set()
+    assert analysis_needs("probes", "cls") == {"cls"}
+    assert analysis_needs("probes", "gap") == set()
     assert analysis_needs("skip-ratio") == set()  # a ResNet has skip connections too: the worker decides
     assert missing(frozenset({"vit", "cls"}), is_vit=True, prefix_tokens=()) == ["cls"]
     assert missing(frozenset({"vit", "cls"}), is_vit=False) == ["vit", "cls"]
@@ -237,8 +244,10 @@ def test_the_memo_is_bounded_by_bytes_and_entries():
     verdict = Problem(422, "t", "d" * 1_000, problem="p")
     for key in range(10):
         memo.put(bytes([key]), verdict)
-        assert memo.size_bytes <= 5_000 and len(memo) <= 3
-    assert memo.get(bytes([9])) == (True, verdict) and memo.get(bytes([0])) == (False, None)
+        assert memo.size_bytes <= 5_000
+        assert len(memo) <= 3
+    assert memo.get(bytes([9])) == (True, verdict)
+    assert memo.get(bytes([0])) == (False, None)
     memo.put(b"big", Problem(422, "t", "d" * 10_000, problem="p"))  # larger than the whole memo: not kept
     assert memo.get(b"big") == (False, None)
     assert MEMO_MAX_BYTES <= 4 * 1024 * 1024
@@ -259,7 +268,8 @@ def test_decode_slots_admit_at_most_their_size_with_real_threads():
         thread.start()
     for thread in threads:
         thread.join(20)
-    assert gate.most_active == 2 and gate.active == 0  # ...and never three
+    assert gate.most_active == 2
+    assert gate.active == 0
 
 
 def test_decode_slots_refuse_after_waiting():
@@ -276,7 +286,8 @@ def test_decode_slots_refuse_after_waiting():
     held.wait(10)
     with pytest.raises(Problem) as refused, gate.hold():
         pass
-    assert refused.value.status == 503 and refused.value.problem == "busy"
+    assert refused.value.status == 503
+    assert refused.value.problem == "busy"
     release.set()
     thread.join(10)
     with gate.hold():
@@ -365,8 +376,11 @@ def test_exif_orientation_is_applied_before_preprocessing():
     spec = InputSpec(height=40, width=40, channels=1, colour_mode="L")
     upright = fit_to_input(decode_image(data), spec, Preprocessing(resize=(40, 20), mean=(0.5,), std=(0.5,)))
     assert upright.size == (20, 40)  # (width, height): turned
-    assert _grey(upright, 10, 5) < 60 and _grey(upright, 10, 35) > 200  # black on top after turning
+    assert _grey(upright, 10, 5) < 60
+    assert _grey(upright, 10, 35) > 200
     steps = Preprocessing(resize=(20, 40), mean=(0.5,), std=(0.5,), exif_orientation=False)
     as_stored = fit_to_input(decode_image(data), spec, steps)
-    assert as_stored.size == (40, 20) and _grey(as_stored, 5, 10) < 60 and _grey(as_stored, 35, 10) > 200
+    assert as_stored.size == (40, 20)
+    assert _grey(as_stored, 5, 10) < 60
+    assert _grey(as_stored, 35, 10) > 200
     assert Preprocessing(resize=(28, 28), mean=(0.5,), std=(0.5,)).exif_orientation is True

@@ -208,7 +208,8 @@ def test_registered_with_the_cli_while_the_service_runs_then_explained(
     assert f"registered {name}@1" in added.stdout
 
     described = checked(app, client.get(f"/v1/models/{name}")).get_json()
-    assert described["layers"] == 2 and described["grid"] == [4, 4]
+    assert described["layers"] == 2
+    assert described["grid"] == [4, 4]
     _is_the_models_own(_explained(app, client, name, photo), made, photo)
 
 

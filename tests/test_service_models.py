@@ -123,18 +123,24 @@ def test_register_through_the_api_explain_and_register_again_with_other_labels(
 ):
     job = registered(app, client, form(files, "uploaded"))
     assert job["status"] == "succeeded", job
-    assert job["kind"] == "model" and job["model"] == "uploaded@1"
+    assert job["kind"] == "model"
+    assert job["model"] == "uploaded@1"
     assert job["parameters"]["files"] == {"weights": "my_tiny.safetensors", "labels": "labels.txt"}
     result = job["result"]
-    assert result["reference"] == "uploaded@1" and result["classes"] == 3 and result["structure"]["layers"] == 2
+    assert result["reference"] == "uploaded@1"
+    assert result["classes"] == 3
+    assert result["structure"]["layers"] == 2
     assert job["links"]["model"] == "/v1/models/uploaded@1"
     assert not (settings.upload_dir / job["id"]).exists()  # the upload is removed once registered
 
     model = checked(app, client.get(job["links"]["model"])).get_json()
-    assert model["structure_source"] == "manifest" and model["family"] == result["structure"]["family"]
+    assert model["structure_source"] == "manifest"
+    assert model["family"] == result["structure"]["family"]
     assert (model["layers"], model["grid"], model["patch_size"]) == (2, [4, 4], [8, 8])
-    assert model["prefix_tokens"] == ["cls"] and model["pooling"] == "token"
-    assert model["labels"] == LABELS and model["preprocessing"]["crop"] == [32, 32]
+    assert model["prefix_tokens"] == ["cls"]
+    assert model["pooling"] == "token"
+    assert model["labels"] == LABELS
+    assert model["preprocessing"]["crop"] == [32, 32]
     assert model["preprocessing"]["source"]["crop_pct"] == 0.9  # the full preprocessing, where it came from too
 
     first = explain(app, client, "uploaded")
@@ -148,7 +154,8 @@ def test_register_through_the_api_explain_and_register_again_with_other_labels(
     assert again["result"]["weights_sha256"] == result["weights_sha256"]
     assert again["result"]["result_fingerprint"] != result["result_fingerprint"]
     relabelled = explain(app, client, "uploaded")
-    assert relabelled["cached"] is False and relabelled["id"] != first["id"], relabelled
+    assert relabelled["cached"] is False, relabelled
+    assert relabelled["id"] != first["id"], relabelled
     assert {target["label"] for target in relabelled["result"]["targets"]} <= {"ant", "bee", "cow"}
     assert [t["logit"] for t in relabelled["result"]["targets"]] == [t["logit"] for t in first["result"]["targets"]]
 
@@ -179,7 +186,8 @@ def test_a_model_added_with_the_cli_while_the_service_runs_is_explained(app, cli
     # Neither the API nor the worker was restarted or told: both catalogs find it on their own.
     body = explain(app, client, "from-cli")
     assert body["status"] == "succeeded", body
-    assert body["result"]["model"]["name"] == "from-cli" and body["model"] == "from-cli@1"
+    assert body["result"]["model"]["name"] == "from-cli"
+    assert body["model"] == "from-cli@1"
     listed = checked(app, client.get("/v1/models")).get_json()["models"]
     assert "from-cli@1" in [row["reference"] for row in listed]
 
@@ -197,8 +205,10 @@ def test_disable_a_version(app, client, running_worker, files, root):
     assert checked(app, client.get(f"/v1/explanations/{before['id']}/maps/{target}.png")).status_code == 200
 
     response = client.delete("/v1/models/retiring@1")
-    assert checked(app, response).status_code == 204 and response.data == b""
-    assert (root / "retiring" / "1" / DISABLED_FILE).is_file() and (root / "retiring" / "1" / "manifest.yaml").is_file()
+    assert checked(app, response).status_code == 204
+    assert response.data == b""
+    assert (root / "retiring" / "1" / DISABLED_FILE).is_file()
+    assert (root / "retiring" / "1" / "manifest.yaml").is_file()
     assert checked(app, client.delete("/v1/models/retiring@1")).status_code == 204  # idempotent
 
     # Its results are no longer served, and no new work is accepted for it.
@@ -211,18 +221,23 @@ def test_disable_a_version(app, client, running_worker, files, root):
 
     # The name alone is the newest version still served; the same weights there are not a cache hit.
     after = explain(app, client, "retiring", image)
-    assert after["model"] == "retiring@2" and after["cached"] is False and after["status"] == "succeeded"
+    assert after["model"] == "retiring@2"
+    assert after["cached"] is False
+    assert after["status"] == "succeeded"
 
     listed = checked(app, client.get("/v1/models")).get_json()["models"]
     [row] = [row for row in listed if row["name"] == "retiring"]
-    assert row["version"] == "2" and row["versions"] == ["2"] and row["disabled"] is False
+    assert row["version"] == "2"
+    assert row["versions"] == ["2"]
+    assert row["disabled"] is False
     everything = checked(app, client.get("/v1/models?include_disabled=true")).get_json()["models"]
     assert [(r["reference"], r["disabled"]) for r in everything if r["name"] == "retiring"] == [
         ("retiring@2", False),
         ("retiring@1", True),
     ]
     shown = checked(app, client.get("/v1/models/retiring@1?include_disabled=true")).get_json()
-    assert shown["disabled"] is True and shown["labels"] == LABELS
+    assert shown["disabled"] is True
+    assert shown["labels"] == LABELS
 
     # Enabled again by deleting the marker: served again.
     (root / "retiring" / "1" / DISABLED_FILE).unlink()
@@ -294,7 +309,8 @@ def test_an_existing_version_needs_overwrite(idle, settings, files, root):
     assert queue_depths(celery, (MODELS_QUEUE,)).get(MODELS_QUEUE, 0) == 0
 
     queued = checked(api, post_model(api.test_client(), form(files, "taken", overwrite="true"), query=""))
-    assert queued.status_code == 202 and queued.get_json()["status"] == "queued"
+    assert queued.status_code == 202
+    assert queued.get_json()["status"] == "queued"
     assert queue_depths(celery, (MODELS_QUEUE,))[MODELS_QUEUE] == 1  # on the models queue, its own
     folder = settings.upload_dir / queued.get_json()["id"]
     assert sorted(path.name for path in folder.iterdir()) == ["labels.txt", "my_tiny.safetensors"]
@@ -326,10 +342,13 @@ def test_a_model_without_a_structure_is_described_by_guesses(app, client, root, 
     manifest = read_manifest(folder / "manifest.yaml").model_copy(update={"name": "no-structure", "structure": None})
     write_manifest(manifest, folder / "manifest.yaml")
     model = checked(app, client.get("/v1/models/no-structure")).get_json()
-    assert model["structure_source"] == "guessed" and model["family"] is None
+    assert model["structure_source"] == "guessed"
+    assert model["family"] is None
     assert (model["layers"], model["grid"], model["patch_size"]) == (2, [7, 7], [4, 4])
-    assert model["prefix_tokens"] == ["cls"] and model["pooling"] == "token"
-    assert model["preprocessing"]["mean"] == [0.286] and model["framework"] == "timm"
+    assert model["prefix_tokens"] == ["cls"]
+    assert model["pooling"] == "token"
+    assert model["preprocessing"]["mean"] == [0.286]
+    assert model["framework"] == "timm"
 
 
 # -- the write routes' scope, and the API's imports --------------------------------------------------------

@@ -212,7 +212,8 @@ def test_the_model_routes_answer_as_the_contract_says(tmp_path, tiny_model_root)
     client = app.test_client()
     data = {"weights": (io.BytesIO(b"x" * 64), "w.safetensors"), "name": "fresh", "std": "0.5"}
     queued = checked(app, client.post("/v1/models", data=data, content_type="multipart/form-data"))
-    assert queued.status_code == 202 and queued.get_json()["kind"] == "model"
+    assert queued.status_code == 202
+    assert queued.get_json()["kind"] == "model"
     assert checked(app, client.get(queued.headers["Location"])).get_json()["status"] == "queued"
     data = {"weights": (io.BytesIO(b"x" * 64), "w.safetensors"), "name": TINY_MODEL}
     problem(app, client.post("/v1/models", data=data, content_type="multipart/form-data"), 409, "model_exists")

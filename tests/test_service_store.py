@@ -92,12 +92,17 @@ def test_submit_joins_in_flight_then_caches(store):
     k = key()
     first = _submit(jobs, k, queued)
     second = _submit(jobs, k, queued)
-    assert first.outcome == "queued" and second.outcome == "joined"
-    assert second.job.id == first.job.id and queued == [first.job.id]
+    assert first.outcome == "queued"
+    assert second.outcome == "joined"
+    assert second.job.id == first.job.id
+    assert queued == [first.job.id]
     finished = jobs.succeed(jobs.start(first.job), b'{"answer": 42}')
-    assert finished.status == "succeeded" and store.get(f"inflight:{k}") is None
+    assert finished.status == "succeeded"
+    assert store.get(f"inflight:{k}") is None
     third = _submit(jobs, k, queued)
-    assert third.outcome == "cached" and third.result == b'{"answer": 42}' and third.job.status == "succeeded"
+    assert third.outcome == "cached"
+    assert third.result == b'{"answer": 42}'
+    assert third.job.status == "succeeded"
     assert queued == [first.job.id]
 
 
@@ -107,9 +112,11 @@ def test_a_failed_job_is_not_joined(store):
     k = key()
     first = _submit(jobs, k, queued)
     failed = jobs.fail(first.job, "Broken", "it broke")
-    assert failed.error is not None and failed.error.title == "Broken"
+    assert failed.error is not None
+    assert failed.error.title == "Broken"
     again = _submit(jobs, k, queued)
-    assert again.outcome == "queued" and again.job.id != first.job.id
+    assert again.outcome == "queued"
+    assert again.job.id != first.job.id
 
 
 def test_a_stale_claim_is_taken_over(store):
@@ -118,7 +125,8 @@ def test_a_stale_claim_is_taken_over(store):
     store.set(f"inflight:{k}", b"vanished-job", 60)
     queued: list[str] = []
     submission = _submit(jobs, k, queued)
-    assert submission.outcome == "queued" and queued == [submission.job.id]
+    assert submission.outcome == "queued"
+    assert queued == [submission.job.id]
 
 
 class ReadsTheClaimTogether:
@@ -173,7 +181,8 @@ def test_two_submitters_that_find_the_same_stale_claim_queue_one_job(store):
         thread.join(30)
     first, second = outcomes["first"], outcomes["second"]
     assert (first.outcome, second.outcome) == ("queued", "joined")
-    assert queued == [first.job.id] and second.job.id == first.job.id
+    assert queued == [first.job.id]
+    assert second.job.id == first.job.id
     assert store.get(f"inflight:{k}") == first.job.id.encode()
 
 
@@ -278,8 +287,10 @@ def test_a_created_job_is_never_answered_from_the_cache_nor_joined(store):
     second = jobs.create(
         job_id=uuid.uuid4().hex, kind="model", model="m@1", parameters={}, enqueue=lambda j: queued.append(j.id)
     )
-    assert queued == [first.id, second.id] and second.status == "queued"
-    assert first.content_key != second.content_key and jobs.result(second.content_key) is None
+    assert queued == [first.id, second.id]
+    assert second.status == "queued"
+    assert first.content_key != second.content_key
+    assert jobs.result(second.content_key) is None
     assert jobs.result(first.content_key) == b'{"reference": "m@1"}'
 
 
@@ -346,7 +357,8 @@ def test_sqlite_writes_delete_expired_rows(tmp_path):
     time.sleep(0.9)
     store.set_if_absent("other", b"v", 60)
     assert _rows(path) == 3  # counter, long, other
-    assert store.get("long") == b"v" and store.get("counter") == b"1"
+    assert store.get("long") == b"v"
+    assert store.get("counter") == b"1"
 
 
 def test_sqlite_first_write_purges_what_an_earlier_run_left(tmp_path):

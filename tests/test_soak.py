@@ -19,9 +19,12 @@ def test_faults_are_spread_over_the_middle_of_the_run_and_interleaved():
     plan = Plan("m@1", (28, 28, "L"), minutes=10, clients=1)
     schedule = _faults(plan, worker_kills=3, redis_restarts=1)
     times = [at for at, _ in schedule]
-    assert sorted(times) == times and times[0] >= 60 and times[-1] <= 540
+    assert sorted(times) == times
+    assert times[0] >= 60
+    assert times[-1] <= 540
     assert sorted(kind for _, kind in schedule) == ["redis", "worker", "worker", "worker"]
-    assert schedule[0][1] == "worker" and schedule[-1][1] == "worker", "the Redis restart falls between kills"
+    assert schedule[0][1] == "worker", "the Redis restart falls between kills"
+    assert schedule[-1][1] == "worker", "the Redis restart falls between kills"
     assert _faults(plan, 0, 0) == []
 
 
@@ -40,8 +43,10 @@ def test_a_short_soak_with_a_worker_kill_and_a_redis_restart_loses_nothing(tmp_p
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [fault["fault"] for fault in report["plan"]["faults"]] == ["worker", "redis"]
-    assert report["accepted"] > 0 and report["succeeded"] == report["accepted"]
+    assert report["accepted"] > 0
+    assert report["succeeded"] == report["accepted"]
     assert (report["lost"], report["stuck"], report["run_twice"], report["server_errors"]) == (0, 0, 0, 0)
-    assert report["malformed"]["accepted"] == 0 and report["malformed"]["refused_4xx"] > 0
+    assert report["malformed"]["accepted"] == 0
+    assert report["malformed"]["refused_4xx"] > 0
     assert report["abuse"]["abused"]["statuses"] == {"livez 200": 40, "cache_hit 200": 40}
     assert report["abuse"]["audit_after"] == "succeeded", "the audit long-polled during the abuse finished"

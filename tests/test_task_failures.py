@@ -97,7 +97,8 @@ def test_a_failed_job_is_a_failure_acknowledged_once_and_logged_without_a_traceb
         task_postrun.disconnect(after_run)
         task_retry.disconnect(on_retry)
 
-    assert done[broken.id].status == "failed" and done[broken.id].error is not None
+    assert done[broken.id].status == "failed"
+    assert done[broken.id].error is not None
     assert done[broken.id].error.title == "The image cannot be decoded"
     assert done[fine.id].status == "succeeded"
     # What Celery (and Flower) record: FAILURE for the failed job, SUCCESS for the other, one run each.
@@ -128,8 +129,10 @@ def test_the_task_of_a_failed_job_ends_in_failure_when_run_eagerly(settings):
     task = app.tasks[EXPLAIN_TASK]
     broken = _submit(settings, NOT_AN_IMAGE, send=False)
     outcome = task.apply(args=[broken.id])
-    assert outcome.state == "FAILURE" and isinstance(outcome.result, JobFailed)
-    assert broken.id in str(outcome.result) and "The image cannot be decoded" in str(outcome.result)
+    assert outcome.state == "FAILURE"
+    assert isinstance(outcome.result, JobFailed)
+    assert broken.id in str(outcome.result)
+    assert "The image cannot be decoded" in str(outcome.result)
     # Run again (a second delivery): the job stays failed, and its task is still a failure.
     assert task.apply(args=[broken.id]).state == "FAILURE"
     fine = _submit(settings, sample_png(), send=False)

@@ -91,7 +91,8 @@ class ExplainerGraph(nn.Module):
         logits = model.forward_head(model.norm(x))
         streams = torch.stack(residual, dim=1), torch.stack(attention, dim=1), torch.stack(mlp, dim=1)
         centred = centred_stream_logits(*streams, self.centred_embedding)
-        assert centred.attention is not None and centred.mlp is not None
+        assert centred.attention is not None
+        assert centred.mlp is not None
         return logits, streams[0], centred.residual, centred.attention, centred.mlp, stream_scales(*streams, self.eps)
 
 
@@ -186,7 +187,8 @@ def torch_reference(model: VisionTransformer, images: torch.Tensor) -> Trace:
     """What the graph should return for ``images``, computed by the lens's own torch code."""
     with torch.no_grad():
         run = trace(model, images.cpu(), sublayers=True)
-        assert run.attention is not None and run.mlp is not None
+        assert run.attention is not None
+        assert run.mlp is not None
         projection = ClassProjection(model)
         centred, scales = projection.centred(run.residual, run.attention, run.mlp)
     return dataclasses.replace(run, centred=StreamLogits.split(centred, projection.spec.depth), scales=scales)

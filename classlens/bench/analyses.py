@@ -5,7 +5,7 @@ For a random-initialised timm ViT (``vit_base_patch16_224`` at 224x224 by defaul
 same machine):
 
 - ``forward``: the model's plain forward pass on every batch (no hooks, fused attention);
-- ``cka``: the full layer x layer minibatch CKA (METHODS.md section 2; all tokens
+- ``cka``: the full layer x layer minibatch CKA (docs/methods.md; all tokens
   flattened), which includes the same forward passes, every layer reduced to its U-centred
   Gram as it is produced;
 - ``attention_distance``: the mean attention distance per block and head (attention

@@ -1,4 +1,4 @@
-"""``classlens evaluate``: token-removal faithfulness of relevance maps on Fashion-MNIST (METHODS.md section 1)."""
+"""``classlens evaluate``: token-removal faithfulness of relevance maps on Fashion-MNIST (docs/methods.md)."""
 
 from __future__ import annotations
 

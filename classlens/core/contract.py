@@ -255,7 +255,7 @@ class AuditResult(_Frozen):
     aggregates: AuditAggregates
 
 
-# --- Analyses: the representation analyses of METHODS.md section 2 (and section 1's
+# --- Analyses: the representation analyses of docs/methods.md (and section 1's
 # memories and perturbations), run over a batch of images as one job. ---
 
 AnalysisKind = Literal[

@@ -1,4 +1,4 @@
-"""Mean attention distance per block and head (METHODS.md section 2; Raghu et al., NeurIPS 2021).
+"""Mean attention distance per block and head (docs/methods.md; Raghu et al., NeurIPS 2021).
 
 For block ``b`` and head ``h``: the mean over images and image-token queries ``q``
 of ``sum_k A[q, k] d(q, k)``, where ``d`` is the Euclidean distance in pixels

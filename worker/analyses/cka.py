@@ -1,4 +1,4 @@
-"""Centred kernel alignment between layers and models (METHODS.md section 2, "Linear CKA", "Minibatch CKA").
+"""Centred kernel alignment between layers and models (docs/methods.md, "Linear CKA", "Minibatch CKA").
 
 The estimator is the minibatch CKA of Nguyen, Raghu & Kornblith (2021), which
 Raghu et al. (NeurIPS 2021) use: over minibatches ``i`` of ``n >= 4`` examples,
@@ -48,7 +48,7 @@ def u_centre(gram_matrix: torch.Tensor) -> torch.Tensor:
     return centred
 
 
-def hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 (METHODS.md's names)
+def hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 (docs/methods.md's names)
     """The unbiased HSIC of two Grams, from U-centred inner products."""
     n = k.shape[0]
     return (u_centre(k) * u_centre(l)).sum() / (n * (n - 3))

@@ -1,4 +1,4 @@
-"""Figures of the representation analyses, as PNG bytes (the numbers are METHODS.md section 2's and
+"""Figures of the representation analyses, as PNG bytes (the numbers are docs/methods.md's and
 section 1's memories and perturbations; see docs/analyses.md for which figure shows what).
 
 matplotlib's object API on the Agg canvas: no pyplot, no display, no global state, so

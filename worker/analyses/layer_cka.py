@@ -1,5 +1,5 @@
 """CKA between every pair of layers, within one model or across two, and token-localisation CKA
-(METHODS.md section 2, "Minibatch CKA", "Model comparison", "Token-localisation CKA").
+(docs/methods.md, "Minibatch CKA", "Model comparison", "Token-localisation CKA").
 
 Every layer's output is reduced to its U-centred Gram the moment the pass produces it
 (:class:`worker.analyses.cka.MinibatchCKA`), so no activation outlives its batch and memory

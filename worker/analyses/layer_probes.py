@@ -1,4 +1,4 @@
-"""Per-layer linear probes next to the class-embedding projection's accuracy (METHODS.md section 2,
+"""Per-layer linear probes next to the class-embedding projection's accuracy (docs/methods.md,
 "Per-layer linear probes"; section 1, "Linear-probe comparison").
 
 For every block ``b`` a closed-form ridge probe (:mod:`worker.analyses.probes`) is fitted per

@@ -1,4 +1,4 @@
-"""Key-value memories: which MLP value vectors promote which class (METHODS.md section 1, "Key-value memories").
+"""Key-value memories: which MLP value vectors promote which class (docs/methods.md, "Key-value memories").
 
 In block ``b`` the MLP writes ``m = sum_k a_k v_k`` into the residual stream: hidden unit
 ``k``'s coefficient ``a_k`` (its *key*, the ``fc1`` pre-activation, through the activation)
@@ -10,7 +10,7 @@ read through the *linear part* of the projection ``z(v) = E F(v) + beta``: with 
 LayerNorm ``F(v) = g * (v - mean v) / s(v) + beta_F``, adding ``v`` moves the logits along
 ``E_g v`` with ``E_g = E diag(g)`` and each row centred (the norm removes the mean). Bias
 terms do not depend on ``v`` and are left out, and the per-vector scale ``1 / s`` does not
-change which class a vector promotes. Following METHODS.md, rows of ``E_g`` and value
+change which class a vector promotes. Following docs/methods.md, rows of ``E_g`` and value
 vectors are L2-normalised: ``P[c, k] = cos(E_g[c], v_k)``, in ``[-1, 1]``. For DeiT the main
 head's ``E`` is used.
 

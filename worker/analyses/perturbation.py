@@ -1,4 +1,4 @@
-"""Attention and context perturbations and what they do to class identifiability (METHODS.md section 1,
+"""Attention and context perturbations and what they do to class identifiability (docs/methods.md,
 "Attention perturbation", "Context perturbation").
 
 - ``self-only``: in every block, image tokens attend only to themselves;

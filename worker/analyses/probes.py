@@ -1,4 +1,4 @@
-"""Closed-form ridge probes per layer (METHODS.md section 2, "Per-layer linear probes", and section 1,
+"""Closed-form ridge probes per layer (docs/methods.md, "Per-layer linear probes", and section 1,
 "Linear-probe comparison").
 
 A probe maps a representation to one-hot class targets by ridge regression,

@@ -1,4 +1,4 @@
-"""The model-comparison report: one self-contained HTML page (METHODS.md section 2, "Model comparison").
+"""The model-comparison report: one self-contained HTML page (docs/methods.md, "Model comparison").
 
 Figures are embedded as ``data:`` URIs and the key numbers are plain HTML tables, so the
 page can be mailed, attached to a CI run or archived as one file. No scripts, no external

@@ -1,4 +1,4 @@
-"""Per-layer features of any timm model, layer by layer as the pass produces them (METHODS.md section 2,
+"""Per-layer features of any timm model, layer by layer as the pass produces them (docs/methods.md,
 "What is compared").
 
 Vision Transformers (timm ``VisionTransformer``): the residual stream after every block,

@@ -1,4 +1,4 @@
-"""How blocks change class evidence (METHODS.md section 1, "Categorical updates" and "Residual composition").
+"""How blocks change class evidence (docs/methods.md, "Categorical updates" and "Residual composition").
 
 Both work on the projections of the residual stream and the sublayer outputs of
 one traced pass (:mod:`worker.lens.projection`), over image tokens.
@@ -20,7 +20,8 @@ def stream_logits(
     spec = projection.spec
     with torch.no_grad():
         run = trace(model, images, sublayers=True)
-        assert run.attention is not None and run.mlp is not None
+        assert run.attention is not None
+        assert run.mlp is not None
         last = run.residual[:, -1:]
         before, after = run.residual[:, :-1], run.residual[:, 1:]
         middle = before + run.attention

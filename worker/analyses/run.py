@@ -1,6 +1,6 @@
 """One entry point for every analysis: what the CLI (``classlens analyze``) and the worker task call.
 
-The methods are those of METHODS.md section 2 (CKA, attention distance, skip ratios,
+The methods are those of docs/methods.md (CKA, attention distance, skip ratios,
 token-localisation CKA, probes, model comparison) and section 1 (key-value memories,
 attention and context perturbation); their maths lives in the modules of this package, and
 each kind's runner in :mod:`worker.analyses.kinds`. This module is the registry: it checks

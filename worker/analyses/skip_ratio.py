@@ -1,4 +1,4 @@
-"""Skip-connection ratio per block and sublayer (METHODS.md section 2; Raghu et al., NeurIPS 2021).
+"""Skip-connection ratio per block and sublayer (docs/methods.md; Raghu et al., NeurIPS 2021).
 
 ``||z|| / ||f(z)||`` with ``z`` the residual input of the branch and ``f(z)`` its
 output: for attention ``z = x_{b-1}``, ``f(z) = a_b``; for the MLP
@@ -39,7 +39,8 @@ def skip_ratios(model: VisionTransformer, batches: Iterable[torch.Tensor]) -> di
     with torch.no_grad():
         for batch in batches:
             run = trace(model, batch, sublayers=True)
-            assert run.attention is not None and run.mlp is not None
+            assert run.attention is not None
+            assert run.mlp is not None
             inputs = run.residual[:, :-1]
             middle = inputs + run.attention  # x'
             for name, residual, branch in (("attention", inputs, run.attention), ("mlp", middle, run.mlp)):

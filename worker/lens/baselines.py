@@ -1,4 +1,4 @@
-"""Relevance baselines to compare the class-embedding maps against (METHODS.md section 1, "Faithfulness").
+"""Relevance baselines to compare the class-embedding maps against (docs/methods.md, "Faithfulness").
 
 Every function returns ``[B, K, N]``, the convention of
 :func:`worker.lens.gradient.gradient_relevance`: ``targets`` is ``[B, K]`` class

@@ -1,4 +1,4 @@
-"""Token-removal faithfulness of relevance maps (METHODS.md section 1, "Faithfulness (token removal)").
+"""Token-removal faithfulness of relevance maps (docs/methods.md, "Faithfulness (token removal)").
 
 Image tokens are ordered by a relevance map and a growing share of them is
 removed from the sequence after the position embedding

@@ -1,4 +1,4 @@
-"""Gradient relevance map (METHODS.md section 1, "Gradient relevance map"; Vilas et al., NeurIPS 2023).
+"""Gradient relevance map (docs/methods.md, "Gradient relevance map"; Vilas et al., NeurIPS 2023).
 
 For every block ``b``: ``l_b = cross_entropy(z(a_b[CLS]), c)``, with one
 log-softmax (the reference code applies softmax twice; we do not). The
@@ -33,7 +33,8 @@ def gradient_relevance(images: torch.Tensor, targets: torch.Tensor, projection: 
     spec = projection.spec
     with torch.enable_grad():
         run = projection.lens.trace(images, sublayers=True, for_attention_gradients=True)
-        assert run.attention is not None and run.attention_probs is not None
+        assert run.attention is not None
+        assert run.attention_probs is not None
         main = projection.readouts[0]
         queries = slice(main.token, main.token + 1) if main.pooling == "token" else slice(spec.num_prefix, None)
         # z(a_b) read out like the last layer, [B, L, C]; the cached scale from x_L.

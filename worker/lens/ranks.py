@@ -1,4 +1,4 @@
-"""Class ranks, identifiability and the emergence layer (METHODS.md section 1).
+"""Class ranks, identifiability and the emergence layer (docs/methods.md).
 
 - ``rank_{b,t}(c)``: how many classes have a logit strictly greater than class
   ``c``'s at layer ``b``, token ``t`` (0 = top-1).

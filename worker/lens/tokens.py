@@ -1,4 +1,4 @@
-"""Run a ViT on a subset of its image tokens (METHODS.md section 1, "Context perturbation").
+"""Run a ViT on a subset of its image tokens (docs/methods.md, "Context perturbation").
 
 "Context perturbation" drops a set of image tokens from the sequence after the
 position embedding, so that every remaining token keeps its own position code

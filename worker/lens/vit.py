@@ -6,7 +6,7 @@ The representation analyses open timm ViTs directly (their hooks need timm's ``B
 and ``Attention``), so they call :func:`inspect_vit`, :func:`trace` and
 :func:`materialised_attention` of this module.
 
-Which final norm the projection applies (METHODS.md, "Notation" and "Final norm before
+Which final norm the projection applies (docs/methods.md, "Notation" and "Final norm before
 pooling"): timm builds at most one of ``model.norm`` (on every token, before pooling)
 and ``model.fc_norm`` (on the pooled vector). CLS models normally have ``norm``, GAP
 models ``fc_norm``; ``fc_norm=False`` on a GAP model (``vit_base_patch16_gap_224``) keeps

@@ -1,4 +1,4 @@
-"""``attention-distance``: the mean attention distance of every head of a ViT, in pixels (METHODS.md section 2)."""
+"""``attention-distance``: the mean attention distance of every head of a ViT, in pixels (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``cka``: minibatch CKA between every pair of layers of one model, or of two (METHODS.md section 2)."""
+"""``cka``: minibatch CKA between every pair of layers of one model, or of two (docs/methods.md)."""
 
 from __future__ import annotations
 

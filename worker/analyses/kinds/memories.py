@@ -1,6 +1,6 @@
 """``memories``: the MLP value vectors of a ViT that promote a class, trained against a random-initialised copy.
 
-METHODS.md section 1: key-value memories, scored against the class directions of the
+docs/methods.md: key-value memories, scored against the class directions of the
 class embedding.
 """
 

@@ -1,6 +1,6 @@
 """``perturb``: how identifiable the class stays at image tokens when attention or context is taken away.
 
-METHODS.md section 1: self-only attention, no attention to prefix tokens, and a region of
+docs/methods.md: self-only attention, no attention to prefix tokens, and a region of
 the token grid dropped from the context.
 """
 

@@ -1,4 +1,4 @@
-"""``residual``: categorical updates and residual composition per block of a ViT (METHODS.md section 1).
+"""``residual``: categorical updates and residual composition per block of a ViT (docs/methods.md).
 
 Image-weighted means over the batches, of the per-batch values of
 :mod:`worker.analyses.residual`; one traced pass per batch serves both.
