@@ -1,5 +1,6 @@
 """The lens on random-initialised timm ViTs: identities, shapes, ranks, gradient map, errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,13 @@ from worker import random_models
 from worker.analyses.memories import class_directions
 from worker.lens.explain import ExplainError, explain, resolve_targets
 from worker.lens.gradient import gradient_relevance
-from worker.lens.projection import ClassProjection, ProjectionSettings, centred_embedding
+from worker.lens.projection import (
+    CentredStreams,
+    ClassProjection,
+    ProjectionSettings,
+    StreamLogits,
+    centred_embedding,
+)
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
 from worker.lens.vit import UnsupportedModelError, inspect_vit, materialised_attention, trace
 
@@ -132,6 +139,25 @@ def test_centred_embedding_is_the_linear_part_of_the_projection_for_the_lens_and
     rms = torch.nn.RMSNorm(4)
     weight = torch.randn(3, 4)
     assert torch.equal(centred_embedding(weight, rms), weight * rms.weight)  # no mean subtracted, none removed
+
+
+def test_a_trace_s_centred_products_are_finished_into_logits_once():
+    """``E_c v`` and the logits finished from it are two types; the trace gives its products up to the logits."""
+    model = tiny_vit()
+    projection = ClassProjection(model)
+    with torch.no_grad():
+        run = trace(model, images_for(model))
+        expected = projection.streams(run.residual, run.attention, run.mlp)
+        centred, scales = projection.centred(run.residual, run.attention, run.mlp)
+        products = CentredStreams.split(centred, projection.spec.depth)
+        from_graph = dataclasses.replace(run, attention=None, mlp=None, centred=products, scales=scales)
+        logits = projection.of_trace(from_graph)
+        assert isinstance(logits, StreamLogits) and not isinstance(products, StreamLogits)
+        assert torch.allclose(torch.cat(logits.parts(), dim=1), expected, atol=1e-5)
+        assert from_graph.centred is None, "the products are the logits' memory now"
+        with pytest.raises(ValueError, match="already finished"):
+            projection.of_trace(from_graph)
+    assert not hasattr(products, "ranks")
 
 
 def test_class_rank_split_over_threads_equals_the_plain_count():

@@ -23,7 +23,7 @@ import torch
 from model_store.artifacts import ArtifactError
 from model_store.catalog import ModelEntry
 from model_store.manifest import ONNX_EXPLAINER
-from worker.lens.projection import StreamLogits
+from worker.lens.projection import CentredStreams
 from worker.lens.vit import Trace
 from worker.onnx_export import GRAPH_LAYOUT, INPUT_NAME, OUTPUT_NAMES
 
@@ -139,5 +139,5 @@ class OnnxExplainer:
         logits, residual, centred_residual, attention, mlp, scales = (
             torch.from_numpy(np.asarray(output)).to(self.device) for output in outputs
         )
-        centred = StreamLogits(centred_residual, attention, mlp)
+        centred = CentredStreams(centred_residual, attention, mlp)
         return Trace(logits, residual, None, None, None, centred=centred, scales=scales)

@@ -36,7 +36,7 @@ from torch import nn
 from model_store.artifacts import describe_file
 from model_store.catalog import BUNDLED_SAMPLES, ModelEntry, record_artifact
 from model_store.manifest import ONNX_EXPLAINER
-from worker.lens.projection import ClassProjection, StreamLogits, centred_stream_logits, stream_scales
+from worker.lens.projection import CentredStreams, ClassProjection, centred_stream_logits, stream_scales
 from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def torch_reference(model: VisionTransformer, images: torch.Tensor) -> Trace:
         assert run.mlp is not None
         projection = ClassProjection(model)
         centred, scales = projection.centred(run.residual, run.attention, run.mlp)
-    return dataclasses.replace(run, centred=StreamLogits.split(centred, projection.spec.depth), scales=scales)
+    return dataclasses.replace(run, centred=CentredStreams.split(centred, projection.spec.depth), scales=scales)
 
 
 def verify_explainer(model: VisionTransformer, path: Path, images: torch.Tensor, top_k: int = 3) -> Agreement:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # the projection imports this module
-    from worker.lens.projection import StreamLogits
+    from worker.lens.projection import CentredStreams
 
 # How the read-out reduces a token sequence to one vector (timm's ``global_pool`` names).
 Pooling = Literal["token", "avg", "max", "avgmax"]
@@ -99,9 +99,9 @@ class Trace:
     mlp: torch.Tensor | None  # [B, L, T, D]: m_b
     attention_probs: list[torch.Tensor] | None  # L x [B, H, T, T]
     # An ONNX explainer graph projects in the graph (worker.onnx_export.ExplainerGraph) and returns,
-    # instead of the sublayers, E_c v of every stream (a worker.lens.projection.StreamLogits) and
+    # instead of the sublayers, E_c v of every stream (a worker.lens.projection.CentredStreams) and
     # the norm's scale s(v) of every stream, [B, S, T] in the order x, a, m.
-    centred: StreamLogits | None = None
+    centred: CentredStreams | None = None
     scales: torch.Tensor | None = None
 
 

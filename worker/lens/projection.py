@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,32 +54,46 @@ class ProjectionSettings:
 
 
 @dataclass(frozen=True)
-class StreamLogits:
-    """Logits at every token of each kind of stream (or, before :meth:`ClassProjection.finish`, ``E_c v``).
+class Streams:
+    """One tensor per kind of stream, each ``[B, S_kind, ...]``: the residual stream and, when traced, the sublayers.
 
-    Three tensors rather than one ``[B, S, T, C]``: an ONNX explainer graph returns them as
-    its products leave the matrix multiplications, and joining them would copy all of them
-    (measured: 4-5 ms of vit_base's 120 ms graph). Torch's own pass returns views of one buffer.
+    Three tensors rather than one ``[B, S, ...]``: an ONNX explainer graph returns them as
+    its products leave the matrix multiplications, and joining them would copy all of them.
+    Torch's own pass returns views of one buffer (:meth:`split`).
     """
 
-    residual: torch.Tensor  # [B, L + 1, T, C]: x_0 .. x_L
-    attention: torch.Tensor | None = None  # [B, L, T, C]: a_1 .. a_L
-    mlp: torch.Tensor | None = None  # [B, L, T, C]: m_1 .. m_L
+    residual: torch.Tensor  # [B, L + 1, ...]: x_0 .. x_L
+    attention: torch.Tensor | None = None  # [B, L, ...]: a_1 .. a_L
+    mlp: torch.Tensor | None = None  # [B, L, ...]: m_1 .. m_L
 
     def parts(self) -> list[torch.Tensor]:
         """The tensors in the streams' order (``x``, then ``a``, then ``m``), the sublayers when present."""
         return [part for part in (self.residual, self.attention, self.mlp) if part is not None]
 
-    def ranks(self, targets: torch.Tensor) -> torch.Tensor:
-        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`)."""
-        return torch.cat([class_rank(part, targets) for part in self.parts()], dim=2)
-
     @classmethod
-    def split(cls, whole: torch.Tensor, depth: int) -> StreamLogits:
+    def split(cls, whole: torch.Tensor, depth: int) -> Self:
         """Views of a tensor whose dimension 1 runs over the streams (``[B, S, ...]``), one per kind of stream."""
         if whole.shape[1] == depth + 1:
             return cls(whole)
         return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :])
+
+
+@dataclass(frozen=True)
+class CentredStreams(Streams):
+    """``E_c v`` ``[B, S_kind, T, C]`` at every token of each kind of stream: the settings-free half of the projection.
+
+    What :meth:`ClassProjection.centred` and an ONNX explainer graph compute;
+    :meth:`ClassProjection.of_trace` turns it into :class:`StreamLogits` (:meth:`ClassProjection.finish`).
+    """
+
+
+@dataclass(frozen=True)
+class StreamLogits(Streams):
+    """The logits ``[B, S_kind, T, C]`` at every token of each kind of stream, under a projection's settings."""
+
+    def ranks(self, targets: torch.Tensor) -> torch.Tensor:
+        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`)."""
+        return torch.cat([class_rank(part, targets) for part in self.parts()], dim=2)
 
 
 class ClassProjection:
@@ -137,14 +151,24 @@ class ClassProjection:
         return self.finish(centred, scales, scales[:, self.spec.depth : self.spec.depth + 1])
 
     def of_trace(self, run: Trace, sublayers: bool = True) -> StreamLogits:
-        """The stream logits of a trace; finished from the graph's centred products when it has them."""
-        if run.centred is None or run.scales is None:
+        """The stream logits of a trace; finished from the graph's centred products when it has them.
+
+        Those products are finished in place (:meth:`finish`), so the trace gives them up: its
+        ``centred`` is None afterwards, and its memory is the returned logits'. Finishing one
+        trace twice is an error rather than an answer computed from logits taken for ``E_c v``.
+        """
+        if run.centred is None:
+            if run.scales is not None:
+                raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
             return StreamLogits.split(self.streams(run.residual, attention, mlp), self.spec.depth)
+        if run.scales is None:
+            raise ValueError("a trace with E_c v products needs their scales s(v)")
+        centred, run.centred = run.centred, None
         depth = self.spec.depth
         last = run.scales[:, depth : depth + 1]
-        parts = run.centred.parts() if sublayers else [run.centred.residual]
-        scales = StreamLogits.split(run.scales, depth).parts()[: len(parts)]
+        parts = centred.parts() if sublayers else [centred.residual]
+        scales = Streams.split(run.scales, depth).parts()[: len(parts)]
         return StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
 
     def centred(
@@ -247,17 +271,17 @@ def centred_embedding(weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 def centred_stream_logits(
     residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor, weight: torch.Tensor
-) -> StreamLogits:
+) -> CentredStreams:
     """:meth:`ClassProjection.centred`'s products as functional expressions, for graph export.
 
     ``weight`` is ``E_c`` ``[C, D]``. The residual streams' ``E_c x_b`` are running sums of
     ``E_c x_0`` and the sublayers' products. Three products, not one over the streams
-    stacked: slicing one product apart would copy it (measured: 4-5 ms on vit_base).
+    stacked: slicing one product apart would copy it.
     """
     first = residual[:, :1] @ weight.T  # [B, 1, T, C]
     attention_logits, mlp_logits = attention @ weight.T, mlp @ weight.T  # [B, L, T, C] each
     running = first + torch.cumsum(attention_logits + mlp_logits, dim=1)
-    return StreamLogits(torch.cat([first, running], dim=1), attention_logits, mlp_logits)
+    return CentredStreams(torch.cat([first, running], dim=1), attention_logits, mlp_logits)
 
 
 def stream_scales(residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor, eps: float) -> torch.Tensor:
