@@ -58,7 +58,8 @@ def test_last_layer_projection_of_the_pooled_representation_equals_the_logits(na
     images = images_for(model)
     spec = inspect_vit(model)
     _, prefix, pooling = ARCHITECTURES[name]
-    assert spec.prefix_tokens == prefix and spec.pooling == pooling
+    assert spec.prefix_tokens == prefix
+    assert spec.pooling == pooling
     with torch.no_grad():
         run = trace(model, images)
         logits = model(images)
@@ -152,7 +153,8 @@ def test_a_trace_s_centred_products_are_finished_into_logits_once():
         products = CentredStreams.split(centred, projection.spec.depth)
         from_graph = dataclasses.replace(run, attention=None, mlp=None, centred=products, scales=scales)
         logits = projection.of_trace(from_graph)
-        assert isinstance(logits, StreamLogits) and not isinstance(products, StreamLogits)
+        assert isinstance(logits, StreamLogits)
+        assert not isinstance(products, StreamLogits)
         assert torch.allclose(torch.cat(logits.parts(), dim=1), expected, atol=1e-5)
         assert from_graph.centred is None, "the products are the logits' memory now"
         with pytest.raises(ValueError, match="already finished"):
@@ -248,7 +250,8 @@ def test_hooks_and_fused_attention_are_restored_even_when_the_pass_fails():
         trace(model, images_for(model), attention_probs=True, for_attention_gradients=True)
     failing.remove()
     for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert not module._forward_hooks
+        assert not module._forward_pre_hooks
     assert [block.attn.fused_attn for block in model.blocks] == fused
 
 
@@ -289,8 +292,10 @@ def test_explain_results_targets_and_one_forward_pass_for_many_targets():
     assert Explanation.model_validate(json.loads(result.model_dump_json())) == result
     assert [t.index for t in result.targets] == [p.index for p in result.prediction[:5]]
     target = result.targets[0]
-    assert target.rank == 0 and set(target.projection_maps) == {"0", "3"}
-    assert len(target.projection_maps["3"]) == 4 and len(target.projection_maps["3"][0]) == 4
+    assert target.rank == 0
+    assert set(target.projection_maps) == {"0", "3"}
+    assert len(target.projection_maps["3"]) == 4
+    assert len(target.projection_maps["3"][0]) == 4
     assert len(target.pooled_ranks) == len(target.residual.image_identifiability) == 4
     assert len(target.attention.image_identifiability) == len(target.mlp.prefix_ranks["cls"]) == 3
     assert target.pooled_ranks == target.residual.prefix_ranks["cls"]  # CLS model: pooled = CLS token

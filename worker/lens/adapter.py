@@ -1,6 +1,6 @@
 """What the lens needs of a model family, and the one traced forward pass built on it.
 
-Notation follows METHODS.md ("Notation"): ``P`` prefix tokens, ``N = h*w`` image
+Notation follows docs/methods.md ("Notation"): ``P`` prefix tokens, ``N = h*w`` image
 tokens, ``L`` pre-norm blocks with ``x' = x + a_b`` and ``x_b = x' + m_b``.
 
 The projection, ranks, maps and gradient map are written once, against
@@ -89,7 +89,7 @@ class Readout:
 class Trace:
     """Everything one forward pass exposes, for a batch of ``B`` images.
 
-    ``T = P + N`` tokens. Block ``b`` (1-based in METHODS.md) is index ``b - 1``
+    ``T = P + N`` tokens. Block ``b`` (1-based in docs/methods.md) is index ``b - 1``
     of ``attention`` and ``mlp``, and index ``b`` of ``residual`` (index 0 is ``x_0``).
     """
 
@@ -182,7 +182,7 @@ class LensModel(ABC):
     Attributes every family sets:
 
     - ``spec``: prefix tokens, grid, depth, width, classes, heads, pooling;
-    - ``final_norm``: ``F`` of the projection (METHODS.md: ``model.norm`` for CLS models,
+    - ``final_norm``: ``F`` of the projection (docs/methods.md: ``model.norm`` for CLS models,
       ``fc_norm`` for GAP models; whichever the model applies);
     - ``norm_before_pool``: ``F`` runs on every token before pooling (timm GAP models with
       ``fc_norm=False``), rather than on the pooled vector;

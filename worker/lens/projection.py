@@ -1,4 +1,4 @@
-"""Class-embedding projection (METHODS.md section 1, "Projection"; Vilas et al., NeurIPS 2023).
+"""Class-embedding projection (docs/methods.md, "Projection"; Vilas et al., NeurIPS 2023).
 
 ``z(v) = E F(v) + beta``: the classifier's class embeddings ``E = head.weight``
 applied to any ``D``-vector after the model's final norm ``F`` (whichever norm the
@@ -245,7 +245,7 @@ class ClassProjection:
         """One head's read-out of ``[..., T, D]``: the norm on every token then pooling, or pooling then the norm.
 
         With the norm before a mean, the result is the mean of the per-token projections
-        (the head is linear): METHODS.md's identity for ``fc_norm=False`` GAP models.
+        (the head is linear): docs/methods.md's identity for ``fc_norm=False`` GAP models.
         """
         if self.norm_before_pool:
             return self._linear(readout.head, readout.pool(self.normalise(tokens, last_layer)))
