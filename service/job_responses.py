@@ -10,13 +10,14 @@ submission names its model: an unknown one and a disabled one are each a 422 of 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, jsonify, request, url_for
 
 from classlens.core.contract import TERMINAL_STATUSES, Job, JobKind
 from model_store.catalog import ModelDisabledError, ModelEntry, ModelNotFoundError
-from service.app import Services
+from service.app import Services, services
 from service.auth import may_see
 from service.errors import Problem
 
@@ -106,3 +107,38 @@ def job_response(
     response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
     response.headers["Location"] = url_for(endpoint, id=job.id)
     return response
+
+
+@dataclass(frozen=True)
+class JobResource:
+    """One job kind as an HTTP resource: how its jobs are found, shown and long-polled.
+
+    Each route module declares its kind once (``AUDITS = JobResource("audit", ...)``) and keeps
+    only what is its own: how a job is submitted, and its downloads.
+    """
+
+    kind: JobKind
+    noun: str  # how errors name a job of this kind ("audit", "explanation job")
+    view: JobView
+    endpoint: str  # the route that answers GET /<id> (the Location of every response)
+
+    def find(self, parts: Services, job_id: str) -> Job:
+        return find_job(parts, job_id, self.kind, self.noun)
+
+    def respond(
+        self, parts: Services, job: Job, *, cached: bool = False, status: int | None = None, result: bytes | None = None
+    ) -> Response:
+        return job_response(
+            parts, job, self.view, self.endpoint, self.noun, cached=cached, status=status, result=result
+        )
+
+    def finished(self, parts: Services, job_id: str) -> tuple[Job, bytes]:
+        """A job of this kind that must have succeeded, with its result (409 while not, 410 expired)."""
+        job = self.find(parts, job_id)
+        return job, finished_result(parts, job, self.noun)
+
+    def polled(self, job_id: str) -> Response:
+        """``GET /<id>``: the job, long-polled for up to ``?wait=`` seconds, always 200."""
+        parts = services()
+        job = parts.jobs.wait(self.find(parts, job_id), wait_seconds(parts))
+        return self.respond(parts, job, status=200)

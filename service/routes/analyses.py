@@ -31,7 +31,6 @@ from classlens.core.contract import (
     ANALYSIS_RULES,
     AnalysisRequest,
     AnalysisRules,
-    Job,
     analysis_kinds,
 )
 from classlens.core.jobs import content_key
@@ -41,12 +40,13 @@ from service.app import Services, services
 from service.audit_input import AuditInput, resolve_labels, uploads_from_form, uploads_from_json
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
 from service.errors import Problem
-from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
+from service.job_responses import JobResource, finished_result, resolve_model
 from service.model_info import model_info
 from service.params import invalid_parameters, require
 from service.views import REPORT, analysis_view
 
 blueprint = Blueprint("analyses", __name__, url_prefix="/v1/analyses")
+ANALYSES = JobResource("analysis", "analysis", analysis_view, "analyses.get_analysis")
 
 # Which kind takes what is the kinds' rules table (ANALYSIS_RULES), which the worker checks again.
 TAKES_SECOND_MODEL = analysis_kinds(lambda rules: rules.second_model != "never")
@@ -202,7 +202,7 @@ def _submit(parts: Services) -> Response:
         time_limit_s=settings.analysis_time_limit_s,
         images_counter=parts.metrics.analysis_images,
     )
-    return _respond(parts, job, cached=cached)
+    return ANALYSES.respond(parts, job, cached=cached)
 
 
 @blueprint.post("")
@@ -212,25 +212,15 @@ def create_analysis() -> Response:
     return counting_rejections(parts.metrics.rejected_analyses, lambda: _submit(parts))
 
 
-def _job(parts: Services, job_id: str) -> Job:
-    return find_job(parts, job_id, "analysis", "analysis")
-
-
-def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | None = None) -> Response:
-    return job_response(parts, job, analysis_view, "analyses.get_analysis", "analysis", cached=cached, status=status)
-
-
 @blueprint.get("/<id>")
 def get_analysis(id: str) -> Response:
     """The analysis with its progress ``{done, total}`` while it runs, and its result once it has succeeded."""
-    parts = services()
-    job = parts.jobs.wait(_job(parts, id), wait_seconds(parts))
-    return _respond(parts, job, status=200)
+    return ANALYSES.polled(id)
 
 
 def _figure(parts: Services, job_id: str, name: str) -> bytes:
     """The bytes of one figure of a succeeded analysis (``REPORT``: the HTML report); 404 without it, 410 expired."""
-    job = _job(parts, job_id)
+    job = ANALYSES.find(parts, job_id)
     figures: dict[str, str] = json.loads(finished_result(parts, job, "analysis")).get("figures", {})
     if name == REPORT and name not in figures:
         raise Problem(404, "No report", f"analysis {job.id} has no report (compare has one)", problem="no_report")
@@ -253,7 +243,7 @@ def get_figure(id: str, name: str) -> Response:
     """One figure as PNG, as the worker drew it (the HTML report is not one: see ``report.html``)."""
     parts = services()
     if name == REPORT:
-        _job(parts, id)  # an unknown analysis is still a 404 unknown_job
+        ANALYSES.find(parts, id)  # an unknown analysis is still a 404 unknown_job
         where = url_for("analyses.get_report", id=id)
         raise Problem(
             404, "Unknown figure", f"the report is not a PNG figure: it is HTML, at {where}", problem="unknown_figure"

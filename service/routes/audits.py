@@ -18,19 +18,20 @@ from typing import Any
 from flask import Blueprint, Response
 
 from classlens.core.capabilities import EXPLAIN_NEEDS
-from classlens.core.contract import ExplainRequest, Job
+from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import content_key
 from classlens.core.queue import AUDIT_TASK
 from classlens.core.requests import RequestError
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
-from service.job_responses import find_job, finished_result, job_response, resolve_model, wait_seconds
+from service.job_responses import JobResource, resolve_model
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request, require
 from service.views import audit_view
 
 blueprint = Blueprint("audits", __name__, url_prefix="/v1/audits")
+AUDITS = JobResource("audit", "audit", audit_view, "audits.get_audit")
 
 # The columns of rows.csv: every scalar of an AuditRow (the per-layer locations stay in the JSON).
 CSV_COLUMNS = (
@@ -100,7 +101,7 @@ def _submit(parts: Services) -> Response:
         time_limit_s=settings.audit_time_limit_s,
         images_counter=parts.metrics.audit_images,
     )
-    return _respond(parts, job, cached=cached)
+    return AUDITS.respond(parts, job, cached=cached)
 
 
 @blueprint.post("")
@@ -110,25 +111,10 @@ def create_audit() -> Response:
     return counting_rejections(parts.metrics.rejected_audits, lambda: _submit(parts))
 
 
-def _job(parts: Services, job_id: str) -> Job:
-    return find_job(parts, job_id, "audit", "audit")
-
-
-def _respond(parts: Services, job: Job, *, cached: bool = False, status: int | None = None) -> Response:
-    return job_response(parts, job, audit_view, "audits.get_audit", "audit", cached=cached, status=status)
-
-
-def _finished_result(parts: Services, job_id: str) -> tuple[Job, bytes]:
-    job = _job(parts, job_id)
-    return job, finished_result(parts, job, "audit")
-
-
 @blueprint.get("/<id>")
 def get_audit(id: str) -> Response:
     """The audit with its progress ``{done, total}`` while it runs, and its result once it has succeeded."""
-    parts = services()
-    job = parts.jobs.wait(_job(parts, id), wait_seconds(parts))
-    return _respond(parts, job, status=200)
+    return AUDITS.polled(id)
 
 
 # A cell a spreadsheet would read as a formula (or, after a tab or CR, as the start of one).
@@ -176,11 +162,11 @@ def _attachment(body: str | bytes, mimetype: str, filename: str) -> Response:
 
 @blueprint.get("/<id>/rows.csv")
 def get_rows_csv(id: str) -> Response:
-    job, result = _finished_result(services(), id)
+    job, result = AUDITS.finished(services(), id)
     return _attachment(rows_csv(json.loads(result)), "text/csv", f"audit-{job.id}-rows.csv")
 
 
 @blueprint.get("/<id>/report.json")
 def get_report(id: str) -> Response:
-    job, result = _finished_result(services(), id)
+    job, result = AUDITS.finished(services(), id)
     return _attachment(result, "application/json", f"audit-{job.id}-report.json")

@@ -24,34 +24,16 @@ from classlens.core.render import render_overlay, to_png_bytes
 from classlens.core.requests import ClassNames, RequestError, parse_class
 from model_store.catalog import ModelNotFoundError
 from service import quotas
-from service.app import Services, services
+from service.app import services
 from service.batches import read_input
 from service.decoding import check_decodable, with_decoded
-from service.job_responses import find_job, job_response, resolve_model, stored_result, wait_seconds
+from service.job_responses import JobResource, resolve_model, stored_result, wait_seconds
 from service.model_info import model_info
 from service.params import ExplainInput, canonical_request, from_form, from_json, require
 from service.views import job_view
 
 blueprint = Blueprint("explanations", __name__, url_prefix="/v1/explanations")
-
-
-def _job(parts: Services, job_id: str) -> Job:
-    return find_job(parts, job_id, "explanation", "explanation job")
-
-
-def _respond(
-    parts: Services, job: Job, *, cached: bool = False, status: int | None = None, result: bytes | None = None
-) -> Response:
-    return job_response(
-        parts,
-        job,
-        job_view,
-        "explanations.get_explanation",
-        "explanation job",
-        cached=cached,
-        status=status,
-        result=result,
-    )
+EXPLANATIONS = JobResource("explanation", "explanation job", job_view, "explanations.get_explanation")
 
 
 @blueprint.post("")
@@ -97,14 +79,12 @@ def create_explanation() -> Response:
     job = submission.job
     if submission.outcome != "cached":
         job = parts.jobs.wait(job, wait_seconds(parts))
-    return _respond(parts, job, cached=submission.cached, result=submission.result)
+    return EXPLANATIONS.respond(parts, job, cached=submission.cached, result=submission.result)
 
 
 @blueprint.get("/<id>")
 def get_explanation(id: str) -> Response:
-    parts = services()
-    job = parts.jobs.wait(_job(parts, id), wait_seconds(parts))
-    return _respond(parts, job, status=200)
+    return EXPLANATIONS.polled(id)
 
 
 def _target(explanation: dict[str, Any], target: str) -> dict[str, Any]:
@@ -136,7 +116,7 @@ def _map_of(explanation: dict[str, Any], target: dict[str, Any], kind: str) -> t
 def get_map(id: str, target: str) -> Response:
     """One target's map over the image as the network saw it, rendered here (no torch needed)."""
     parts = services()
-    job = _job(parts, id)
+    job = EXPLANATIONS.find(parts, id)
     if job.status != "succeeded":
         raise RequestError("not_ready", f"job {job.id} is {job.status}", "Job not succeeded")
     explanation = json.loads(stored_result(parts, job, "explanation job") or b"{}")

@@ -43,7 +43,7 @@ from service import quotas
 from service.app import Services, services
 from service.auth import MODELS_WRITE, requires_scope
 from service.errors import Problem
-from service.job_responses import find_job, job_response, wait_seconds
+from service.job_responses import JobResource, wait_seconds
 from service.model_info import detail, summary
 from service.views import model_job_view
 
@@ -254,21 +254,25 @@ def add_model() -> Response:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     parts.metrics.submissions.labels("model", "queued").inc()
-    return _respond(parts, parts.jobs.wait(job, wait_seconds(parts)))
+    return REGISTRATIONS.respond(parts, parts.jobs.wait(job, wait_seconds(parts)))
 
 
-def _respond(parts: Services, job: Job, *, status: int | None = None) -> Response:
-    if job.status == "succeeded":
-        parts.catalog.refresh()  # the client's next request names the new version: serve it at once
-    return job_response(parts, job, model_job_view, "models.get_model_job", "model registration", status=status)
+class _Registrations(JobResource):
+    def respond(
+        self, parts: Services, job: Job, *, cached: bool = False, status: int | None = None, result: bytes | None = None
+    ) -> Response:
+        if job.status == "succeeded":
+            parts.catalog.refresh()  # the client's next request names the new version: serve it at once
+        return super().respond(parts, job, cached=cached, status=status, result=result)
+
+
+REGISTRATIONS = _Registrations("model", "model registration", model_job_view, "models.get_model_job")
 
 
 @blueprint.get("/jobs/<id>")
 def get_model_job(id: str) -> Response:
     """A registration job; long-poll it with ``?wait=``. A failed one says why in its ``error``."""
-    parts = services()
-    job = parts.jobs.wait(find_job(parts, id, "model", "model registration"), wait_seconds(parts))
-    return _respond(parts, job, status=200)
+    return REGISTRATIONS.polled(id)
 
 
 # -- disabling ---------------------------------------------------------------------------------------------
