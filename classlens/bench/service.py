@@ -45,7 +45,7 @@ from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import InputSpec
 from service.model_info import model_info
 from service.params import canonical_request
-from worker.runtime import LoadedModel, default_device, load
+from worker.runtime import LoadedViT, default_device, load
 
 LOOPBACK = "127.0.0.1"
 RANDOM_VIT = "vit_small_patch16_224"
@@ -301,7 +301,7 @@ class Client:
 # --- the three measurements ------------------------------------------------------------------------
 
 
-def raw_throughput(loaded: LoadedModel, request: ExplainRequest, images: Sequence[bytes]) -> dict[str, Any]:
+def raw_throughput(loaded: LoadedViT, request: ExplainRequest, images: Sequence[bytes]) -> dict[str, Any]:
     """Decode and explain each image alone, as the worker's task does (one warm-up call first, untimed)."""
     [warmup] = noise_pngs(loaded.entry.manifest.input, 1, _WARMUP_SEED)
     loaded.explain([decode_image(warmup)], request)
