@@ -157,11 +157,10 @@ def _tail(log: Path, chars: int = 3000) -> str:
 
 @dataclass
 class Service:
-    """The running service: where the API answers, the worker's torch threads, and the logs."""
+    """The running service: where the API answers, and the logs."""
 
     host: str
     port: int
-    worker_threads: int
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -239,7 +238,7 @@ def running_service(
         "CLASSLENS_BATCH_MAX": str(batch_max),
     }
     cli = [sys.executable, "-m", "classlens.cli"]
-    service = Service(LOOPBACK, api_port, threads)
+    service = Service(LOOPBACK, api_port)
     with contextlib.ExitStack() as stack:
         redis_args = ["--port", str(redis_port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
         _spawn(service, "redis-server", [binary, *redis_args], env, work, stack)
