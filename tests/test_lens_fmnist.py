@@ -35,7 +35,7 @@ def true_class_identifiability(loaded: LoadedModel, batch: torch.Tensor, labels:
             by_class.setdefault(int(label), []).append(offset)
         for label, offsets in by_class.items():
             request = ExplainRequest(targets=[label], sublayers=False)
-            for result in explain(loaded.model, chunk[offsets], loaded.labels, request, loaded.ref):
+            for result in explain(loaded.network, chunk[offsets], loaded.labels, request, loaded.ref):
                 per_image.append(result.targets[0].residual.image_identifiability)
     return np.asarray(per_image).mean(axis=0)
 
@@ -74,9 +74,9 @@ def test_random_initialised_copy_stays_at_chance(fmnist):
 def faithfulness(fmnist):
     loaded, batch, labels = fmnist
     count = 500
-    methods = relevance_methods(loaded.model, len(loaded.model.blocks), "logit", seed=0)
+    methods = relevance_methods(loaded.network, len(loaded.network.blocks), "logit", seed=0)
     chosen = {name: methods[name] for name in ("projection", "gradient", "random")}
-    return evaluate_methods(loaded.model, batch[:count], torch.from_numpy(labels[:count]), chosen, batch_size=250)
+    return evaluate_methods(loaded.network, batch[:count], torch.from_numpy(labels[:count]), chosen, batch_size=250)
 
 
 def area(results, method, direction):

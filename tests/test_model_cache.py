@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from model_store.catalog import Catalog, ModelChangedError, ModelDisabledError
 from model_store.sources import ModelSources, RegisterOptions
+from worker.lens.adapter import UnsupportedModelError
 from worker.random_models import random_vit
 from worker.registration import register
-from worker.runtime import ModelCache
+from worker.runtime import LoadedModel, LoadedViT, ModelCache
 
 CPU = torch.device("cpu")
 ARCHITECTURE = "vit_tiny_patch16_224"
@@ -146,3 +147,19 @@ def test_a_disabled_model_is_refused_and_dropped(store, tmp_path, caplog):
     cache.get("stays")
     assert cache.references == ["stays@1"]
     assert any(m.startswith("evicted soon-off@1") and m.endswith("disabled") for m in _evictions(caplog))
+
+
+def test_a_cnn_is_a_loaded_model_and_only_a_vit_explains(bundled_catalog):
+    """A model loaded for the analyses alone does not pass for one that the lens can explain."""
+    cache = ModelCache(bundled_catalog, CPU, onnx="off")
+    cnn = cache.get("fmnist-resnet@1", require_vit=False)
+    assert type(cnn) is LoadedModel
+    assert not hasattr(cnn, "explain")
+    assert not hasattr(cnn, "spec")
+    assert type(cnn.network).__name__ == "ResNet"
+    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+        cache.get("fmnist-resnet@1")  # cached for an analysis, still refused for explaining
+    vit = cache.get("fmnist-vit@1", require_vit=False)
+    assert isinstance(vit, LoadedViT)
+    assert vit.spec.depth == len(vit.timm_vit.blocks)
+    assert cache.get("fmnist-vit@1") is vit

@@ -34,7 +34,7 @@ from worker.lens.explain import explain
 from worker.lens.projection import ClassProjection, ProjectionSettings
 from worker.lens.ranks import class_rank
 from worker.lens.vit import Trace, trace
-from worker.runtime import LoadedModel, ModelCache, load
+from worker.runtime import LoadedViT, ModelCache, load
 
 RGB_MODEL = "tiny-rgb"
 RGB_LABELS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
@@ -152,7 +152,7 @@ def _compare(onnx: list[Explanation], torch_: list[Explanation]) -> None:
                 assert np.abs(np.array(values) - np.array(w.projection_maps[layer])).max() <= MAP_TOLERANCE
 
 
-def _both(entry: ModelEntry) -> tuple[LoadedModel, LoadedModel]:
+def _both(entry: ModelEntry) -> tuple[LoadedViT, LoadedViT]:
     """The model with its explainer graph, and the same model explaining with torch."""
     with_onnx = load(entry, CPU, onnx="auto")
     assert with_onnx.onnx is not None

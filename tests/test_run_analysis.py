@@ -78,10 +78,10 @@ def test_residual_analyses_are_image_weighted_means_of_the_library_values(models
     images, truth = samples
     data = run("residual", [loaded], samples).data  # in batches of 4
     batch = loaded.preprocess(images)
-    direct = categorical_updates(loaded.model, batch, torch.as_tensor(truth))
-    shares = residual_composition(loaded.model, batch)
+    direct = categorical_updates(loaded.network, batch, torch.as_tensor(truth))
+    shares = residual_composition(loaded.network, batch)
     assert data["target"] == "true class"
-    assert len(data["layers"]) == len(loaded.model.blocks)
+    assert len(data["layers"]) == len(loaded.network.blocks)
     assert np.allclose(data["update_rises"], direct["rises"].numpy(), atol=1e-4)
     assert np.allclose(data["update_mlp_update"], direct["mlp_update"].numpy(), atol=1e-3)
     assert np.allclose(data["composition_composed"], shares["composed"].numpy(), atol=1e-4)

@@ -28,7 +28,7 @@ from classlens.core.contract import (
     TargetExplanation,
 )
 from worker.lens.regions import central_box
-from worker.runtime import LoadedModel
+from worker.runtime import LoadedViT
 
 _DECIMALS = 6
 
@@ -56,7 +56,7 @@ def explained_class(request: ExplainRequest, predicted: int, true_label: int | N
 
 
 def explain_batch(
-    model: LoadedModel, images: Sequence[Image.Image], true_labels: Sequence[int | None], request: ExplainRequest
+    model: LoadedViT, images: Sequence[Image.Image], true_labels: Sequence[int | None], request: ExplainRequest
 ) -> list[Explained]:
     """Explain a batch so that every image has its predicted class, its true class and the requested targets.
 

@@ -2,7 +2,7 @@
 
 The cache is per process and filled lazily, so a Celery worker loads a model
 after it has forked and never shares CUDA state with its parent. The CLI, the
-workers and the benchmark all explain through :meth:`LoadedModel.explain`.
+workers and the benchmark all explain through :meth:`LoadedViT.explain`.
 
 Half precision (``settings.precision``) is for the forward pass on CUDA only: a
 copy of the model in float16 or bfloat16 computes the trace, and everything read
@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from PIL import Image
@@ -106,38 +106,16 @@ def half_tracer(model: nn.Module, dtype: torch.dtype) -> Tracer:
 
 @dataclass
 class LoadedModel:
-    """A loaded model. ``model`` is one the lens opens (``lens``), except after ``load(..., require_vit=False)``,
-    where it may be any registered model (a CNN): code that accepts those reads :attr:`network` and checks
-    the type itself."""
+    """A loaded registered model, whatever it is: a ViT, or a CNN loaded for the representation analyses.
+
+    What every model has (weights, labels, preprocessing). Explaining needs a model the lens
+    opens: :class:`LoadedViT`, which :func:`load` returns for one.
+    """
 
     entry: ModelEntry
-    model: nn.Module
+    network: nn.Module
     labels: list[str]
     device: torch.device
-    # The ONNX explainer graph, for explain requests that need no gradients (see :func:`load`).
-    onnx: OnnxExplainer | None = None
-    # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
-    half: Tracer | None = None
-    # The model's family adapter, when the lens can open it (see worker.lens.families).
-    lens: LensModel | None = None
-
-    @property
-    def spec(self) -> ViTSpec:
-        """The shape the lens reads (:class:`UnsupportedModelError` for a model it cannot open)."""
-        return (self.lens or open_model(self.model)).spec
-
-    @property
-    def timm_vit(self) -> VisionTransformer:
-        """The model as a timm ViT, for what only opens those (ONNX export, baselines, faithfulness);
-        :class:`UnsupportedModelError` naming the reason for any other model."""
-        inspect_vit(self.model)
-        assert isinstance(self.model, VisionTransformer)
-        return self.model
-
-    @property
-    def network(self) -> nn.Module:
-        """The model as the plain ``nn.Module`` it may be (a CNN when loaded with ``require_vit=False``)."""
-        return self.model
 
     @property
     def ref(self) -> ModelRef:
@@ -154,6 +132,30 @@ class LoadedModel:
         manifest = self.entry.manifest
         return fit_to_input(image, manifest.input, manifest.preprocessing)
 
+
+@dataclass
+class LoadedViT(LoadedModel):
+    """A loaded model that the lens opens (``lens``, its family's adapter): one that can be explained."""
+
+    lens: LensModel
+    # The ONNX explainer graph, for explain requests that need no gradients (see :func:`load`).
+    onnx: OnnxExplainer | None = None
+    # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
+    half: Tracer | None = None
+
+    @property
+    def spec(self) -> ViTSpec:
+        """The shape the lens reads."""
+        return self.lens.spec
+
+    @property
+    def timm_vit(self) -> VisionTransformer:
+        """The model as a timm ViT, for what only opens those (ONNX export, baselines, faithfulness);
+        :class:`UnsupportedModelError` naming the reason for a ViT of another family."""
+        inspect_vit(self.network)
+        assert isinstance(self.network, VisionTransformer)
+        return self.network
+
     def explain(self, images: Sequence[Image.Image], request: ExplainRequest) -> list[Explanation]:
         """Explain through the ONNX graph when loaded and the request needs no gradient map, else torch.
 
@@ -163,8 +165,31 @@ class LoadedModel:
         for the model, and ``CLASSLENS_ONNX=off`` leaves every request to the half forward.
         """
         tracer = self.onnx.trace if self.onnx is not None and not request.gradient_map else self.half
-        lens = self.lens or open_model(self.model)  # refuses a model loaded for the analyses only
-        return explain(lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
+        return explain(self.lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
+
+
+@overload
+def load(
+    entry: ModelEntry,
+    device: torch.device | None = None,
+    *,
+    require_vit: Literal[True] = True,
+    onnx: OnnxMode = "auto",
+    precision: Precision = "float32",
+    half_on_cpu: bool = False,
+) -> LoadedViT: ...
+
+
+@overload
+def load(
+    entry: ModelEntry,
+    device: torch.device | None = None,
+    *,
+    require_vit: bool,
+    onnx: OnnxMode = "auto",
+    precision: Precision = "float32",
+    half_on_cpu: bool = False,
+) -> LoadedModel: ...
 
 
 def load(
@@ -176,10 +201,11 @@ def load(
     precision: Precision = "float32",
     half_on_cpu: bool = False,
 ) -> LoadedModel:
-    """Load and check a catalog entry (verified weights, a supported ViT).
+    """Load and check a catalog entry (verified weights, a supported ViT): a :class:`LoadedViT`.
 
     ``require_vit=False`` accepts any registered timm model (a CNN, say) for the representation
-    analyses, which check what each of them needs (:mod:`worker.analyses.run`).
+    analyses, which check what each of them needs (:mod:`worker.analyses.run`): a model the
+    lens cannot open comes back as a plain :class:`LoadedModel`.
     ``onnx="auto"`` also opens the manifest's ONNX explainer graph when onnxruntime is
     installed; like the weights, a graph whose checksum differs is refused (``ArtifactError``).
     ``precision`` other than float32 adds a half-precision forward pass for a ViT on CUDA
@@ -192,11 +218,13 @@ def load(
         open_model(model)  # refuses what the lens cannot explain, with the reason
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    explainer = _open_explainer(entry, model, device) if onnx == "auto" and lens is not None else None
+    if lens is None:
+        return LoadedModel(entry=entry, network=model, labels=entry.labels(), device=device)
+    explainer = _open_explainer(entry, model, device) if onnx == "auto" else None
     dtype = forward_dtype(precision, device, half_on_cpu=half_on_cpu)
-    half = half_tracer(model, dtype) if dtype is not None and lens is not None else None
-    return LoadedModel(
-        entry=entry, model=model, labels=entry.labels(), device=device, onnx=explainer, half=half, lens=lens
+    half = half_tracer(model, dtype) if dtype is not None else None
+    return LoadedViT(
+        entry=entry, network=model, labels=entry.labels(), device=device, lens=lens, onnx=explainer, half=half
     )
 
 
@@ -284,14 +312,23 @@ class ModelCache:
         """Bytes of the model's parameters and buffers, plus its half-precision copy when it has one."""
         tensors = [*loaded.network.parameters(), *loaded.network.buffers()]
         size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-        if loaded.half is not None:  # the copy: floating tensors at 2 bytes each, the others as they are
+        # The half-precision copy: floating tensors at 2 bytes each, the others as they are.
+        if isinstance(loaded, LoadedViT) and loaded.half is not None:
             size += sum(
                 tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size()) for tensor in tensors
             )
         return size
 
+    @overload
+    def get(
+        self, reference: str, *, require_vit: Literal[True] = True, fingerprint: str | None = None
+    ) -> LoadedViT: ...
+
+    @overload
+    def get(self, reference: str, *, require_vit: bool, fingerprint: str | None = None) -> LoadedModel: ...
+
     def get(self, reference: str, *, require_vit: bool = True, fingerprint: str | None = None) -> LoadedModel:
-        """The loaded model; ``require_vit=False`` also serves non-ViTs (see :func:`load`).
+        """The loaded model, a :class:`LoadedViT`; ``require_vit=False`` also serves non-ViTs (see :func:`load`).
 
         ``fingerprint`` is the entry's result fingerprint the job was keyed with: when the catalog says
         otherwise it looks again (this process' view may be a moment old), and raises
@@ -333,8 +370,8 @@ class ModelCache:
             else:
                 del self._models[entry.reference]  # re-inserted below: now the most recently used
             self._models[entry.reference] = loaded
-        if require_vit:
-            open_model(loaded.lens or loaded.network)  # the same refusal as load(), for a model cached by an analysis
+        if require_vit and not isinstance(loaded, LoadedViT):
+            open_model(loaded.network)  # the same refusal as load(), for a model cached by an analysis
         return loaded
 
     def _prune(self) -> None:

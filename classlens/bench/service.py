@@ -45,7 +45,7 @@ from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import InputSpec
 from service.model_info import model_info
 from service.params import canonical_request
-from worker.runtime import LoadedModel, default_device, load
+from worker.runtime import LoadedViT, default_device, load
 
 LOOPBACK = "127.0.0.1"
 RANDOM_VIT = "vit_small_patch16_224"
@@ -157,11 +157,10 @@ def _tail(log: Path, chars: int = 3000) -> str:
 
 @dataclass
 class Service:
-    """The running service: where the API answers, the worker's torch threads, and the logs."""
+    """The running service: where the API answers, and the logs."""
 
     host: str
     port: int
-    worker_threads: int
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -239,7 +238,7 @@ def running_service(
         "CLASSLENS_BATCH_MAX": str(batch_max),
     }
     cli = [sys.executable, "-m", "classlens.cli"]
-    service = Service(LOOPBACK, api_port, threads)
+    service = Service(LOOPBACK, api_port)
     with contextlib.ExitStack() as stack:
         redis_args = ["--port", str(redis_port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
         _spawn(service, "redis-server", [binary, *redis_args], env, work, stack)
@@ -301,7 +300,7 @@ class Client:
 # --- the three measurements ------------------------------------------------------------------------
 
 
-def raw_throughput(loaded: LoadedModel, request: ExplainRequest, images: Sequence[bytes]) -> dict[str, Any]:
+def raw_throughput(loaded: LoadedViT, request: ExplainRequest, images: Sequence[bytes]) -> dict[str, Any]:
     """Decode and explain each image alone, as the worker's task does (one warm-up call first, untimed)."""
     [warmup] = noise_pngs(loaded.entry.manifest.input, 1, _WARMUP_SEED)
     loaded.explain([decode_image(warmup)], request)

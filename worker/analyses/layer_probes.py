@@ -19,7 +19,7 @@ arrive sorted by class.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -114,8 +114,3 @@ def layer_probes(
     if projection is not None:
         projected = [float((torch.cat(predictions[n])[test] == truth[test]).double().mean()) for n in spec.names]
     return ProbeCurves(list(spec.names), positions, accuracy, projected, int((~test).sum()), int(test.sum()))
-
-
-def labels_in_range(labels: Sequence[int] | torch.Tensor, num_classes: int) -> bool:
-    values = torch.as_tensor(labels)
-    return bool(((values >= 0) & (values < num_classes)).all())
