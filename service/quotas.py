@@ -26,6 +26,7 @@ from typing import Any
 from flask import Flask, request
 from flask_limiter import Limiter
 
+from classlens.core import keys
 from classlens.core.contract import TERMINAL_STATUSES, Job
 from classlens.core.jobs import Submission
 from service.app import Services
@@ -77,7 +78,7 @@ def _unfinished(parts: Services, ids: list[str]) -> list[str]:
 
 @contextmanager
 def _locked(parts: Services, key_id: str) -> Iterator[None]:
-    lock, token = f"quota-lock:{key_id}", uuid.uuid4().hex.encode()
+    lock, token = keys.QUOTA_LOCK + key_id, uuid.uuid4().hex.encode()
     deadline = time.monotonic() + LOCK_TTL_S
     while not parts.store.set_if_absent(lock, token, LOCK_TTL_S):
         if time.monotonic() > deadline:  # a holder that died: its lock lapses with its TTL
@@ -101,7 +102,7 @@ def in_flight_slot(parts: Services) -> Iterator[Callable[[Job], None]]:
         yield lambda job: None
         return
     cap = key.max_in_flight or parts.settings.max_jobs_in_flight
-    listed = f"owned:{key.id}"
+    listed = keys.OWNED + key.id
     with _locked(parts, key.id):
         raw = parts.store.get(listed)
         ids = _unfinished(parts, json.loads(raw) if raw else [])

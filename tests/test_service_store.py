@@ -324,13 +324,13 @@ def test_no_key_prefix_starts_another():
 
 
 def test_key_prefixes_are_written_only_in_the_table():
-    """The core, the workers and the commands spell no prefix themselves: they take it from classlens.core.keys."""
+    """The core, the API, the workers and the commands spell no prefix themselves: they take it from the table."""
     names = "|".join(re.escape(prefix) for prefix in keys.PREFIXES)
     quoted = re.compile(rf"""[fbr]?["']({names})""")
     table = Path(keys.__file__).resolve()
     found = [
         f"{path.relative_to(REPO)}:{number}: {line.strip()}"
-        for folder in ("classlens", "worker")
+        for folder in ("classlens", "service", "worker")
         for path in sorted((REPO / folder).rglob("*.py"))
         if path.resolve() != table
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
