@@ -126,6 +126,13 @@ def check_form(request: Request) -> None:
     repeatable = REPEATABLE_PARTS.get(request.endpoint or "", frozenset())
     for parts, kind in ((request.form, "field"), (request.files, "file part")):
         for name in parts:
+            if not name:  # a part without a name in its Content-Disposition: nothing can read it
+                raise Problem(
+                    422,
+                    "Unnamed form part",
+                    f"a {kind} has no name; name every part (Content-Disposition: form-data; name=...)",
+                    problem="unnamed_part",
+                )
             if name not in repeatable and len(parts.getlist(name)) > 1:
                 raise Problem(
                     422,
