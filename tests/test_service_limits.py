@@ -220,8 +220,8 @@ def test_a_form_part_without_a_name_is_refused(app, client):
     """A part whose Content-Disposition has no name cannot be read by anything: a 422, not a 500."""
     body = (
         f'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n{TINY_MODEL}\r\n'
-        '--b\r\nContent-Disposition: form-data\r\n\r\nwhat am I\r\n'
-        '--b\r\nContent-Disposition: form-data\r\n\r\nand I\r\n--b--\r\n'
+        "--b\r\nContent-Disposition: form-data\r\n\r\nwhat am I\r\n"
+        "--b\r\nContent-Disposition: form-data\r\n\r\nand I\r\n--b--\r\n"
     ).encode()
     response = client.post("/v1/explanations", data=body, content_type="multipart/form-data; boundary=b")
     assert "has no name" in problem(app, response, 422, "unnamed_part")["detail"]
