@@ -27,8 +27,8 @@ pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 # The unit tier: no redis-server, Chromium, dataset or worker processes needed (a few minutes).
-test-fast: $(VENV)/.installed lint
-	$(BIN)/python -m pytest -m "not integration"
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not integration" -n 2
 
 format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`make test-fast` runs two processes on two cores) each process keeps to
+# one thread: two torch thread pools on two cores contend and make the tier slower, not faster.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import worker  # noqa: F401  (torchvision compatibility before any timm import)
 from model_store.catalog import BUNDLED_ROOT, Catalog

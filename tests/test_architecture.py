@@ -5,6 +5,7 @@ tests run them too, show that they fail when a layer is broken, and check at run
 static graph cannot see (an entry point that imports torch by a path the graph misses).
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -62,16 +63,34 @@ def test_a_scratch_change_that_breaks_a_layer_fails_the_lint(tmp_path, module, l
 
 
 TORCH_FREE = ["service.app", "classlens.cli", "classlens.cli.gpu_workers", "classlens.core.jobs", "model_store.catalog"]
+HEAVY = ("torch", "timm", "torchvision")
 
 
-@pytest.mark.parametrize("module", TORCH_FREE)
-def test_module_imports_without_torch(module):
+@pytest.fixture(scope="module")
+def pulled_in() -> dict[str, list[str]]:
+    """What each torch-free module brings in, seen by one fresh interpreter.
+
+    The modules are imported in turn and ``sys.modules`` is read after each, so a heavy
+    import is charged to the first module that brings it; the last step is what the API
+    and the GPU supervisor do at start-up (build the app, plan the GPUs).
+    """
     code = (
-        f"import sys, {module}; "
-        "from service.app import create_app; "
-        "from classlens.cli.gpu_workers import gpu_plan; gpu_plan(None, {'CUDA_VISIBLE_DEVICES': '0,1'}); "
-        "bad = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules); "
-        "print(', '.join(bad)); sys.exit(1 if bad else 0)"
+        "import importlib, json, sys\n"
+        f"heavy, seen = {HEAVY!r}, {{}}\n"
+        f"for name in {TORCH_FREE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    seen[name] = sorted(m for m in heavy if m in sys.modules)\n"
+        "from service.app import create_app\n"
+        "from classlens.cli.gpu_workers import gpu_plan\n"
+        "gpu_plan(None, {'CUDA_VISIBLE_DEVICES': '0,1'})\n"
+        "seen['start-up'] = sorted(m for m in heavy if m in sys.modules)\n"
+        "print(json.dumps(seen))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{module} pulled in: {result.stdout.strip()} {result.stderr.strip()}"
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("module", [*TORCH_FREE, "start-up"])
+def test_module_imports_without_torch(pulled_in, module):
+    assert pulled_in[module] == [], f"{module} pulled in: {', '.join(pulled_in[module])}"
