@@ -245,3 +245,13 @@ def test_add_without_the_worker_extra_is_a_clear_cli_error(tmp_path):
     assert "pip install 'classlens[worker]'" in result.stderr
     assert "torch is not installed" in result.stderr
     assert not (tmp_path / "data" / "models").exists()
+
+
+def test_export_onnx_without_the_worker_extra_is_a_clear_cli_error(tmp_path):
+    environment = {**os.environ, "CLASSLENS_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-c", WITHOUT_TORCH, "models", "export-onnx", "fmnist-vit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Error: classlens models export-onnx" in result.stderr
+    assert "pip install 'classlens[worker]'" in result.stderr

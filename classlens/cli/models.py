@@ -212,13 +212,7 @@ def models_add(settings: Settings, path: Path | None, weights_alias: Path | None
     try:
         from worker.registration import RegistrationError, register
     except ImportError as error:
-        missing = _missing_worker_package(error)
-        if missing is None:
-            raise
-        raise click.ClickException(
-            f"classlens models add loads the model with torch and timm, and {missing} is not installed here: "
-            "install the worker extra (pip install 'classlens[worker]')"
-        ) from error
+        raise _without_worker_extra("classlens models add", error) from error
 
     try:
         register_options = RegisterOptions(**options)
@@ -243,10 +237,18 @@ def models_add(settings: Settings, path: Path | None, weights_alias: Path | None
 _WORKER_PACKAGES = frozenset({"torch", "torchvision", "timm", "safetensors", "numba", "matplotlib", "transformers"})
 
 
-def _missing_worker_package(error: ImportError) -> str | None:
-    """The package of the worker extra whose absence ``error`` reports, or None for any other import error."""
+def _without_worker_extra(command: str, error: ImportError) -> click.ClickException:
+    """The CLI error for ``command`` run where a package of the worker extra is missing.
+
+    Any other import error is a bug, not an install to fix, and is raised as it is.
+    """
     missing = (error.name or "").partition(".")[0]
-    return missing if missing in _WORKER_PACKAGES else None
+    if missing not in _WORKER_PACKAGES:
+        raise error
+    return click.ClickException(
+        f"{command} loads the model with torch and timm, and {missing} is not installed here: "
+        "install the worker extra (pip install 'classlens[worker]')"
+    )
 
 
 def _default_name(path: Path) -> str:
@@ -272,9 +274,14 @@ def models_export_onnx(settings: Settings, reference: str, opset: int) -> None:
     explain with onnxruntime when the request needs no gradient map.
     """
     entry = resolve(open_catalog(settings), reference)
-    from worker.lens.vit import UnsupportedModelError
-    from worker.model_loader import ModelLoadError
-    from worker.onnx_export import ExportError, export_entry
+    try:
+        from worker.lens.vit import UnsupportedModelError
+        from worker.model_loader import ModelLoadError
+        from worker.onnx_export import ExportError, export_entry
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] in ("onnx", "onnxruntime"):
+            raise click.ClickException(f"{error}: install the onnx extra (pip install 'classlens[onnx]')") from error
+        raise _without_worker_extra("classlens models export-onnx", error) from error
 
     try:
         entry, agreement = export_entry(entry, opset)
