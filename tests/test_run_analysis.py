@@ -59,7 +59,11 @@ def run(kind, models, samples, labels=True, **fields):
         ("skip-ratio", {"skip_ratio"}, {"attention_cls", "attention_image", "mlp_cls", "mlp_image"}),
         ("localization", {"localization"}, {"maps", "own_position_share"}),
         ("probes", {"probes"}, {"probes", "projection", "split"}),
-        ("memories", {"memories", "memories_agreement"}, {"mlp", "attention", "top_memories"}),
+        (
+            "memories",
+            {"memories", "memories_agreement", "memories_attention", "memories_correctness"},
+            {"mlp", "attention", "top_memories", "by_correctness"},
+        ),
         ("perturb", {"perturb"}, {"identifiability", "top1_hits", "region"}),
         ("residual", {"composition", "updates"}, {"update_rises", "composition_composed", "target"}),
     ],

@@ -110,6 +110,20 @@ def _files(paths: tuple[Path, ...]) -> list[Image.Image]:
 @click.option("--ridge", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-memories", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option(
+    "--agreement",
+    type=click.Choice(["normalised", "reference"]),
+    default="normalised",
+    show_default=True,
+    help="memories: key-value agreement convention (reference: the paper's code).",
+)
+@click.option(
+    "--no-cls",
+    type=click.Choice(["pre_softmax", "zero_renormalised", "zero"]),
+    default="pre_softmax",
+    show_default=True,
+    help="perturb: how no-CLS attention removes the prefix keys (zero: the paper's code).",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("classlens-analyses"), show_default=True
 )
 @click.option("--json", "as_json", is_flag=True, help="Also print the result as JSON on stdout.")
@@ -128,6 +142,8 @@ def analyze_command(
             region=parse_region(options["region"]),
             ridge=options["ridge"],
             top_memories=options["top_memories"],
+            agreement=options["agreement"],
+            no_cls=options["no_cls"],
         )
     except ValidationError as error:
         raise click.UsageError(str(error)) from error

@@ -331,6 +331,16 @@ class AnalysisRequest(_Frozen):
     )
     ridge: float = Field(default=1.0, gt=0, description="Probes: the ridge penalty.")
     top_memories: int = Field(default=5, ge=1, le=50, description="Memories: value vectors listed per class.")
+    agreement: Literal["normalised", "reference"] = Field(
+        default="normalised",
+        description="Memories: key-value agreement with each class's top-5 values by the normalised class-direction "
+        "cosine, over image tokens; or by the unnormalised head.weight @ fc2.weight over all tokens (the reference).",
+    )
+    no_cls: Literal["pre_softmax", "zero_renormalised", "zero"] = Field(
+        default="pre_softmax",
+        description="Perturb: no-CLS attention masks the prefix keys before the softmax; or zeroes them after it and "
+        "renormalises; or zeroes them after it without renormalising (the reference).",
+    )
 
 
 class AnalysisResult(_Frozen):

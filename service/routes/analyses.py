@@ -59,7 +59,7 @@ def _rules(kind: str) -> AnalysisRules:
 
 
 PARAMETERS = tuple(AnalysisRequest.model_fields)
-_TEXT_FIELDS = ("kind", "compare_to", "representation", "prefix_rows")
+_TEXT_FIELDS = ("kind", "compare_to", "representation", "prefix_rows", "agreement", "no_cls")
 _INTEGER_FIELDS = ("batch_size", "top_memories")
 
 

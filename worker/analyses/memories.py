@@ -25,13 +25,27 @@ and, over images, ``key_value_agreement``: the share of image tokens for which a
 5 most activated keys (largest ``fc1`` pre-activations) is among the 5 top values of the
 image's class. The same statistics on a random-initialised model of the same architecture
 say what chance looks like: for random weights ``P`` is about ``N(0, 1/D)``.
+
+Attention has the same layout: ``attn.proj`` writes ``sum_k a_k u_k``, its input ``a`` (the
+attention-weighted values, heads concatenated) times the columns ``u_k`` of
+``attn.proj.weight``; the attention agreement reads its keys there, the 5 largest (signed)
+coefficients, as the paper's code does.
+
+Two agreement conventions (``AgreementConvention``). ``normalised`` (the default) takes a
+class's top-5 values from ``P`` above and counts image tokens: the class directions then
+follow the projection (final-norm gain, centred rows) and a value's length does not decide
+its rank. ``reference`` follows the paper's code (``src/memories.py`` of
+github.com/martinagvilas/vit-cls_emb): the top-5 values from the unnormalised
+``head.weight @ fc2.weight`` (``@ attn.proj.weight`` for attention), counted over all tokens,
+prefix tokens too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +56,10 @@ from worker.lens.projection import ClassProjection, centred_embedding
 from worker.lens.vit import attention_of, blocks_of, hooked, inspect_vit
 
 AGREEMENT_K = 5
+AgreementConvention = Literal["normalised", "reference"]
+Sublayer = Literal["mlp", "attention"]
+# Which tokens each convention counts: image tokens, or every token (the reference's).
+COUNTED_TOKENS: dict[AgreementConvention, Literal["image", "all"]] = {"normalised": "image", "reference": "all"}
 
 
 class MemoryLayoutError(ValueError):
@@ -111,21 +129,104 @@ def top_memories(scores: torch.Tensor, top: int) -> list[list[list[tuple[int, fl
     ]
 
 
+def reference_scores(model: VisionTransformer, sublayer: Sublayer) -> torch.Tensor:
+    """``[L, C, K]`` float64: the reference's value scores, ``head.weight @ fc2.weight`` (or ``@ attn.proj.weight``).
+
+    Nothing is normalised: no final-norm gain, no centring, no unit length (the ``reference`` convention).
+    """
+    head = ClassProjection(model).readouts[0].head.weight.detach().double()
+    scores = []
+    for block in blocks_of(model):
+        values = _mlp(block)[1].weight if sublayer == "mlp" else attention_of(block).proj.weight
+        scores.append(head @ values.detach().double().to(head.device))
+    return torch.stack(scores).cpu()
+
+
+def _keeper(sink: list[torch.Tensor], start: int) -> Callable[[torch.Tensor], None]:
+    def keep(coefficients: torch.Tensor) -> None:
+        sink.append(coefficients[:, start:].topk(AGREEMENT_K, dim=-1).indices.cpu())
+
+    return keep
+
+
+def _output_hook(keep: Callable[[torch.Tensor], None]) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+    return lambda module, inputs, output: keep(output)
+
+
+def _input_hook(keep: Callable[[torch.Tensor], None]) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    return lambda module, inputs: keep(inputs[0])
+
+
 @contextmanager
-def _pre_activations(model: VisionTransformer, sinks: list[list[torch.Tensor]], num_prefix: int) -> Iterator[None]:
-    """Every block's top-5 keys at image tokens, ``[B, N, 5]``, appended to its sink as the pass goes."""
+def _top_keys(model: VisionTransformer, sinks: Mapping[str, list[list[torch.Tensor]]], start: int) -> Iterator[None]:
+    """Every block's top-5 keys from token ``start`` on, ``[B, T - start, 5]``, appended to its sink as the pass goes.
 
-    def hook_for(sink: list[torch.Tensor]) -> Callable[[nn.Module, Any, torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            sink.append(output[:, num_prefix:].topk(AGREEMENT_K, dim=-1).indices.cpu())
-
-        return hook
-
+    MLP keys are the ``fc1`` outputs (pre-activations), attention keys the input of ``attn.proj``.
+    """
     with ExitStack() as stack:
-        for block, sink in zip(blocks_of(model), sinks, strict=True):
-            fc1, _ = _mlp(block)
-            stack.enter_context(hooked(fc1, hook_for(sink)))
+        for b, block in enumerate(blocks_of(model)):
+            if "mlp" in sinks:
+                fc1, _ = _mlp(block)
+                stack.enter_context(hooked(fc1, _output_hook(_keeper(sinks["mlp"][b], start))))
+            if "attention" in sinks:
+                proj = attention_of(block).proj
+                stack.enter_context(hooked(proj, _input_hook(_keeper(sinks["attention"][b], start)), pre=True))
         yield
+
+
+@dataclass
+class ImageAgreement:
+    """Per image and block, the share of counted tokens whose top-5 keys meet the top-5 values of its class."""
+
+    shares: dict[str, torch.Tensor]  # sublayer -> [images, L] float64
+    predictions: torch.Tensor  # [images]: the model's top-1
+    labels: torch.Tensor | None  # [images], when given
+
+    @property
+    def correct(self) -> torch.Tensor | None:
+        """``[images]`` bool: the prediction equals the label (``None`` without labels)."""
+        return None if self.labels is None else self.predictions == self.labels
+
+
+def image_agreement(
+    model: VisionTransformer,
+    scores: Mapping[str, torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    tokens: Literal["image", "all"] = "image",
+) -> ImageAgreement:
+    """Key-value agreement per image, for each sublayer of ``scores`` (``"mlp"``, ``"attention"``: ``[L, C, K]``).
+
+    A class's values are its top-5 of ``scores``; a token agrees when any of its top-5 keys is
+    one of them. ``batches`` yields ``(images, classes)``; ``classes`` ``None`` means the
+    model's prediction. ``tokens``: count the image tokens, or all tokens (prefix too).
+    """
+    spec = inspect_vit(model)
+    start = spec.num_prefix if tokens == "image" else 0
+    top_values = {name: s.topk(min(AGREEMENT_K, s.shape[-1]), dim=-1).indices for name, s in scores.items()}
+    shares: dict[str, list[torch.Tensor]] = {name: [] for name in scores}
+    predictions, labels = [], []
+    for batch, classes in batches:
+        sinks: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in range(spec.depth)] for name in scores}
+        with torch.no_grad(), _top_keys(model, sinks, start):
+            predicted = model(batch).argmax(dim=-1).cpu()
+        targets = predicted if classes is None else classes.cpu()
+        for name, blocks in sinks.items():
+            per_block = []
+            for b, [keys] in enumerate(blocks):  # keys: [B, T', 5]
+                values = top_values[name][b][targets]  # [B, 5]
+                match = (keys[:, :, :, None] == values[:, None, None, :]).any(dim=-1).any(dim=-1)  # [B, T']
+                per_block.append(match.double().mean(dim=1))
+            shares[name].append(torch.stack(per_block, dim=1))
+        predictions.append(predicted)
+        if classes is not None:
+            labels.append(classes.cpu())
+    if not predictions:
+        raise ValueError("no images")
+    return ImageAgreement(
+        {name: torch.cat(parts) for name, parts in shares.items()},
+        torch.cat(predictions),
+        torch.cat(labels) if len(labels) == len(predictions) else None,
+    )
 
 
 def key_value_agreement(
@@ -135,20 +236,4 @@ def key_value_agreement(
 
     ``batches`` yields ``(images, classes)``; ``classes`` ``None`` means the model's prediction.
     """
-    spec = inspect_vit(model)
-    top_values = scores.topk(min(AGREEMENT_K, scores.shape[-1]), dim=-1).indices  # [L, C, k]
-    totals = torch.zeros(spec.depth, dtype=torch.float64)
-    images = 0
-    for batch, classes in batches:
-        sinks: list[list[torch.Tensor]] = [[] for _ in range(spec.depth)]
-        with torch.no_grad(), _pre_activations(model, sinks, spec.num_prefix):
-            logits = model(batch)
-        targets = (logits.argmax(dim=-1) if classes is None else classes).cpu()
-        for b, [keys] in enumerate(sinks):  # keys: [B, N, 5]
-            values = top_values[b][targets]  # [B, 5]
-            match = (keys[:, :, :, None] == values[:, None, None, :]).any(dim=-1).any(dim=-1)  # [B, N]
-            totals[b] += match.double().mean(dim=1).sum()
-        images += len(batch)
-    if not images:
-        raise ValueError("no images")
-    return totals / images
+    return image_agreement(model, {"mlp": scores}, batches).shares["mlp"].mean(dim=0)

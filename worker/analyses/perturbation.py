@@ -21,12 +21,23 @@ tokens, projected with the paper's fresh-statistics final norm and the head bias
 target is the true class when labels are given, else the unperturbed model's prediction.
 For ``context`` both the perturbed and the unperturbed pass are averaged over the kept
 tokens only, so that the two curves describe the same tokens.
+
+How ``no-cls`` removes the prefix keys (``NoClsConvention``): ``pre_softmax`` (the default)
+masks them before the softmax, so each image query's weights over the image keys sum to 1;
+``zero_renormalised`` zeroes them after the softmax and divides each row by what is left,
+which is the same distribution written the other way (it differs from ``pre_softmax`` by
+rounding only); ``zero`` zeroes them after the softmax and does not renormalise, as the
+paper's code does (``src/models/vit_edited.py`` of github.com/martinagvilas/vit-cls_emb,
+which zeroes the CLS column of every image-token row): the image rows then sum to less than
+1 and the attention output shrinks by the weight the prefix had. The post-softmax edits need
+the probabilities, so they turn timm's fused attention off for the pass and edit what
+``attn_drop`` (the identity in eval mode) returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -37,9 +48,17 @@ from worker.lens.projection import ClassProjection
 from worker.lens.ranks import class_rank, identifiability
 from worker.lens.regions import Region, central_box
 from worker.lens.tokens import dropped_tokens
-from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, inspect_vit, trace
+from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, hooked, inspect_vit, trace
 
 AttentionPerturbation = Literal["self-only", "no-cls"]
+NoClsConvention = Literal["pre_softmax", "zero_renormalised", "zero"]
+NO_CLS_CONVENTIONS: dict[NoClsConvention, str] = {
+    "pre_softmax": "image-token queries' attention to the prefix keys masked before the softmax",
+    "zero_renormalised": "image-token queries' attention to the prefix keys zeroed after the softmax, "
+    "each row renormalised to sum to 1 (equal to pre_softmax up to rounding)",
+    "zero": "image-token queries' attention to the prefix keys zeroed after the softmax, not renormalised "
+    "(the paper's code)",
+}
 
 
 def attention_mask(kind: AttentionPerturbation, num_prefix: int, num_image_tokens: int) -> torch.Tensor:
@@ -74,6 +93,47 @@ def masked_attention(model: VisionTransformer, mask: torch.Tensor) -> Iterator[N
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def prefix_zeroed_attention(model: VisionTransformer, num_prefix: int, renormalise: bool) -> Iterator[None]:
+    """Every block's attention probabilities with the image-token rows' prefix columns set to 0 after the softmax.
+
+    ``renormalise`` divides each edited row by its new sum. timm's fused attention never forms the
+    probabilities, so it is off for the pass (and restored); the edit replaces ``attn_drop``'s output.
+    """
+    if not num_prefix:
+        raise ValueError("no-cls needs prefix tokens; this model has none")
+
+    def edit(module: nn.Module, inputs: Any, probabilities: torch.Tensor) -> torch.Tensor:
+        edited = probabilities.clone()
+        edited[:, :, num_prefix:, :num_prefix] = 0
+        if renormalise:
+            edited[:, :, num_prefix:] /= edited[:, :, num_prefix:].sum(dim=-1, keepdim=True)
+        return edited
+
+    attentions = [attention_of(block) for block in blocks_of(model)]
+    saved = [attention.fused_attn for attention in attentions]
+    with ExitStack() as stack:
+        for attention in attentions:
+            setattr(attention, "fused_attn", False)  # noqa: B010  (a torch.jit.Final flag, read on every call)
+            stack.enter_context(hooked(attention.attn_drop, edit))
+        try:
+            yield
+        finally:
+            for attention, fused in zip(attentions, saved, strict=True):
+                setattr(attention, "fused_attn", fused)  # noqa: B010
+
+
+def no_cls_attention(
+    model: VisionTransformer, spec: ViTSpec, convention: NoClsConvention
+) -> AbstractContextManager[None]:
+    """The ``no-cls`` perturbation of every block, in ``convention``."""
+    if convention == "pre_softmax":
+        return masked_attention(model, attention_mask("no-cls", spec.num_prefix, spec.num_image_tokens))
+    if convention in ("zero_renormalised", "zero"):
+        return prefix_zeroed_attention(model, spec.num_prefix, renormalise=convention == "zero_renormalised")
+    raise ValueError(f"unknown no-cls convention {convention!r}")
 
 
 def region_keep(grid: tuple[int, int], region: Region) -> torch.Tensor:
@@ -119,10 +179,12 @@ def perturbation_effects(
     model: VisionTransformer,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
     region: Region | None = None,
+    no_cls: NoClsConvention = "pre_softmax",
 ) -> dict[str, Any]:
     """Per-layer mean image-token identifiability, unperturbed and under each perturbation.
 
-    ``batches`` yields ``(images, labels)`` (``labels`` ``None``: use the unperturbed prediction).
+    ``batches`` yields ``(images, labels)`` (``labels`` ``None``: use the unperturbed prediction);
+    ``no_cls`` says how the ``no-cls`` pass removes the prefix keys (see the module docstring).
     Returns ``[L + 1]`` float64 curves: ``original``, ``self-only``, ``no-cls`` (absent without
     prefix tokens), ``context`` and ``context_original`` (the unperturbed pass over the kept
     tokens), and the top-1 agreement of each pass's output with the targets (``hits``).
@@ -132,7 +194,11 @@ def perturbation_effects(
     region = region or default_region(spec.grid)
     keep = region_keep(spec.grid, region)
     kinds: list[AttentionPerturbation] = ["self-only", "no-cls"] if spec.num_prefix else ["self-only"]
-    masks = {kind: attention_mask(kind, spec.num_prefix, spec.num_image_tokens) for kind in kinds}
+    self_only = attention_mask("self-only", spec.num_prefix, spec.num_image_tokens)
+    perturbations: dict[str, Callable[[], AbstractContextManager[Any]]] = {
+        "self-only": lambda: masked_attention(model, self_only),
+        "no-cls": lambda: no_cls_attention(model, spec, no_cls),
+    }
     sums = {
         name: torch.zeros(spec.depth + 1, dtype=torch.float64)
         for name in ["original", *kinds, "context", "context_original"]
@@ -151,7 +217,7 @@ def perturbation_effects(
         sums["original"] += original.mean(dim=2).sum(dim=0)
         sums["context_original"] += original[:, :, keep].mean(dim=2).sum(dim=0)
         hits["original"] += _hits(run.logits, targets)
-        perturbed: dict[str, Trace] = {kind: traced(batch, masked_attention(model, masks[kind])) for kind in kinds}
+        perturbed: dict[str, Trace] = {kind: traced(batch, perturbations[kind]()) for kind in kinds}
         perturbed["context"] = traced(batch, dropped_tokens(model, keep))
         for name, result in perturbed.items():
             sums[name] += _identifiability(projection, spec, result.residual, targets).mean(dim=2).sum(dim=0)

@@ -1,7 +1,8 @@
 """``perturb``: how identifiable the class stays at image tokens when attention or context is taken away.
 
-docs/methods.md: self-only attention, no attention to prefix tokens, and a region of
-the token grid dropped from the context.
+docs/methods.md: self-only attention, no attention to prefix tokens (in the ``no_cls``
+convention of the request, which ``data`` names), and a region of the token grid dropped
+from the context.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from worker.analyses import figures
 from worker.analyses.job import AnalysisError, AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
-from worker.analyses.perturbation import default_region, perturbation_effects, region_keep
+from worker.analyses.perturbation import NO_CLS_CONVENTIONS, default_region, perturbation_effects, region_keep
 
 
 def check(job: AnalysisJob) -> None:
@@ -29,7 +30,8 @@ def run(job: AnalysisJob) -> AnalysisOutcome:
     model, spec = open_vit(loaded, "perturb")
     job.steps.plan(len(job.spans))
     region = job.request.region or default_region(spec.grid)
-    effects = perturbation_effects(model, job.steps.over(job.labelled(loaded)), region)
+    no_cls = job.request.no_cls
+    effects = perturbation_effects(model, job.steps.over(job.labelled(loaded)), region, no_cls)
     curves = {name.replace("-", "_"): numbers(values, 4) for name, values in effects["curves"].items()}
     layers = ["embedding", *(f"block {b}" for b in range(1, spec.depth + 1))]
     targets = "true class" if job.labels is not None else "predicted class"
@@ -38,6 +40,8 @@ def run(job: AnalysisJob) -> AnalysisOutcome:
         "layers": layers,
         "targets": targets,
         "projection_convention": {"norm": "fresh", "bias": True},
+        "no_cls": no_cls,
+        "no_cls_convention": NO_CLS_CONVENTIONS[no_cls] if spec.num_prefix else "not run: no prefix token",
         "region": list(region),
         "region_default": job.request.region is None,
         "kept_tokens": effects["kept_tokens"],
@@ -57,7 +61,11 @@ _CURVE_NAMES = {
 
 
 def figure(data: dict[str, Any]) -> bytes:
-    names = {**_CURVE_NAMES, "context": f"region {data['region']} dropped, kept tokens"}
+    names = {
+        **_CURVE_NAMES,
+        "no_cls": f"no attention to prefix tokens ({data['no_cls']})",
+        "context": f"region {data['region']} dropped, kept tokens",
+    }
     return figures.layer_curves(
         data["layers"],
         {names[name]: values for name, values in data["identifiability"].items()},
