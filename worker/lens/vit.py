@@ -2,7 +2,7 @@
 
 :func:`inspect_vit` reads the shape of a timm ViT and refuses what the lens cannot
 explain, with the reason; :class:`TimmViT` is the family's :class:`~worker.lens.adapter.LensModel`.
-The representation analyses open timm ViTs directly (their hooks need timm's ``Block``
+The representation analyses open timm ViTs directly (their hooks need timm's ``Block`` or ``ResPostBlock``
 and ``Attention``), so they call :func:`inspect_vit`, :func:`trace` and
 :func:`materialised_attention` of this module.
 
@@ -14,7 +14,7 @@ models ``fc_norm``; ``fc_norm=False`` on a GAP model (``vit_base_patch16_gap_224
 is read. The lens applies whichever the model applies, where the model applies it, so
 the last layer's pooled projection is the model's logits.
 
-Two kinds of block (docs/methods.md, "Notation" and "Where the reference code differs"):
+Two kinds of block (docs/methods.md, "Notation"):
 timm's pre-norm ``Block``, ``a_b = ls1(attn(norm1(x)))`` and ``m_b = ls2(mlp(norm2(x')))``,
 and the post-norm ``ResPostBlock`` (``vit_base_patch16_rpn_224``), ``x' = x + norm1(attn(x))``
 and ``x_b = x' + norm2(mlp(x'))``. For a post-norm block the lens takes ``a_b = norm1(attn(x))``
