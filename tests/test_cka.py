@@ -82,6 +82,28 @@ def test_minibatch_sums_hsic_over_batches(data):
     assert accumulator.batches == 2
 
 
+def test_a_ragged_last_batch_weights_each_batch_by_n_times_n_minus_3(data):
+    """docs/methods.md: with unequal batches every batch's HSIC1 counts n (n - 3) times."""
+    x, y, _ = data
+    accumulator = MinibatchCKA(["x"], ["y"])
+    parts = (slice(0, 16), slice(16, 32), slice(32, 36), slice(36, 40))
+    for part in parts:
+        accumulator.add("x", x[part])
+        accumulator.add("y", y[part])
+        accumulator.end_batch()
+
+    def weighted(a, b):
+        return sum((p.stop - p.start) * (p.stop - p.start - 3) * direct_hsic1(a[p], b[p]) for p in parts)
+
+    want = weighted(x, y) / (weighted(x, x) * weighted(y, y)) ** 0.5
+    assert float(accumulator.result()[0, 0]) == pytest.approx(want, abs=1e-9)
+    equal = (
+        sum(direct_hsic1(x[p], y[p]) for p in parts)
+        / (sum(direct_hsic1(x[p], x[p]) for p in parts) * sum(direct_hsic1(y[p], y[p]) for p in parts)) ** 0.5
+    )
+    assert abs(want - equal) > 1e-3  # the weights matter here: equal weights would give another value
+
+
 def test_all_layer_pairs_at_once_match_pairwise_values(data):
     x, y, generator = data
     z = torch.randn(40, 10, generator=generator, dtype=torch.float64)

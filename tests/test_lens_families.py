@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
@@ -51,6 +52,20 @@ def _hf_vit(cls, config_cls, **extra):
 def _timm(name, **arguments):
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, **arguments).eval()
+
+
+def _post_norm(name, **arguments):
+    """A post-norm ViT (timm ``ResPostBlock``) whose block norms have random gains and shifts.
+
+    timm starts those norms at ``init_values`` (1e-5), which would make every sublayer tiny.
+    """
+    model = _timm(name, **{**SMALL, **arguments})
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.norm1, block.norm2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0.0, 0.1)
+    return model
 
 
 # name: (builder, family, prefix tokens, pooling, norm before pooling)
@@ -108,6 +123,27 @@ MODELS = {
         lambda: _timm("deit_tiny_distilled_patch16_224", **SMALL),
         "timm-vit",
         ("cls", "dist"),
+        "token",
+        False,
+    ),
+    "post-norm blocks, GAP with fc_norm (vit_base_patch16_rpn_224's layout)": (
+        lambda: _post_norm("vit_base_patch16_rpn_224"),
+        "timm-vit",
+        (),
+        "avg",
+        False,
+    ),
+    "post-norm blocks, GAP with the norm before the mean": (
+        lambda: _post_norm("vit_base_patch16_rpn_224", fc_norm=False),
+        "timm-vit",
+        (),
+        "avg",
+        True,
+    ),
+    "post-norm blocks with a CLS token": (
+        lambda: _post_norm("vit_base_patch16_rpn_224", class_token=True, global_pool="token"),
+        "timm-vit",
+        ("cls",),
         "token",
         False,
     ),
@@ -255,3 +291,89 @@ def test_cached_scale_projection_matches_the_logits_at_the_last_layer(case):
 def test_unsupported_configurations_are_refused_with_the_reason(build, message):
     with pytest.raises(UnsupportedModelError, match=message):
         open_model(build())
+
+
+def _post_norm_by_hand(model, images, target):
+    """A post-norm ViT's pass written out line by line (no lens, no hooks, no timm block code).
+
+    Returns the logits, ``x_0 .. x_L``, ``a_b``, ``m_b`` and the gradient map of ``target``:
+    ``-sum_b sum_h d l_b / d A_b[h, q, j]`` over image-token queries ``q`` (a GAP model) and
+    image tokens ``j``, with ``l_b = cross_entropy(head(fc_norm(mean_j a_b[j])), target)``.
+    Each block's input is cut from the graph, so ``l_b`` reaches ``A_b`` only through block ``b``.
+    """
+    width = model.embed_dim
+    x = model.patch_embed(images) + model.pos_embed  # no class token: the position embedding covers N tokens
+    residual, attention, mlp, probabilities, losses = [x], [], [], [], []
+    for block in model.blocks:
+        x = x.detach()
+        batch, tokens, _ = x.shape
+        heads = block.attn.num_heads
+        qkv = F.linear(x, block.attn.qkv.weight, block.attn.qkv.bias).reshape(batch, tokens, 3, heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        probs = scores.softmax(dim=-1).detach().requires_grad_(True)
+        mixed = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)
+        out = F.linear(mixed, block.attn.proj.weight, block.attn.proj.bias)
+        a = F.layer_norm(out, (width,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+        middle = x + a
+        hidden = F.gelu(F.linear(middle, block.mlp.fc1.weight, block.mlp.fc1.bias))
+        m = F.layer_norm(
+            F.linear(hidden, block.mlp.fc2.weight, block.mlp.fc2.bias),
+            (width,),
+            block.norm2.weight,
+            block.norm2.bias,
+            block.norm2.eps,
+        )
+        x = middle + m
+        pooled = F.layer_norm(a.mean(dim=1), (width,), model.fc_norm.weight, model.fc_norm.bias, model.fc_norm.eps)
+        losses.append(F.cross_entropy(F.linear(pooled, model.head.weight, model.head.bias), target, reduction="sum"))
+        residual.append(x)
+        attention.append(a)
+        mlp.append(m)
+        probabilities.append(probs)
+    grads = torch.autograd.grad(sum(losses), probabilities)
+    relevance = -sum(g.sum(dim=(1, 2)) for g in grads)  # every query row is an image token's
+    pooled = F.layer_norm(x.mean(dim=1), (width,), model.fc_norm.weight, model.fc_norm.bias, model.fc_norm.eps)
+    logits = F.linear(pooled, model.head.weight, model.head.bias)
+    return logits, torch.stack(residual, 1), torch.stack(attention, 1), torch.stack(mlp, 1), relevance
+
+
+def test_post_norm_sublayers_are_the_block_norms_of_the_branch_outputs():
+    """docs/methods.md: a post-norm block's sublayer is projected after the block's own norm.
+
+    The lens's streams, stream logits and gradient map equal a line-by-line pass of the model.
+    """
+    model = _post_norm("vit_base_patch16_rpn_224")
+    lens = open_model(model)
+    assert lens.spec.post_norm
+    images = _images(lens)
+    target = torch.tensor([3, 5])
+    with torch.enable_grad():
+        logits, residual, attention, mlp, relevance = _post_norm_by_hand(model, images, target)
+    with torch.no_grad():
+        run = lens.trace(images)
+        projection = ClassProjection(lens)
+        streams = projection.streams(run.residual, run.attention, run.mlp)
+    assert torch.allclose(run.logits, logits, atol=1e-5)
+    assert torch.allclose(run.residual, residual, atol=1e-5)
+    assert torch.allclose(run.attention, attention, atol=1e-5)
+    assert torch.allclose(run.mlp, mlp, atol=1e-5)
+    # z(a_b) per token: the head after fc_norm of the normalised branch output.
+    norm, head = model.fc_norm, model.head
+    by_hand = F.linear(
+        F.layer_norm(attention, (model.embed_dim,), norm.weight, norm.bias, norm.eps), head.weight, head.bias
+    )
+    depth = lens.spec.depth
+    assert torch.allclose(streams[:, depth + 1 : 2 * depth + 1], by_hand, atol=1e-4)
+    gradient = gradient_relevance(images, target[:, None], projection)
+    assert relevance.abs().max() > 0
+    assert torch.allclose(gradient[:, 0], relevance, atol=1e-5, rtol=1e-4)
+
+
+def test_post_norm_blocks_mixed_with_pre_norm_ones_are_refused():
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = _timm("vit_tiny_patch16_224", **SMALL)
+    model.blocks[1] = ResPostBlock(dim=48, num_heads=2)
+    with pytest.raises(UnsupportedModelError, match="blocks are all of one kind"):
+        open_model(model)

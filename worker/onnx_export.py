@@ -12,9 +12,10 @@ implementation for both engines.
 
 Hooks cannot be exported, so :class:`ExplainerGraph` re-runs the model block by
 block with the timm ``Block`` identity ``x' = x + ls1(attn(norm1(x)))``,
-``x_b = x' + ls2(mlp(norm2(x')))`` (``drop_path`` is the identity in eval
-mode). :func:`inspect_vit` has checked that every block is a plain timm
-``Block``, so the identity holds; :func:`verify_explainer` checks it again on
+``x_b = x' + ls2(mlp(norm2(x')))``, or the ``ResPostBlock`` one ``x' = x + norm1(attn(x))``,
+``x_b = x' + norm2(mlp(x'))`` (``drop_path`` is the identity in eval mode;
+:func:`worker.lens.vit.block_sublayers`). :func:`inspect_vit` has checked that every
+block is one of those, so the identity holds; :func:`verify_explainer` checks it again on
 real inputs before a graph is trusted.
 """
 
@@ -37,7 +38,7 @@ from model_store.artifacts import describe_file
 from model_store.catalog import BUNDLED_SAMPLES, ModelEntry, record_artifact
 from model_store.manifest import ONNX_EXPLAINER
 from worker.lens.projection import CentredStreams, ClassProjection, centred_stream_logits, stream_scales
-from worker.lens.vit import Trace, blocks_of, inspect_vit, trace
+from worker.lens.vit import Trace, block_sublayers, blocks_of, inspect_vit, trace
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,8 @@ class ExplainerGraph(nn.Module):
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         residual, attention, mlp = [x], [], []
         for block in blocks_of(model):
-            a = block.ls1(block.attn(block.norm1(x)))
-            x = x + a
-            m = block.ls2(block.mlp(block.norm2(x)))
-            x = x + m
+            a, m = block_sublayers(block, x)
+            x = x + a + m
             residual.append(x)
             attention.append(a)
             mlp.append(m)

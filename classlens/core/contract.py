@@ -19,7 +19,7 @@ MAP_DECIMALS = 4
 # Bump it whenever a change alters what an explanation, an audit or an analysis contains (another
 # statistic, a fixed rank, a map computed differently): every cached result of an older version is then
 # simply never found again, instead of being served as if the new code had computed it.
-LENS_VERSION = 1
+LENS_VERSION = 2
 MapKind = Literal["identifiability", "logit", "probability"]
 NormMode = Literal["fresh", "cached"]
 

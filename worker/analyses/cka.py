@@ -11,6 +11,14 @@ U-centring: zero diagonal, rows and columns centred with ``1 / (n - 2)``, the
 grand mean added back with ``1 / ((n - 1)(n - 2))``), so all layer pairs of a
 batch come from one matrix product of stacked, flattened U-centred Grams.
 
+Batches of unequal size (a ragged last batch): the sums weight each batch's
+``HSIC1`` by ``n_i (n_i - 3)``, which is summing the U-centred inner products
+themselves, ``sum_i <K~_i, L~_i>`` (docs/methods.md, "Minibatch CKA with unequal
+batches"). Equal weights let a last batch of 4 images count as much as one of 32;
+weighting by ``n_i (n_i - 3)`` was the closest to the one-batch value of the rules
+measured (docs/benchmarks.md, "Minibatch CKA with a ragged last batch"). With batches
+of one size every weight is the same, and the ratio is the paper's estimator.
+
 Numerics: each batch's feature mean is subtracted before the Gram (HSIC1 is
 exactly invariant to it, and it removes the cancellation that large constant
 offsets cause in float32), Grams and sums are float64, and only ``n x n`` Grams
@@ -68,7 +76,8 @@ class MinibatchCKA:
     Call :meth:`add` with every layer's features of a batch as they are produced
     (each is reduced to its U-centred Gram at once), then :meth:`end_batch`.
     For layers of one model against themselves, pass the same names for rows
-    and columns.
+    and columns. Each batch's ``HSIC1`` enters the sums weighted by ``n (n - 3)``
+    (the module docstring): the sums are of U-centred inner products.
     """
 
     def __init__(self, rows: list[str], columns: list[str]):
@@ -97,13 +106,13 @@ class MinibatchCKA:
         if missing:
             raise CKAError(f"the batch lacks layers {missing}")
         assert self._size is not None
-        scale = 1.0 / (self._size * (self._size - 3))
         rows = torch.stack([self._pending[name] for name in self.rows])
         columns = torch.stack([self._pending[name] for name in self.columns])
-        # The running sums stay on the CPU; the Grams may live on the model's device.
-        self.cross += ((rows @ columns.T) * scale).cpu()
-        self.row_self += ((rows * rows).sum(dim=1) * scale).cpu()
-        self.column_self += ((columns * columns).sum(dim=1) * scale).cpu()
+        # n (n - 3) HSIC1 = <K~, L~>: the weighted sums need no scale. They stay on the CPU;
+        # the Grams may live on the model's device.
+        self.cross += (rows @ columns.T).cpu()
+        self.row_self += (rows * rows).sum(dim=1).cpu()
+        self.column_self += (columns * columns).sum(dim=1).cpu()
         self.batches += 1
         self.examples += self._size
         self._pending.clear()

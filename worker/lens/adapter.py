@@ -50,6 +50,8 @@ class ViTSpec:
     num_classes: int  # C
     num_heads: int
     pooling: Pooling
+    # Post-norm blocks (timm ResPostBlock): a_b and m_b are the sublayer outputs through the block's own norm.
+    post_norm: bool = False
 
     @property
     def num_prefix(self) -> int:

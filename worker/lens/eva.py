@@ -27,7 +27,7 @@ class TimmEva(LensModel):
         super().__init__(model)
         if not isinstance(model, Eva):
             raise UnsupportedModelError(f"{type(model).__name__} is not a timm Eva")
-        problems = timm_problems(model, EvaBlock, EvaAttention)
+        problems = timm_problems(model, (EvaBlock,), EvaAttention)
         if problems:
             raise UnsupportedModelError("unsupported Eva: " + "; ".join(problems))
         pooling = pooling_of(model.global_pool)

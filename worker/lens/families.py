@@ -18,7 +18,7 @@ from worker.lens.vit import TimmViT
 
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer (CLS, GAP, max or avgmax pooling; either final-norm placement; DeiT distilled; "
-    "register tokens), timm Eva (EVA, EVA-02), transformers ViTForImageClassification, "
+    "register tokens; pre-norm or post-norm blocks), timm Eva (EVA, EVA-02), transformers ViTForImageClassification, "
     "DeiTForImageClassification and DeiTForImageClassificationWithTeacher"
 )
 

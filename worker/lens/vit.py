@@ -2,7 +2,7 @@
 
 :func:`inspect_vit` reads the shape of a timm ViT and refuses what the lens cannot
 explain, with the reason; :class:`TimmViT` is the family's :class:`~worker.lens.adapter.LensModel`.
-The representation analyses open timm ViTs directly (their hooks need timm's ``Block``
+The representation analyses open timm ViTs directly (their hooks need timm's ``Block`` or ``ResPostBlock``
 and ``Attention``), so they call :func:`inspect_vit`, :func:`trace` and
 :func:`materialised_attention` of this module.
 
@@ -13,6 +13,15 @@ models ``fc_norm``; ``fc_norm=False`` on a GAP model (``vit_base_patch16_gap_224
 ``norm`` before the mean, and ``fc_norm=True`` on a CLS model moves it after the token
 is read. The lens applies whichever the model applies, where the model applies it, so
 the last layer's pooled projection is the model's logits.
+
+Two kinds of block (docs/methods.md, "Notation"):
+timm's pre-norm ``Block``, ``a_b = ls1(attn(norm1(x)))`` and ``m_b = ls2(mlp(norm2(x')))``,
+and the post-norm ``ResPostBlock`` (``vit_base_patch16_rpn_224``), ``x' = x + norm1(attn(x))``
+and ``x_b = x' + norm2(mlp(x'))``. For a post-norm block the lens takes ``a_b = norm1(attn(x))``
+and ``m_b = norm2(mlp(x'))``, the paper's convention (the block's own norm applied to the
+sublayer output before it is projected): they are exactly what each residual addition adds,
+so ``x_b = x_{b-1} + a_b + m_b`` holds for both kinds, and the projection, ranks, maps and
+gradient map need nothing else. All blocks of a model are of one kind (``ViTSpec.post_norm``).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Any, cast
 import torch
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
 from worker.lens.adapter import (
@@ -48,7 +57,9 @@ __all__ = [
     "UnsupportedModelError",
     "ViTSpec",
     "attention_of",
+    "block_sublayers",
     "blocks_of",
+    "branches_of",
     "final_norm_of",
     "hooked",
     "inspect_vit",
@@ -58,6 +69,10 @@ __all__ = [
     "timm_problems",
     "trace",
 ]
+
+# The blocks the lens reads: pre-norm and post-norm (the module docstring).
+BLOCKS: tuple[type[nn.Module], ...] = (Block, ResPostBlock)
+ViTBlock = Block | ResPostBlock
 
 # timm's global_pool values whose read-out is a fixed reduction of the tokens.
 POOLINGS: tuple[Pooling, ...] = ("token", "avg", "max", "avgmax")
@@ -88,8 +103,14 @@ def final_norm_of(model: nn.Module) -> tuple[nn.Module, bool]:
     return norm, True
 
 
-def timm_problems(model: nn.Module, block_class: type[nn.Module], attention_class: type[nn.Module]) -> list[str]:
-    """What keeps the lens from a timm ViT-like model (``VisionTransformer``, ``Eva``), each with its reason."""
+def timm_problems(
+    model: nn.Module, block_classes: Sequence[type[nn.Module]], attention_class: type[nn.Module]
+) -> list[str]:
+    """What keeps the lens from a timm ViT-like model (``VisionTransformer``, ``Eva``), each with its reason.
+
+    ``block_classes`` are the kinds of block the family's adapter reads; every block must be
+    of the first block's kind.
+    """
     problems = []
     attention_pool = getattr(model, "attn_pool", None) is not None
     if attention_pool or model.global_pool not in POOLINGS:
@@ -101,11 +122,20 @@ def timm_problems(model: nn.Module, block_class: type[nn.Module], attention_clas
         problems.append("a head that is not one linear layer (the class embeddings are a linear head's rows)")
     if getattr(model, "dynamic_img_size", False):
         problems.append("dynamic image size (the grid must be fixed by the manifest's input size)")
-    for index, block in enumerate(cast(nn.ModuleList, model.blocks)):
-        if type(block) is not block_class or type(block.attn) is not attention_class:
+    blocks = list(cast(nn.ModuleList, model.blocks))
+    for index, block in enumerate(blocks):
+        if type(block) not in block_classes or type(block.attn) is not attention_class:
+            names = " or ".join(cls.__name__ for cls in block_classes)
             problems.append(
-                f"block {index} is {type(block).__name__}, not a pre-norm {block_class.__name__} with "
-                f"{attention_class.__name__} (the lens needs x_b = x_(b-1) + a_b + m_b; post-norm blocks break it)"
+                f"block {index} is {type(block).__name__}, not a {names} with {attention_class.__name__} (the "
+                "lens reads a_b and m_b where those blocks add them, so that x_b = x_(b-1) + a_b + m_b; other "
+                "blocks, such as post-norm or parallel ones of another family, break it)"
+            )
+            break
+        if type(block) is not type(blocks[0]):
+            problems.append(
+                f"block {index} is {type(block).__name__} but block 0 is {type(blocks[0]).__name__}: "
+                "the lens reads models whose blocks are all of one kind"
             )
             break
     return problems
@@ -117,7 +147,7 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a timm VisionTransformer; the class-embedding lens needs one"
         )
-    problems = timm_problems(model, Block, Attention)
+    problems = timm_problems(model, BLOCKS, Attention)
     if problems:
         raise UnsupportedModelError("unsupported ViT: " + "; ".join(problems))
 
@@ -139,16 +169,41 @@ def inspect_vit(model: nn.Module) -> ViTSpec:
         num_classes=int(model.num_classes),
         num_heads=int(cast(Attention, model.blocks[0].attn).num_heads),
         pooling=pooling_of(model.global_pool),
+        post_norm=isinstance(model.blocks[0], ResPostBlock),
     )
 
 
-def blocks_of(model: VisionTransformer) -> list[Block]:
-    """The model's blocks, typed (``inspect_vit`` has checked that they are timm ``Block``s)."""
-    return cast(list[Block], list(model.blocks))
+def blocks_of(model: VisionTransformer) -> list[ViTBlock]:
+    """The model's blocks, typed (``inspect_vit`` has checked that they are timm ``Block``s or ``ResPostBlock``s)."""
+    return cast(list[ViTBlock], list(model.blocks))
 
 
-def attention_of(block: Block) -> Attention:
+def attention_of(block: ViTBlock) -> Attention:
     return cast(Attention, block.attn)
+
+
+def branches_of(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are ``a_b`` and ``m_b``, the last module of each branch before its addition.
+
+    Pre-norm: the layer scales ``ls1``, ``ls2``. Post-norm: ``drop_path1``, ``drop_path2``
+    (the identity in eval mode, each block's own instance), whose inputs are
+    ``norm1(attn(x))`` and ``norm2(mlp(x'))``: the sublayer outputs through the block's norm.
+    """
+    if isinstance(block, ResPostBlock):
+        return cast(nn.Module, block.drop_path1), cast(nn.Module, block.drop_path2)
+    return cast(nn.Module, block.ls1), cast(nn.Module, block.ls2)
+
+
+def block_sublayers(block: ViTBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a_b, m_b)`` of a block on its input ``x``, computed without hooks (for graph export; eval mode).
+
+    The block's output is ``x + a_b + m_b``; the module docstring has the two conventions.
+    """
+    if isinstance(block, ResPostBlock):
+        a = block.norm1(block.attn(x))
+        return a, block.norm2(block.mlp(x + a))
+    a = block.ls1(block.attn(block.norm1(x)))
+    return a, block.ls2(block.mlp(block.norm2(x + a)))
 
 
 @contextmanager
@@ -191,7 +246,7 @@ def materialised_attention(
 
 class TimmViT(LensModel):
     """A timm ``VisionTransformer``: every pooling with a fixed read-out, either norm placement,
-    DeiT's distillation head, register tokens."""
+    DeiT's distillation head, register tokens, pre-norm or post-norm blocks."""
 
     family = "timm-vit"
 
@@ -210,12 +265,11 @@ class TimmViT(LensModel):
         self.readouts = tuple(readouts)
         self.input_shape = (int(vit.patch_embed.proj.in_channels), *pair(vit.patch_embed.img_size))
 
-    def blocks(self) -> list[Block]:
+    def blocks(self) -> list[ViTBlock]:
         return blocks_of(cast(VisionTransformer, self.model))
 
     def branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
-        # a_b = ls1(attn(norm1(x))), m_b = ls2(mlp(norm2(x'))): the layer-scale modules' outputs.
-        return cast(nn.Module, block.ls1), cast(nn.Module, block.ls2)
+        return branches_of(block)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         model = cast(VisionTransformer, self.model)

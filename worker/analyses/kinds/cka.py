@@ -50,7 +50,8 @@ def _data(job: AnalysisJob, result: CKAMatrix) -> dict[str, Any]:
     across = len(job.models) == 2  # (the same model twice is still a comparison: all ones on the diagonal)
     data: dict[str, Any] = {
         "representation": job.request.representation,
-        "estimator": "minibatch CKA, unbiased HSIC (Nguyen, Raghu & Kornblith 2021), float64",
+        "estimator": "minibatch CKA, unbiased HSIC (Nguyen, Raghu & Kornblith 2021), batches weighted by n(n-3), "
+        "float64",
         "batch_size": job.request.batch_size,
         "batches": result.batches,
         "examples": result.examples,

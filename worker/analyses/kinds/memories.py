@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from worker.analyses import figures
-from worker.analyses.job import AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
+from worker.analyses.job import AnalysisError, AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
 from worker.analyses.memories import (
     AGREEMENT_K,
     COUNTED_TOKENS,
@@ -46,7 +46,18 @@ KEYS = {
 
 
 def check(job: AnalysisJob) -> None:
-    """Nothing beyond the kind's rules (a ViT)."""
+    """A pre-norm ViT: a post-norm block normalises its MLP's output (``norm2``) before adding it.
+
+    There the stream receives ``norm2(fc2(h))``, not a sum of ``fc2``'s columns weighted by
+    the keys, so ``fc2``'s columns are not the value vectors that reach the residual stream.
+    """
+    _, spec = open_vit(job.models[0], "memories")
+    if spec.post_norm:
+        raise AnalysisError(
+            f"memories reads fc2's columns as the value vectors added to the residual stream; "
+            f"{model_name(job.models[0])} has post-norm blocks, which normalise the MLP output (norm2) before "
+            "adding it, so its columns are not what the stream receives"
+        )
 
 
 def run(job: AnalysisJob) -> AnalysisOutcome:
