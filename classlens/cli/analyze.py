@@ -110,6 +110,12 @@ def _files(paths: tuple[Path, ...]) -> list[Image.Image]:
 @click.option("--ridge", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-memories", default=5, show_default=True, type=click.IntRange(1, 50))
 @click.option(
+    "--layer",
+    type=click.IntRange(0, 1000),
+    help="token-probes: the layer of the relevance maps (0 = embedding); gradient-parts: the block of the per-head "
+    "maps [default: the last block].",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("classlens-analyses"), show_default=True
 )
 @click.option("--json", "as_json", is_flag=True, help="Also print the result as JSON on stdout.")
@@ -128,6 +134,7 @@ def analyze_command(
             region=parse_region(options["region"]),
             ridge=options["ridge"],
             top_memories=options["top_memories"],
+            layer=options["layer"],
         )
     except ValidationError as error:
         raise click.UsageError(str(error)) from error

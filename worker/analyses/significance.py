@@ -12,8 +12,9 @@ the same architecture, on the same images and for the same target class of each 
 :func:`paired_tests` then runs, per layer, the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``)
 on the pairs ``(trained_i, random_i)``, one pair per image: one-sided, trained greater than
 random (the reference code's alternative for its memory statistics), differences of zero dropped
-(``zero_method="wilcox"``), the exact null distribution for small samples and the normal
-approximation otherwise (``method="auto"``).
+(``zero_method="wilcox"``). scipy's ``method="auto"`` picks the p-value: the exact null
+distribution for up to 50 pairs without ties or zeros; with ties or zeros, all ``2^n`` sign
+flips for up to 13 pairs; otherwise the normal approximation with continuity correction.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from worker.analyses.memories import key_value_agreement
 from worker.lens.projection import ClassProjection
-from worker.lens.ranks import class_rank, identifiability
+from worker.lens.ranks import class_rank
 from worker.lens.vit import inspect_vit, trace
 
 Alternative = Literal["greater", "two-sided", "less"]
@@ -41,7 +42,8 @@ def image_identifiability(model: VisionTransformer, images: torch.Tensor, target
     with torch.no_grad():
         residual = trace(model, images, sublayers=False).residual[:, :, spec.num_prefix :]  # [B, L + 1, N, D]
         ranks = class_rank(projection(residual), targets.to(residual.device)[:, None])  # [B, 1, L + 1, N]
-    return identifiability(ranks[:, 0], spec.num_classes).mean(dim=-1).double().cpu()
+    # In float64: equal values are ties of the signed-rank test, so they should not be equal by float32 rounding.
+    return (1.0 - ranks[:, 0].double() / spec.num_classes).mean(dim=-1).cpu()
 
 
 def image_agreement(
