@@ -190,7 +190,10 @@ def test_token_probes_against_a_ridge_written_here(tiny, samples):
             with torch.no_grad():
                 logits = head(norm(torch.from_numpy(features[test]))).numpy()
             projected = float(np.mean(logits.argmax(axis=1) == truth[test]))
-            assert data["accuracy"]["projection"][layer][position] == pytest.approx(projected, abs=1e-4), (layer, position)
+            assert data["accuracy"]["projection"][layer][position] == pytest.approx(projected, abs=1e-4), (
+                layer,
+                position,
+            )
     assert decided > 100
     # 9 fitting images, fewer than 10 of any class: the few-shot probes are the full ones.
     assert data["accuracy"]["few_shot"] == data["accuracy"]["probe"]
@@ -218,12 +221,6 @@ def test_token_probes_against_a_ridge_written_here(tiny, samples):
             assert curve["accuracy"][0] == pytest.approx(accuracy, abs=1e-4)
             assert len(curve["accuracy"]) == len(curve["fractions"]) == 10
             assert 0.0 <= curve["auc"]["accuracy"] <= 1.0
-
-
-def test_token_probes_at_the_embedding(tiny, samples):
-    maps = analyse("token-probes", tiny, samples, layer=0).data["maps"]
-    assert maps["layer_name"] == "embedding"
-    assert np.asarray(maps["probe"]).shape == (7, 7)
 
 
 def test_few_shot_takes_the_first_fitting_images_of_each_class():
@@ -283,16 +280,17 @@ def test_significance_against_scipy_on_values_computed_here(tiny):
         assert summary["significant"][layer] == (expected.pvalue < 0.05 / 3)
     agreement = {
         name: np.stack(
-            [key_value_agreement(net, memory_scores(net), [(batch[i : i + 1], targets[i : i + 1])]) for i in range(PAIRS)]
+            [
+                key_value_agreement(net, memory_scores(net), [(batch[i : i + 1], targets[i : i + 1])])
+                for i in range(PAIRS)
+            ]
         )
         for name, net in (("trained", tiny.network), ("random", random_model))
     }
     for layer in range(2):
         pair = agreement["trained"][:, layer], agreement["random"][:, layer]
-        if np.any(pair[0] != pair[1]):
-            expected = stats.wilcoxon(*pair, alternative="greater").pvalue
-        else:
-            expected = 1.0
+        differ = np.any(pair[0] != pair[1])  # scipy ranks nothing when no pair differs: the kind says p = 1
+        expected = stats.wilcoxon(*pair, alternative="greater").pvalue if differ else 1.0
         assert data["agreement"]["p_value"][layer] == pytest.approx(expected, rel=1e-4)
     assert data["alternative"].startswith("greater")
 
@@ -307,3 +305,29 @@ def test_layer_is_checked_against_the_kind_and_the_model(tiny, samples):
     ):
         with pytest.raises(AnalysisError, match=message):
             run_analysis(AnalysisRequest(kind=kind, layer=layer), [tiny], images, truth)
+
+
+# -- the request and the command line ----------------------------------------------------------------
+
+
+def test_an_unset_layer_leaves_the_canonical_parameters_as_they_were():
+    assert "layer" not in AnalysisRequest(kind="cka").model_dump(mode="json")  # content keys of old requests
+    given = AnalysisRequest(kind="gradient-parts", layer=2).model_dump(mode="json")
+    assert given["layer"] == 2
+    assert AnalysisRequest.model_validate(given) == AnalysisRequest(kind="gradient-parts", layer=2)
+
+
+def test_classlens_analyze_gradient_parts_on_image_files(tmp_path):
+    from click.testing import CliRunner
+
+    from classlens.cli import main
+
+    files = sorted(BUNDLED_SAMPLES.glob("*.png"))[:4]
+    arguments = ["analyze", "gradient-parts", *files, "--model", "fmnist-vit@1", "--layer", 2, "--out", tmp_path]
+    result = CliRunner().invoke(main, [str(a) for a in arguments], env={"CLASSLENS_MODEL_DIRS": ""})
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "gradient_parts.json").read_text())
+    assert stored["data"]["head_block"] == 2
+    assert stored["data"]["targets"] == "predicted class"
+    assert (tmp_path / "gradient_parts_heads.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "gradient_parts_blocks.png").read_bytes().startswith(b"\x89PNG")
