@@ -43,7 +43,6 @@ from worker.lens.vit import ViTSpec, inspect_vit, trace
 FEW_SHOT = 10  # fitting images per class of the few-shot probes
 FEATURE_BUDGET_BYTES = 512 * 2**20  # features kept at once; more layers than fit take more passes
 RANDOM_SEED = 0  # the random token order of the faithfulness floor
-FAITHFULNESS_METHODS = ("probe", "projection", "random")
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 """A fresh iterator over ``(images, labels)`` batches, in request order, for each pass."""
@@ -152,15 +151,15 @@ def token_probes(
         raise ValueError(f"{count} images cannot be split into a fitting and a held-out part")
     accuracy: dict[str, list[list[float]]] = {"probe": [], "few_shot": [], "projection": []}
     probe_maps = projection_maps = torch.zeros(0)
-    few = test
+    few = torch.zeros_like(test)
     for group in layer_groups(spec.depth + 1, count, len(names), spec.width):
         kept = _collect(model, batches, group, map_layer, projection)
         truth = torch.cat(kept.labels)
         if len(truth) != count:
             raise ValueError(f"{len(truth)} images in the batches, {count} expected")
         few = few_shot_rows(truth, ~test)
+        fits = _Fits(truth, test, few, num_classes, ridge)
         for b in group:
-            fits = _Fits(truth, test, few, num_classes, ridge)
             row, maps = fits.layer(torch.cat(kept.features[b]), torch.cat(kept.projected[b]), b == map_layer)
             for key, values in row.items():
                 accuracy[key].append(values)
