@@ -239,3 +239,5 @@ def test_the_worker_refuses_what_the_rules_table_rules_out(models, samples, kind
         refused("needs a Vision Transformer", [resnet] * len(pair))
     if not rules.region:
         refused("region is a parameter of perturb only", pair, region=(0, 0, 1, 1))
+    if not rules.layer:
+        refused("layer is a parameter of gradient-parts and token-probes only", pair, layer=1)

@@ -191,6 +191,24 @@ def test_compare_two_versions_with_a_report(app, client, analysis_worker):
     assert "<html" in report.get_data(as_text=True).lower()
 
 
+@pytest.mark.parametrize(
+    ("kind", "fields", "figures"),
+    [
+        ("token-probes", {"layer": "1"}, {"token_probes", "token_probes_maps", "token_probes_faithfulness"}),
+        ("gradient-parts", {}, {"gradient_parts_blocks", "gradient_parts_heads"}),
+        ("significance", {}, {"significance"}),
+    ],
+)
+def test_the_paper_kinds_with_labels(app, client, analysis_worker, kind, fields, figures):
+    labels = [str(SAMPLE_LABELS[name]) for name in NAMES]
+    response = checked(app, post_images(client, images(), labels, kind=kind, batch_size="4", **fields))
+    assert response.status_code in {200, 202}, response.get_json()
+    job = finished_job(app, client, response.headers["Location"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["parameters"]["analysis"].get("layer") == (1 if fields else None)
+    assert set(download_figures(app, client, job)) == figures
+
+
 def test_cka_against_a_cnn_and_a_kind_the_cnn_cannot_serve(app, client, analysis_worker):
     # The bundled fmnist-resnet is in every catalog: CKA takes any model, attention distance only a ViT.
     body = json_body(images(NAMES[:4]), kind="cka", compare_to="fmnist-resnet", representation="gap", batch_size=4)
@@ -250,6 +268,10 @@ def test_unknown_models_are_422_as_for_explanations(app, client):
         ({"kind": "cka", "batch_size": "2"}, "bad_parameter"),
         ({"kind": "probes", "ridge": "0"}, "bad_parameter"),
         ({"kind": "memories", "top_memories": "99"}, "bad_parameter"),
+        ({"kind": "gradient-parts", "layer": "0"}, "bad_parameter"),  # blocks are 1..2
+        ({"kind": "gradient-parts", "layer": "3"}, "bad_parameter"),
+        ({"kind": "skip-ratio", "layer": "1"}, "bad_parameter"),
+        ({"kind": "token-probes"}, "missing_labels"),
         ({"kind": "entropy"}, "invalid_body"),
         ({}, "invalid_body"),
     ],

@@ -124,6 +124,12 @@ def _files(paths: tuple[Path, ...]) -> list[Image.Image]:
     help="perturb: how no-CLS attention removes the prefix keys (zero: the paper's code).",
 )
 @click.option(
+    "--layer",
+    type=click.IntRange(0, 1000),
+    help="token-probes: the layer of the relevance maps (0 = embedding); gradient-parts: the block of the per-head "
+    "maps [default: the last block].",
+)
+@click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("classlens-analyses"), show_default=True
 )
 @click.option("--json", "as_json", is_flag=True, help="Also print the result as JSON on stdout.")
@@ -144,6 +150,7 @@ def analyze_command(
             top_memories=options["top_memories"],
             agreement=options["agreement"],
             no_cls=options["no_cls"],
+            layer=options["layer"],
         )
     except ValidationError as error:
         raise click.UsageError(str(error)) from error

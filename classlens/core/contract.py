@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 MAP_DECIMALS = 4
 # The version of the explanation method, part of every result's content key (classlens.core.jobs.content_key).
@@ -259,7 +259,18 @@ class AuditResult(_Frozen):
 # memories and perturbations), run over a batch of images as one job. ---
 
 AnalysisKind = Literal[
-    "cka", "attention-distance", "skip-ratio", "localization", "probes", "memories", "perturb", "residual", "compare"
+    "cka",
+    "attention-distance",
+    "skip-ratio",
+    "localization",
+    "probes",
+    "memories",
+    "perturb",
+    "residual",
+    "compare",
+    "token-probes",
+    "gradient-parts",
+    "significance",
 ]
 Representation = Literal["tokens", "cls", "gap"]
 
@@ -286,6 +297,9 @@ class AnalysisRules:
     representation: bool = False
     # It takes ``region`` (a box of the token grid).
     region: bool = False
+    # It takes ``layer``: 0 (the embedding) to L, or 1 to L where ``layer_from`` is 1 (a block).
+    layer: bool = False
+    layer_from: int = 0
 
 
 ANALYSIS_RULES: Mapping[str, AnalysisRules] = {
@@ -298,6 +312,9 @@ ANALYSIS_RULES: Mapping[str, AnalysisRules] = {
     "perturb": AnalysisRules(vit=True, region=True),
     "residual": AnalysisRules(vit=True),
     "compare": AnalysisRules(second_model="required", representation=True),
+    "token-probes": AnalysisRules(labels="required", vit=True, layer=True),
+    "gradient-parts": AnalysisRules(vit=True, layer=True, layer_from=1),
+    "significance": AnalysisRules(vit=True),
 }
 
 
@@ -341,6 +358,42 @@ class AnalysisRequest(_Frozen):
         description="Perturb: no-CLS attention masks the prefix keys before the softmax; or zeroes them after it and "
         "renormalises; or zeroes them after it without renormalising (the reference).",
     )
+    layer: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Token-probes: the layer of the relevance maps (0 = embedding .. L); gradient-parts: the block "
+        "of the per-head maps (1 .. L). Default: the last block L.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_layer(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The parameters without ``layer`` when none was given.
+
+        The canonical parameters make the content key, so a request that does not use ``layer``
+        keeps the key it had before the field existed (and its cached result).
+        """
+        data: dict[str, Any] = handler(self)
+        if data.get("layer", 0) is None:
+            del data["layer"]
+        return data
+
+
+def layer_problem(kind: str, layer: int | None, depth: int | None) -> str | None:
+    """Why ``layer`` cannot be the layer of a ``kind`` analysis of a model of ``depth`` blocks; None if it can.
+
+    ``depth`` None: not known (a manifest without structure); then only the lower bound is checked.
+    """
+    if layer is None:
+        return None
+    rules = ANALYSIS_RULES[kind]
+    if not rules.layer:
+        takers = " and ".join(sorted(analysis_kinds(lambda row: row.layer)))
+        return f"layer is a parameter of {takers} only"
+    if layer < rules.layer_from or (depth is not None and layer > depth):
+        what = "blocks" if rules.layer_from else "layers (0 = the embedding)"
+        return f"layer {layer} is out of range: the {what} of {kind} are {rules.layer_from} to {depth or 'L'}"
+    return None
 
 
 class AnalysisResult(_Frozen):

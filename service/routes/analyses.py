@@ -32,6 +32,7 @@ from classlens.core.contract import (
     AnalysisRequest,
     AnalysisRules,
     analysis_kinds,
+    layer_problem,
 )
 from classlens.core.jobs import content_key
 from classlens.core.queue import ANALYSIS_TASK
@@ -60,7 +61,7 @@ def _rules(kind: str) -> AnalysisRules:
 
 PARAMETERS = tuple(AnalysisRequest.model_fields)
 _TEXT_FIELDS = ("kind", "compare_to", "representation", "prefix_rows", "agreement", "no_cls")
-_INTEGER_FIELDS = ("batch_size", "top_memories")
+_INTEGER_FIELDS = ("batch_size", "top_memories", "layer")
 
 
 def form_parameters(form: MultiDict[str, str]) -> dict[str, Any]:
@@ -145,6 +146,9 @@ def analysis_request(
         request = AnalysisRequest.model_validate({**fields, "compare_to": second.reference if second else None})
     except ValidationError as error:
         raise invalid_parameters(error) from error
+    problem = layer_problem(request.kind, request.layer, model_info(entry.manifest).layers)
+    if problem is not None:
+        raise _bad(problem)
     return request, second
 
 

@@ -152,3 +152,99 @@ def localisation_grid(maps: npt.ArrayLike, grid: tuple[int, int], *, title: str)
 
 def _own_position(row: int, column: int) -> Rectangle:
     return Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2)
+
+
+def map_grid(
+    maps: npt.ArrayLike,
+    titles: Sequence[str],
+    *,
+    title: str,
+    colour_label: str,
+    columns: int = 6,
+    centred: bool = True,
+) -> bytes:
+    """``K`` maps of ``h x w`` side by side, ``columns`` to a row, on one colour scale.
+
+    ``centred``: a diverging scale symmetric about 0 (signed relevance: red promotes, blue
+    opposes); otherwise viridis over the maps' range.
+    """
+    values = np.asarray(maps, dtype=np.float64)
+    count = values.shape[0]
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(1.9 * columns + 1.2, 1.9 * rows + 0.8))
+    axes_grid = figure.subplots(rows, columns, squeeze=False)
+    finite = values[np.isfinite(values)]
+    if centred:
+        top = float(np.abs(finite).max()) if finite.size else 1.0
+        limits, colours = (-max(top, 1e-12), max(top, 1e-12)), "RdBu_r"
+    else:
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        limits, colours = (low, max(high, low + 1e-12)), "viridis"
+    image = None
+    for index, axes in enumerate(axes_grid.flat):
+        axes.set_xticks([])
+        axes.set_yticks([])
+        if index >= count:
+            axes.set_axis_off()
+            continue
+        image = axes.imshow(values[index], cmap=colours, vmin=limits[0], vmax=limits[1], interpolation="nearest")
+        axes.set_title(titles[index], fontsize="small")
+    figure.suptitle(title)
+    if image is not None:
+        figure.colorbar(image, ax=axes_grid, shrink=0.7, label=colour_label)
+    return to_png(figure)
+
+
+def removal_curves(
+    fractions: Sequence[float], curves: Mapping[str, Sequence[float | None]], *, title: str, ylabel: str
+) -> bytes:
+    """Token-removal curves: one line per curve against the share of image tokens removed."""
+    figure = Figure(figsize=(6.0, 4.0))
+    axes = figure.add_subplot()
+    x = 100 * np.asarray(fractions, dtype=np.float64)
+    for index, (label, values) in enumerate(curves.items()):
+        style = "--" if label.startswith("negative") else "-"
+        axes.plot(x, _values(values), style, marker=_MARKERS[index % len(_MARKERS)], label=label)
+    axes.set_xlabel("image tokens removed (%)")
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(0.0, 1.02)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return to_png(figure)
+
+
+def marked_panels(
+    panels: Sequence[tuple[str, Sequence[str], Mapping[str, Sequence[float | None]], Sequence[bool]]],
+    *,
+    title: str,
+    ylabel: str,
+    mark_label: str,
+) -> bytes:
+    """Panels of curves over layers side by side, ``(title, layers, curves, marked)`` each; marked layers starred.
+
+    A star sits above the highest curve at every layer whose ``marked`` is true (e.g. a
+    significant difference between the curves).
+    """
+    figure = Figure(figsize=(6.0 * len(panels), 4.2))
+    axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (name, layers, curves, marked) in zip(axes_row, panels, strict=True):
+        x = np.arange(len(layers))
+        top = np.full(len(layers), -np.inf)
+        for index, (label, values) in enumerate(curves.items()):
+            series = _values(values)
+            top = np.fmax(top, series)
+            axes.plot(x, series, marker=_MARKERS[index % len(_MARKERS)], label=label)
+        where = np.flatnonzero(np.asarray(marked, dtype=bool) & np.isfinite(top))
+        if where.size:
+            axes.scatter(where, top[where] + 0.04, marker="*", s=90, color="black", label=mark_label, zorder=3)
+        _tick_labels(axes, layers, "x")
+        axes.set_xlabel("layer")
+        axes.set_ylabel(ylabel)
+        axes.set_ylim(0.0, 1.1)
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(title)
+    return to_png(figure)

@@ -2,7 +2,8 @@
 
 The methods are those of docs/methods.md (CKA, attention distance, skip ratios,
 token-localisation CKA, probes, model comparison) and section 1 (key-value memories,
-attention and context perturbation); their maths lives in the modules of this package, and
+attention and context perturbation, token probes, the gradient map by block and head, trained
+against random weights); their maths lives in the modules of this package, and
 each kind's runner in :mod:`worker.analyses.kinds`. This module is the registry: it checks
 the request against the kind's row of :data:`~classlens.core.contract.ANALYSIS_RULES` (the
 table the API checks at submission), then hands the job to the kind's runner.
@@ -17,7 +18,14 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from classlens.core.contract import ANALYSIS_MIN_IMAGES, ANALYSIS_RULES, AnalysisRequest, AnalysisRules, analysis_kinds
+from classlens.core.contract import (
+    ANALYSIS_MIN_IMAGES,
+    ANALYSIS_RULES,
+    AnalysisRequest,
+    AnalysisRules,
+    analysis_kinds,
+    layer_problem,
+)
 from worker.analyses.cka import CKAError
 from worker.analyses.job import (
     AnalysisError,
@@ -33,12 +41,15 @@ from worker.analyses.kinds import (
     attention_distance,
     cka,
     compare,
+    gradient_parts,
     localization,
     memories,
     perturb,
     probes,
     residual,
+    significance,
     skip_ratio,
+    token_probes,
 )
 from worker.analyses.memories import MemoryLayoutError
 from worker.analyses.representations import RepresentationError
@@ -67,6 +78,9 @@ RUNNERS: Mapping[str, Runner] = {
     "perturb": perturb,
     "residual": residual,
     "compare": compare,
+    "token-probes": token_probes,
+    "gradient-parts": gradient_parts,
+    "significance": significance,
 }
 
 _TAKES_REGION = analysis_kinds(lambda rules: rules.region)
@@ -116,6 +130,18 @@ def check(job: AnalysisJob) -> None:
         open_vit(job.models[0], request.kind)
     if request.region is not None and not rules.region:
         raise AnalysisError(f"region is a parameter of {' and '.join(sorted(_TAKES_REGION))} only")
+    _check_layer(job, rules)
+
+
+def _check_layer(job: AnalysisJob, rules: AnalysisRules) -> None:
+    """``layer`` only for the kinds that take it, and within the model's layers (the rule the API applies)."""
+    request = job.request
+    if request.layer is None:
+        return
+    depth = open_vit(job.models[0], request.kind)[1].depth if rules.layer and rules.vit else None
+    problem = layer_problem(request.kind, request.layer, depth)
+    if problem is not None:
+        raise AnalysisError(problem)
 
 
 def _models_wanted(rules: AnalysisRules, request: AnalysisRequest, given: int) -> int:
