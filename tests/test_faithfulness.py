@@ -9,7 +9,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from worker.lens.baselines import attention_rollout, grad_cam, random_relevance
+from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam, random_relevance
 from worker.lens.faithfulness import auc, evaluate_methods, removal_curve, tokens_to_keep
 from worker.lens.tokens import forward_without_tokens
 from worker.lens.vit import trace
@@ -205,3 +205,63 @@ def test_evaluate_methods_does_not_depend_on_batch_size() -> None:
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
             assert a["auc"]["probability"] == pytest.approx(auc(a["fractions"], a["probability"]))
             assert a["accuracy"][0] == 1.0
+
+
+def chefer_by_hand(model: VisionTransformer, x: torch.Tensor, target: int, cls: bool) -> torch.Tensor:
+    """Chefer et al.'s relevance of one image for one class, written out: retain_grad, .backward, a loop per block."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        recorded.append(output)
+
+    attentions = [cast(Any, block).attn for block in model.blocks]
+    handles = [attention.attn_drop.register_forward_hook(keep) for attention in attentions]
+    fused = [attention.fused_attn for attention in attentions]
+    for attention in attentions:
+        attention.fused_attn = False
+    try:
+        model(x.clone().requires_grad_(True))[0, target].backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attention, was in zip(attentions, fused, strict=True):
+            attention.fused_attn = was
+    tokens = recorded[0].shape[-1]
+    relevance = torch.eye(tokens)
+    for attention in recorded:
+        grad = attention.grad
+        assert grad is not None
+        cam = torch.zeros(tokens, tokens)
+        for head in range(attention.shape[1]):
+            cam += (grad[0, head] * attention[0, head]).clamp(min=0)
+        cam = cam / attention.shape[1]
+        relevance = relevance + cam @ relevance
+    model.zero_grad(set_to_none=True)
+    if cls:
+        return relevance[0, 1:].detach()  # the CLS row at the image tokens
+    return relevance.mean(dim=0).detach()  # no prefix: the mean of every (image-token) row
+
+
+@pytest.mark.parametrize("make", [tiny_vit, gap_vit], ids=["cls", "gap"])
+def test_chefer_relevance_matches_a_line_by_line_computation(make) -> None:
+    model, x = make(), images(2)
+    targets = torch.tensor([[3, 0], [1, 4]])
+    relevance = chefer_relevance(model, x, targets)
+    assert relevance.shape == (2, 2, NUM_TOKENS)
+    assert not relevance.requires_grad
+    for b in range(2):
+        for k in range(2):
+            expected = chefer_by_hand(model, x[b : b + 1], int(targets[b, k]), cls=make is tiny_vit)
+            assert torch.allclose(relevance[b, k], expected, atol=1e-6, rtol=1e-5), (b, k)
+    assert not torch.allclose(relevance[:, 0], relevance[:, 1])  # class-specific, unlike rollout
+
+
+def test_chefer_relevance_leaves_the_model_as_it_was() -> None:
+    model, x = tiny_vit(), images(2)
+    model.requires_grad_(False)
+    relevance = chefer_relevance(model, x, torch.tensor([[0], [2]]))
+    assert (relevance >= 0).all()
+    assert relevance.abs().sum() > 0
+    assert all(len(cast(Any, block).attn.attn_drop._forward_hooks) == 0 for block in model.blocks)
+    assert all(p.grad is None for p in model.parameters())
