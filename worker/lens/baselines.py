@@ -7,7 +7,7 @@ Higher means more relevant. The faithfulness protocol only uses the order of
 the values, so their scale does not matter.
 
 - :func:`random_relevance`: a seeded random order, the floor every method must beat
-  (the paper's "random order": 0.716 / 0.716 positive / negative AUC on ViT-B/32).
+  (the paper's "random order": 0.716 / 0.716 positive / negative AUC on ViT-B/32, under its own protocol).
 - :func:`attention_rollout`: Abnar & Zuidema, "Quantifying Attention Flow in
   Transformers" (ACL 2020). Class-agnostic.
 - :func:`grad_cam`: Selvaraju et al., "Grad-CAM" (ICCV 2017), applied to a ViT the
