@@ -51,7 +51,7 @@ def test_evaluate_writes_auc_per_method(tmp_path):
 
 def test_evaluate_one_protocol_with_chefer(tmp_path):
     out = tmp_path / "faithfulness.json"
-    arguments = ("--images", "8", "--method", "chefer", "--protocol", "paper", "--out", out)
+    arguments = ("--images", "4", "--method", "chefer", "--protocol", "paper", "--out", out)
     result = run_cli("evaluate", *arguments)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
