@@ -71,6 +71,8 @@ def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
     if "layers" in form:
         layers = form["layers"].strip()
         fields["layers"] = "all" if layers == "all" else [int(part) for part in _split(layers)]
+    if "baseline_maps" in form:
+        fields["baseline_maps"] = _split(form["baseline_maps"])
     for name in ("map_kind", "norm"):
         if name in form:
             fields[name] = form[name]

@@ -41,3 +41,22 @@ def test_evaluate_writes_auc_per_method(tmp_path):
     for method in record["methods"].values():
         for direction in ("positive", "negative"):
             assert 0.0 <= method[direction]["auc"]["accuracy"] <= 1.0
+    # Both protocols by default, each table saying which it is; the paper's scores every n = 1..N.
+    assert set(record["protocols"]) == {"project", "paper"}
+    assert set(record["paper"]) == {"random", "gradient"}
+    assert record["paper"]["random"]["negative"]["kept"] == list(range(1, 50))
+    assert "protocol: project" in result.stdout
+    assert "protocol: paper" in result.stdout
+
+
+def test_evaluate_one_protocol_with_chefer(tmp_path):
+    out = tmp_path / "faithfulness.json"
+    arguments = ("--images", "4", "--method", "chefer", "--protocol", "paper", "--out", out)
+    result = run_cli("evaluate", *arguments)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert set(record["protocols"]) == {"paper"}
+    assert "methods" not in record
+    scores = record["paper"]["chefer"]["positive"]["auc"]
+    assert 0.0 <= scores["accuracy"] <= 1.0
+    assert "protocol: project" not in result.stdout

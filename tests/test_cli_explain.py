@@ -99,6 +99,20 @@ def test_explain_writes_json_and_figures(registered, tmp_path):
         assert min(figure.size) >= 224
 
 
+def test_explain_writes_the_baseline_maps_asked_for(registered, tmp_path):
+    arguments = ("--target", "bag", "--baseline-map", "rollout", "--baseline-map", "chefer", "--no-sublayers")
+    result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path, *arguments)
+    assert result.exit_code == 0, result.output
+    document = Explanation.model_validate_json((tmp_path / f"{SAMPLES[0].stem}.json").read_text())
+    maps = document.targets[0].baseline_maps
+    assert maps is not None
+    assert list(maps) == ["chefer", "rollout"]  # the canonical order, whatever the options' order
+    assert len(maps["chefer"]) == 7
+    for method in ("chefer", "rollout"):
+        assert Image.open(tmp_path / f"{SAMPLES[0].stem}_8-Bag_{method}.png").mode == "RGB"
+    assert not (tmp_path / f"{SAMPLES[0].stem}_8-Bag_gradcam.png").exists()
+
+
 def test_targets_and_layers_are_read_as_the_api_reads_them(registered, tmp_path):
     arguments = ("--target", " 8 ", "--target", "ANKLE boot ", "--layer", " 2", "--layer", "0", "--layer", "2")
     result = run(registered, SAMPLES[0], "--model", "tiny-fm", "--out", tmp_path, "--no-sublayers", *arguments)

@@ -9,8 +9,16 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from worker.lens.baselines import attention_rollout, grad_cam, random_relevance
-from worker.lens.faithfulness import auc, evaluate_methods, removal_curve, tokens_to_keep
+from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam, random_relevance
+from worker.lens.faithfulness import (
+    PAPER,
+    auc,
+    evaluate_methods,
+    evaluate_protocols,
+    paper_auc,
+    removal_curve,
+    tokens_to_keep,
+)
 from worker.lens.tokens import forward_without_tokens
 from worker.lens.vit import trace
 
@@ -205,3 +213,116 @@ def test_evaluate_methods_does_not_depend_on_batch_size() -> None:
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
             assert a["auc"]["probability"] == pytest.approx(auc(a["fractions"], a["probability"]))
             assert a["accuracy"][0] == 1.0
+
+
+def chefer_by_hand(model: VisionTransformer, x: torch.Tensor, target: int, cls: bool) -> torch.Tensor:
+    """Chefer et al.'s relevance of one image for one class, written out: retain_grad, .backward, a loop per block."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.retain_grad()
+        recorded.append(output)
+
+    attentions = [cast(Any, block).attn for block in model.blocks]
+    handles = [attention.attn_drop.register_forward_hook(keep) for attention in attentions]
+    fused = [attention.fused_attn for attention in attentions]
+    for attention in attentions:
+        attention.fused_attn = False
+    try:
+        model(x.clone().requires_grad_(True))[0, target].backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attention, was in zip(attentions, fused, strict=True):
+            attention.fused_attn = was
+    tokens = recorded[0].shape[-1]
+    relevance = torch.eye(tokens)
+    for attention in recorded:
+        grad = attention.grad
+        assert grad is not None
+        cam = torch.zeros(tokens, tokens)
+        for head in range(attention.shape[1]):
+            cam += (grad[0, head] * attention[0, head]).clamp(min=0)
+        cam = cam / attention.shape[1]
+        relevance = relevance + cam @ relevance
+    model.zero_grad(set_to_none=True)
+    if cls:
+        return relevance[0, 1:].detach()  # the CLS row at the image tokens
+    return relevance.mean(dim=0).detach()  # no prefix: the mean of every (image-token) row
+
+
+@pytest.mark.parametrize("make", [tiny_vit, gap_vit], ids=["cls", "gap"])
+def test_chefer_relevance_matches_a_line_by_line_computation(make) -> None:
+    model, x = make(), images(2)
+    targets = torch.tensor([[3, 0], [1, 4]])
+    relevance = chefer_relevance(model, x, targets)
+    assert relevance.shape == (2, 2, NUM_TOKENS)
+    assert not relevance.requires_grad
+    for b in range(2):
+        for k in range(2):
+            expected = chefer_by_hand(model, x[b : b + 1], int(targets[b, k]), cls=make is tiny_vit)
+            assert torch.allclose(relevance[b, k], expected, atol=1e-6, rtol=1e-5), (b, k)
+    assert not torch.allclose(relevance[:, 0], relevance[:, 1])  # class-specific, unlike rollout
+
+
+def test_chefer_relevance_leaves_the_model_as_it_was() -> None:
+    model, x = tiny_vit(), images(2)
+    model.requires_grad_(False)
+    relevance = chefer_relevance(model, x, torch.tensor([[0], [2]]))
+    assert (relevance >= 0).all()
+    assert relevance.abs().sum() > 0
+    assert all(len(cast(Any, block).attn.attn_drop._forward_hooks) == 0 for block in model.blocks)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_paper_auc_is_the_mean_height_relative_to_the_peak() -> None:
+    assert paper_auc([0.8] * 49) == pytest.approx(1.0)
+    assert paper_auc([0.2, 0.4, 0.6, 0.8]) == pytest.approx((0.2 + 0.4 + 0.6 + 0.8) / (0.8 * 4))
+    assert paper_auc([0.0, 0.0]) == 0.0
+
+
+@pytest.mark.parametrize("make", [tiny_vit, gap_vit], ids=["cls", "gap"])
+def test_the_paper_protocol_keeps_the_n_most_or_least_relevant_tokens(make) -> None:
+    model, x = make(), images(3)
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+    relevance = torch.rand(3, 1, NUM_TOKENS, generator=torch.Generator().manual_seed(5))
+    results = evaluate_protocols(
+        model, x, labels, {"fixed": lambda batch, targets: relevance[: len(batch)]}, batch_size=3
+    )
+    assert set(results) == {"project", "paper"}
+    for direction, most in (("negative", True), ("positive", False)):
+        curve = results["paper"]["fixed"][direction]
+        assert curve["kept"] == list(range(1, NUM_TOKENS + 1))
+        accuracy, probability = [], []
+        for n in range(1, NUM_TOKENS + 1):
+            keep = []
+            for b in range(3):
+                ranked = sorted(range(NUM_TOKENS), key=lambda j: float(relevance[b, 0, j]), reverse=most)
+                keep.append(ranked[:n])
+            with torch.no_grad():
+                logits = forward_without_tokens(model, x, torch.tensor(keep))
+            accuracy.append(int((logits.argmax(-1) == labels).sum()) / 3)
+            probability.append(float(logits.softmax(-1)[torch.arange(3), labels].mean()))
+        assert curve["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+        assert curve["probability"] == pytest.approx(probability, abs=1e-5)
+        assert curve["accuracy"][-1] == 1.0  # every token kept: the model's own prediction
+        assert curve["auc"]["accuracy"] == pytest.approx(sum(accuracy) / (max(accuracy) * NUM_TOKENS))
+        assert curve["auc"]["probability"] == pytest.approx(sum(probability) / (max(probability) * NUM_TOKENS))
+    # The project's protocol, from the same maps, is what evaluate_methods gives.
+    alone = evaluate_methods(model, x, labels, {"fixed": lambda batch, targets: relevance[: len(batch)]}, 3)
+    assert alone["fixed"]["positive"]["auc"] == pytest.approx(results["project"]["fixed"]["positive"]["auc"])
+
+
+def test_both_protocols_do_not_depend_on_batch_size() -> None:
+    model, x = tiny_vit(), images(4)
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+    methods = {"chefer": lambda batch, targets: chefer_relevance(model, batch, targets)}
+    whole = evaluate_protocols(model, x, labels, methods, batch_size=4, protocols=(PAPER,))
+    split = evaluate_protocols(model, x, labels, methods, batch_size=3, protocols=(PAPER,))
+    for protocol in ("paper",):
+        for direction in ("positive", "negative"):
+            a, b = whole[protocol]["chefer"][direction], split[protocol]["chefer"][direction]
+            assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)

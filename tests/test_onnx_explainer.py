@@ -250,6 +250,11 @@ def test_explain_uses_the_graph_only_without_gradients(fmnist_entry: ModelEntry,
     [explained] = loaded.explain(images[:1], ExplainRequest(gradient_map=True))
     assert calls == [True], "the gradient map runs on torch"
     assert explained.targets[0].gradient_map is not None
+    [explained] = loaded.explain(images[:1], ExplainRequest(baseline_maps=["chefer"]))
+    assert calls == [True], "Chefer's relevance needs a backward pass: torch"
+    [explained] = loaded.explain(images[:1], ExplainRequest(baseline_maps=["rollout"]))
+    assert calls == [True, True], "rollout needs no gradients: the graph still traces"
+    assert explained.targets[0].baseline_maps is not None
 
 
 def test_onnx_off_and_stale_graphs_explain_with_torch(fmnist_entry: ModelEntry) -> None:

@@ -132,3 +132,19 @@ def test_the_explainer_graph_runs_post_norm_blocks_as_the_model_does():
     assert torch.allclose(centred_attention, run.attention @ weight.T, atol=1e-4)
     assert torch.allclose(centred_mlp, run.mlp @ weight.T, atol=1e-4)
     assert torch.allclose(centred_residual, run.residual @ weight.T, atol=1e-4)
+
+
+def test_chefer_and_rollout_open_post_norm_blocks_and_grad_cam_says_why_it_cannot():
+    from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam
+    from worker.lens.vit import UnsupportedModelError
+
+    model = post_norm_vit().eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[0, 1], [2, 3]])
+    tokens = inspect_vit(model).num_image_tokens
+    for method in (chefer_relevance, attention_rollout):
+        maps = method(model, images, targets)
+        assert maps.shape == (2, 2, tokens)
+        assert torch.isfinite(maps).all()
+    with pytest.raises(UnsupportedModelError, match="post-norm"):
+        grad_cam(model, images, targets)

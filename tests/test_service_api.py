@@ -125,6 +125,28 @@ def test_full_flow_cache_hit_and_map(app, client, running_worker):
     assert "classlens_queue_depth" in metrics
 
 
+def test_baseline_maps_are_asked_for_and_drawn(app, client, running_worker):
+    response = checked(app, post_form(client, sample_png(), targets="1", baseline_maps="rollout,chefer,rollout"))
+    job = finished(app, client, response.get_json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["parameters"]["baseline_maps"] == ["chefer", "rollout"]
+    maps = job["result"]["targets"][0]["baseline_maps"]
+    assert set(maps) == {"chefer", "rollout"}
+    assert len(maps["rollout"]) == 7
+    png = checked(app, client.get(f"/v1/explanations/{job['id']}/maps/1.png?kind=chefer"))
+    assert png.status_code == 200
+    assert png.mimetype == "image/png"
+    problem(app, client.get(f"/v1/explanations/{job['id']}/maps/1.png?kind=gradcam"), 404, "no_map")
+    # The same request in JSON, the methods in another order: the same canonical parameters, a cache hit.
+    body = {"image": b64(sample_png()), "model": TINY_MODEL, "targets": [1], "baseline_maps": ["rollout", "chefer"]}
+    again = checked(app, post_json(client, body))
+    assert again.get_json()["cached"] is True
+    # Without the option, the parameters are those of a request from before it existed.
+    plain = finished(app, client, checked(app, post_form(client, sample_png(), targets="1")).get_json()["id"])
+    assert "baseline_maps" not in plain["parameters"]
+    assert "baseline_maps" not in plain["result"]["targets"][0]
+
+
 def test_long_poll_top_k_and_failure_recorded(app, client, running_worker):
     response = checked(app, post_form(client, sample_png("test-00000.png"), "?wait=60", top_k="2", gradient_map="true"))
     job = finished(app, client, response.get_json()["id"])

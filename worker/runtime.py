@@ -157,14 +157,14 @@ class LoadedViT(LoadedModel):
         return self.network
 
     def explain(self, images: Sequence[Image.Image], request: ExplainRequest) -> list[Explanation]:
-        """Explain through the ONNX graph when loaded and the request needs no gradient map, else torch.
+        """Explain through the ONNX graph when loaded and the request needs no gradients, else torch.
 
         The streams are the only thing the graph (float32) or the half-precision forward
         replaces; the results are those of torch within the graph's verified tolerance or
         half precision's measured one (docs/gpu.md). The graph comes first: it was chosen
         for the model, and ``CLASSLENS_ONNX=off`` leaves every request to the half forward.
         """
-        tracer = self.onnx.trace if self.onnx is not None and not request.gradient_map else self.half
+        tracer = self.onnx.trace if self.onnx is not None and not request.needs_gradients else self.half
         return explain(self.lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
 
 

@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from classlens.core.contract import MapKind
-from worker.lens.baselines import attention_rollout, grad_cam, random_relevance
+from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam, random_relevance
 from worker.lens.explain import projection_map
 from worker.lens.faithfulness import RelevanceMethod
 from worker.lens.gradient import gradient_relevance
@@ -21,6 +21,7 @@ def relevance_methods(model: VisionTransformer, layer: int, map_kind: MapKind, s
         "projection": lambda images, targets: projection_map(model, images, targets, projection, layer, map_kind),
         "gradient": lambda images, targets: gradient_relevance(images, targets, projection),
         "random": lambda images, targets: random_relevance(images, targets, tokens, generator),
+        "chefer": lambda images, targets: chefer_relevance(model, images, targets),
         "rollout": lambda images, targets: attention_rollout(model, images, targets),
         "gradcam": lambda images, targets: grad_cam(model, images, targets),
     }

@@ -11,7 +11,8 @@ import click
 from classlens.cli.common import open_catalog, resolve
 from classlens.core.settings import Settings
 
-METHODS = ("projection", "gradient", "random", "rollout", "gradcam")
+METHODS = ("projection", "gradient", "chefer", "random", "rollout", "gradcam")
+PROTOCOLS = ("project", "paper")
 
 
 @click.command("evaluate")
@@ -33,18 +34,26 @@ METHODS = ("projection", "gradient", "random", "rollout", "gradcam")
     show_default=True,
     help="Projection map values; identifiability has ties (C values), logits do not.",
 )
+@click.option(
+    "--protocol",
+    "protocols",
+    multiple=True,
+    type=click.Choice(PROTOCOLS),
+    help="project: remove 0..90 % of the tokens, trapezoid; paper: keep n = 1..N tokens, sum / (max * N). "
+    "Repeatable; default: both.",
+)
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random-order baseline.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/faithfulness.json"))
 @click.pass_obj
 def evaluate_command(settings: Settings, reference: str, **options: Any) -> None:
-    """Positive and negative perturbation AUC of each relevance method, as a table and JSON."""
+    """Positive and negative perturbation AUC of each relevance method, per protocol, as tables and JSON."""
     import torch
     from PIL import Image
 
     from classlens.bench.faithfulness import relevance_methods
     from classlens.core import fashion_mnist
-    from worker.lens.faithfulness import evaluate_methods
+    from worker.lens.faithfulness import PAPER, PROJECT, evaluate_protocols
     from worker.runtime import load
 
     loaded = load(resolve(open_catalog(settings), reference))
@@ -55,9 +64,25 @@ def evaluate_command(settings: Settings, reference: str, **options: Any) -> None
     layer = options["layer"] if options["layer"] is not None else loaded.spec.depth
     methods = relevance_methods(loaded.timm_vit, layer, options["map_kind"], options["seed"])
     chosen = {name: methods[name] for name in (options["methods"] or METHODS)}
-    results = evaluate_methods(loaded.timm_vit, batch, truth, chosen, batch_size=options["batch_size"])
+    protocols = [protocol for protocol in (PROJECT, PAPER) if protocol.name in (options["protocols"] or PROTOCOLS)]
+    results = evaluate_protocols(loaded.timm_vit, batch, truth, chosen, options["batch_size"], protocols)
 
-    click.echo(f"{loaded.entry.reference}, first {count} Fashion-MNIST test images, AUC over k = 0..90 % removed")
+    for protocol in protocols:
+        click.echo(f"\n{loaded.entry.reference}, first {count} Fashion-MNIST test images")
+        click.echo(f"protocol: {protocol.name} ({protocol.description})")
+        _table(results[protocol.name])
+    out: Path = options["out"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": loaded.entry.reference, "images": count, "layer": layer, "map_kind": options["map_kind"]}
+    # "methods" holds the project's protocol, as the record always has; "paper" the paper's.
+    keys = {PROJECT.name: "methods", PAPER.name: "paper"}
+    described = {protocol.name: protocol.description for protocol in protocols}
+    document = {**record, "protocols": described, **{keys[name]: scores for name, scores in results.items()}}
+    out.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"wrote {out}", err=True)
+
+
+def _table(results: dict[str, Any]) -> None:
     click.echo(f"{'method':<12} {'positive acc':>13} {'negative acc':>13} {'positive prob':>14} {'negative prob':>14}")
     for name, result in results.items():
         positive, negative = result["positive"]["auc"], result["negative"]["auc"]
@@ -65,8 +90,3 @@ def evaluate_command(settings: Settings, reference: str, **options: Any) -> None
             f"{name:<12} {positive['accuracy']:>13.3f} {negative['accuracy']:>13.3f} "
             f"{positive['probability']:>14.3f} {negative['probability']:>14.3f}"
         )
-    out: Path = options["out"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": loaded.entry.reference, "images": count, "layer": layer, "map_kind": options["map_kind"]}
-    out.write_text(json.dumps({**record, "methods": results}, indent=2) + "\n", encoding="utf-8")
-    click.echo(f"wrote {out}", err=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from classlens.cli.common import open_catalog, resolve
-from classlens.core.contract import Explanation
+from classlens.core.contract import BASELINE_MAPS, BASELINE_TITLES, Explanation
 from classlens.core.images import ImageError, decode_image
 from classlens.core.render import render_grid, render_overlay
 from classlens.core.requests import RequestError, canonical_request, is_index, parse_class
@@ -29,7 +29,8 @@ def _file_part(label: str) -> str:
 def write_figures(
     image: Image.Image, result: Explanation, out: Path, stem: str, preprocessing: Preprocessing | None = None
 ) -> list[Path]:
-    """One overlay per target at the last requested layer, a grid when there are several layers, the gradient map.
+    """One overlay per target at the last requested layer, a grid when there are several layers, the gradient
+    map and each baseline map.
 
     ``image`` is the picture the model saw (after resize and crop); with ``preprocessing`` each figure says so.
     """
@@ -66,6 +67,15 @@ def write_figures(
             )
             written.append(out / f"{name}_gradient.png")
             gradient.save(written[-1])
+        for method, values in (target.baseline_maps or {}).items():
+            baseline = render_overlay(
+                image,
+                _array(values),
+                title=f"{target.label}: {BASELINE_TITLES[method]}",
+                preprocessing=preprocessing,
+            )
+            written.append(out / f"{name}_{method}.png")
+            baseline.save(written[-1])
     return written
 
 
@@ -83,6 +93,13 @@ def _array(values: list[list[float]]) -> Any:
 @click.option("--layer", "layers", multiple=True, help="Layer of the projection maps, 0..L, or 'all' (repeatable).")
 @click.option("--map-kind", type=click.Choice(["identifiability", "logit", "probability"]), default="identifiability")
 @click.option("--gradient-map", is_flag=True, help="Also compute the gradient relevance map.")
+@click.option(
+    "--baseline-map",
+    "baseline_maps",
+    multiple=True,
+    type=click.Choice(BASELINE_MAPS),
+    help="Also compute this method's map (repeatable): Chefer et al. 2021, attention rollout, Grad-CAM.",
+)
 @click.option("--no-sublayers", is_flag=True, help="Skip the attention and MLP sublayer ranks.")
 @click.option("--norm", type=click.Choice(["fresh", "cached"]), default="fresh", show_default=True)
 @click.option("--no-bias", is_flag=True, help="Project without the head bias.")
@@ -111,6 +128,7 @@ def explain_command(settings: Settings, images: tuple[Path, ...], reference: str
         "map_kind": options["map_kind"],
         "sublayers": not options["no_sublayers"],
         "gradient_map": options["gradient_map"],
+        "baseline_maps": list(options["baseline_maps"]),
         "norm": options["norm"],
         "bias": not options["no_bias"],
     }

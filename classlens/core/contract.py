@@ -22,6 +22,14 @@ MAP_DECIMALS = 4
 LENS_VERSION = 2
 MapKind = Literal["identifiability", "logit", "probability"]
 NormMode = Literal["fresh", "cached"]
+# The relevance methods an explanation can add beside the lens's maps (docs/methods.md, "Faithfulness").
+BaselineMap = Literal["chefer", "rollout", "gradcam"]
+BASELINE_MAPS: tuple[BaselineMap, ...] = ("chefer", "rollout", "gradcam")
+BASELINE_TITLES: dict[str, str] = {
+    "chefer": "Chefer et al. relevance",
+    "rollout": "attention rollout",
+    "gradcam": "Grad-CAM",
+}
 
 
 class _Frozen(BaseModel):
@@ -43,6 +51,25 @@ class ExplainRequest(_Frozen):
     gradient_map: bool = Field(default=False, description="Also compute the gradient relevance map (a backward pass).")
     norm: NormMode = Field(default="fresh", description="Final-norm statistics: the paper's fresh, or cached.")
     bias: bool = Field(default=True, description="Include the head bias in the projection.")
+    baseline_maps: list[BaselineMap] = Field(
+        default_factory=list,
+        max_length=len(BASELINE_MAPS),
+        description="Also compute these methods' maps: Chefer et al. 2021, attention rollout, Grad-CAM.",
+    )
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether a backward pass through the model is needed (an ONNX graph cannot do it); rollout needs none."""
+        return self.gradient_map or any(name != "rollout" for name in self.baseline_maps)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_baselines(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent unless asked for, so that a request without baselines keeps the parameters, hence the
+        # content key, it had before the field existed.
+        data: dict[str, Any] = handler(self)
+        if not self.baseline_maps:
+            data.pop("baseline_maps", None)
+        return data
 
 
 class ModelRef(_Frozen):
@@ -81,6 +108,17 @@ class TargetExplanation(_Frozen):
     mlp: StreamStats | None = Field(default=None, description="MLP outputs m_1..m_L (L entries).")
     projection_maps: dict[str, list[list[float]]] = Field(description="Layer (as a string) -> h x w map.")
     gradient_map: list[list[float]] | None = None
+    baseline_maps: dict[BaselineMap, list[list[float]]] | None = Field(
+        default=None, description="Method -> h x w map, for the baseline_maps the request asked for."
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_baselines(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent unless asked for: a result without baselines reads exactly as before the field existed.
+        data: dict[str, Any] = handler(self)
+        if self.baseline_maps is None:
+            data.pop("baseline_maps", None)
+        return data
 
 
 class Explanation(_Frozen):

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from classlens.core.contract import ExplainRequest
+from classlens.core.contract import BASELINE_MAPS, ExplainRequest
 
 DEFAULT_TOP_K: int = ExplainRequest.model_fields["top_k"].default
 
@@ -139,8 +139,9 @@ def canonical_request(fields: Mapping[str, Any], labels: Sequence[str], depth: i
     """The explain parameters checked against the model and rewritten so that requests meaning the same are equal.
 
     Equal requests share one content key, hence one cached result and one computation: label
-    names become class indices, layers are sorted, de-duplicated and made explicit, and
-    ``top_k`` is neutral when explicit targets make it irrelevant (and at most the number of classes).
+    names become class indices, layers are sorted, de-duplicated and made explicit,
+    ``top_k`` is neutral when explicit targets make it irrelevant (and at most the number of classes),
+    and the baseline maps are de-duplicated in one fixed order.
     """
     values = dict(fields)
     targets = values.pop("targets", None)
@@ -151,6 +152,8 @@ def canonical_request(fields: Mapping[str, Any], labels: Sequence[str], depth: i
         values["top_k"] = min(int(values.get("top_k", DEFAULT_TOP_K)), len(labels))
     values["layers"] = canonical_layers(values.get("layers"), depth)
     try:
-        return ExplainRequest.model_validate(values)
+        request = ExplainRequest.model_validate(values)
     except ValidationError as error:
         raise invalid_parameters(error) from error
+    baselines = [name for name in BASELINE_MAPS if name in request.baseline_maps]
+    return request.model_copy(update={"baseline_maps": baselines})

@@ -16,7 +16,7 @@ from PIL import Image
 
 from classlens.core import batching
 from classlens.core.capabilities import EXPLAIN_NEEDS
-from classlens.core.contract import Job
+from classlens.core.contract import BASELINE_MAPS, BASELINE_TITLES, Job
 from classlens.core.images import ImageError, fit_to_input
 from classlens.core.jobs import content_key, sha256_hex
 from classlens.core.queue import EXPLAIN_TASK, enqueue
@@ -102,6 +102,11 @@ def _map_of(explanation: dict[str, Any], target: dict[str, Any], kind: str) -> t
         if target.get("gradient_map") is None:
             raise RequestError("no_map", "submit the job with gradient_map: true", "No gradient map")
         return target["gradient_map"], f"{target['label']}: gradient relevance"
+    if kind in BASELINE_MAPS:
+        maps_of = target.get("baseline_maps") or {}
+        if kind not in maps_of:
+            raise RequestError("no_map", f"submit the job with baseline_maps: [{kind}]", f"No {kind} map")
+        return maps_of[kind], f"{target['label']}: {BASELINE_TITLES[kind]}"
     maps: dict[str, list[list[float]]] = target["projection_maps"]
     layer = str(int(request.args["layer"])) if "layer" in request.args else list(maps)[-1]
     if layer not in maps:

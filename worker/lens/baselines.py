@@ -7,20 +7,29 @@ Higher means more relevant. The faithfulness protocol only uses the order of
 the values, so their scale does not matter.
 
 - :func:`random_relevance`: a seeded random order, the floor every method must beat
-  (the paper's "random order": 0.716 / 0.716 positive / negative AUC on ViT-B/32).
+  (the paper's "random order": 0.716 / 0.716 positive / negative AUC on ViT-B/32, under its own protocol).
 - :func:`attention_rollout`: Abnar & Zuidema, "Quantifying Attention Flow in
   Transformers" (ACL 2020). Class-agnostic.
 - :func:`grad_cam`: Selvaraju et al., "Grad-CAM" (ICCV 2017), applied to a ViT the
   way it is commonly done for transformers: the activations are the last block's
   ``norm1`` output at the image tokens, treated as a 1 x N "feature map".
+- :func:`chefer_relevance`: Chefer, Gur & Wolf, "Transformer Interpretability Beyond
+  Attention Visualization" (CVPR 2021), the gradient-weighted attention relevance the
+  paper compares its gradient map with (docs/methods.md, "Chefer et al. 2021").
+
+Rollout and Chefer's relevance open any family the lens opens
+(:func:`worker.lens.families.open_model`); Grad-CAM needs a timm ``VisionTransformer``.
 """
 
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
-from worker.lens.vit import hooked, inspect_vit, save_as_leaf, trace
+from worker.lens.adapter import LensModel, ViTSpec
+from worker.lens.families import open_model
+from worker.lens.vit import UnsupportedModelError, hooked, inspect_vit, save_as_leaf
 
 
 def random_relevance(
@@ -36,7 +45,7 @@ def random_relevance(
     return values.to(images.device)
 
 
-def attention_rollout(model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def attention_rollout(model: nn.Module | LensModel, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, ACL 2020): ``[B, K, N]``, the same map for every target.
 
     Per block, ``A_b`` averaged over heads plus the identity (the residual
@@ -46,9 +55,9 @@ def attention_rollout(model: VisionTransformer, images: torch.Tensor, targets: t
     tokens, it is the mean of the image-token rows. Rollout ignores the class, so
     the map is repeated over the ``K`` targets.
     """
-    spec = inspect_vit(model)
+    lens = open_model(model)
     with torch.no_grad():
-        run = trace(model, images, sublayers=False, attention_probs=True)
+        run = lens.trace(images, sublayers=False, attention_probs=True)
         assert run.attention_probs is not None
         tokens = run.attention_probs[0].shape[-1]
         identity = torch.eye(tokens, dtype=run.attention_probs[0].dtype, device=images.device)
@@ -57,11 +66,53 @@ def attention_rollout(model: VisionTransformer, images: torch.Tensor, targets: t
             mixed = probs.mean(dim=1) + identity  # [B, T, T]
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rollout = mixed @ rollout
-        if spec.pooling == "token":
-            flow = rollout[:, 0, spec.num_prefix :]
-        else:
-            flow = rollout[:, spec.num_prefix :, spec.num_prefix :].mean(dim=1)
+        flow = _read_out_rows(rollout, lens.spec)
     return flow[:, None, :].expand(-1, targets.shape[1], -1).clone()
+
+
+def _read_out_rows(relevance: torch.Tensor, spec: ViTSpec) -> torch.Tensor:
+    """``[B, T, T] -> [B, N]``: the CLS row at the image-token columns, or the mean of the image-token rows.
+
+    A CLS-pooled model reads its decision from the CLS token; a GAP model reads the mean of
+    its image tokens, so the flow into its decision is the mean of their rows.
+    """
+    if spec.pooling == "token":
+        return relevance[:, 0, spec.num_prefix :]
+    return relevance[:, spec.num_prefix :, spec.num_prefix :].mean(dim=1)
+
+
+def chefer_relevance(model: nn.Module | LensModel, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Chefer et al. (CVPR 2021) gradient-weighted attention relevance: ``[B, K, N]``, non-negative.
+
+    ``R = I`` (``T x T``); for each block ``b`` in order, ``Abar_b = mean_h (dy_c/dA_b * A_b)^+``
+    and ``R <- R + Abar_b R``, with ``y_c`` the target's logit and ``A_b`` the attention
+    probabilities. The relevance of image token ``j`` is ``R[CLS, j]``; a model without a
+    CLS token reads the mean of the image tokens' rows (:func:`_read_out_rows`).
+
+    ``dy_c/dA_b`` is the full derivative, through every later block (``A_b`` is recorded as
+    an intermediate of the graph, not cut into a leaf). One forward pass, and per target one
+    backward pass that yields every block's gradient at once. The images are made to require
+    grad so that the graph exists even when no parameter requires grad; parameters'
+    ``.grad`` are left untouched.
+    """
+    lens = open_model(model)
+    probs: list[torch.Tensor] = []
+    with torch.enable_grad(), lens.attention_probabilities(probs):
+        logits = lens.logits(images.detach().requires_grad_(True))
+    if len(probs) != lens.spec.depth:
+        raise RuntimeError(f"expected {lens.spec.depth} attention maps, saw {len(probs)}")
+    identity = torch.eye(probs[0].shape[-1], dtype=probs[0].dtype, device=probs[0].device)
+    maps = []
+    count = targets.shape[1]
+    for k in range(count):
+        score = logits.gather(1, targets[:, k : k + 1].to(logits.device)).sum()
+        grads = torch.autograd.grad(score, probs, retain_graph=k < count - 1)
+        relevance = identity.expand(images.shape[0], -1, -1)
+        for attention, grad in zip(probs, grads, strict=True):
+            weighted = (grad * attention.detach()).clamp(min=0).mean(dim=1)  # [B, T, T]
+            relevance = relevance + weighted @ relevance
+        maps.append(_read_out_rows(relevance, lens.spec))
+    return torch.stack(maps, dim=1)
 
 
 def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,7 +127,10 @@ def grad_cam(model: VisionTransformer, images: torch.Tensor, targets: torch.Tens
     """
     spec = inspect_vit(model)
     last = model.blocks[-1]
-    assert isinstance(last, Block)  # inspect_vit has checked it
+    if spec.post_norm or not isinstance(last, Block):
+        # A post-norm block's norm1 normalises the attention output, not the block's input:
+        # there is no pre-attention activation of the last block to weight.
+        raise UnsupportedModelError(f"Grad-CAM reads a pre-norm block's norm1; {type(last).__name__} is post-norm")
     store: list[torch.Tensor] = []
     with torch.enable_grad(), hooked(last.norm1, save_as_leaf(store)):
         logits = model(images)

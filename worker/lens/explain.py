@@ -9,14 +9,17 @@ that one set of logits: more targets cost comparisons, not forward passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from classlens.core import requests as rules
 from classlens.core.contract import (
     MAP_DECIMALS,
+    BaselineMap,
     ClassScore,
     ExplainRequest,
     Explanation,
@@ -27,10 +30,12 @@ from classlens.core.contract import (
 )
 from classlens.core.requests import RequestError
 from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
+from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam
 from worker.lens.families import open_model
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
+from worker.lens.vit import inspect_vit
 
 # Computes the trace of a batch of images (``sublayers``: with ``a_b`` and ``m_b``) without
 # gradients, e.g. an ONNX explainer graph (:class:`worker.onnx_explainer.OnnxExplainer`).
@@ -94,8 +99,8 @@ def explain(
 ) -> list[Explanation]:
     """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image.
 
-    ``tracer`` replaces the torch forward pass (not the gradient map, which needs
-    autograd on the model): the streams may come from anywhere that reproduces
+    ``tracer`` replaces the torch forward pass (not the gradient map nor the baseline
+    maps, which run the model itself): the streams may come from anywhere that reproduces
     :func:`trace`, and everything after them is the same code.
     """
     lens = open_model(model)
@@ -130,6 +135,7 @@ def explain(
         gradient = gradient_relevance(images, targets, projection) if request.gradient_map else None
     except UnsupportedModelError as error:
         raise ExplainError(f"the gradient map is not available for this model: {error}") from error
+    baselines = {name: baseline_map(lens, name, images, targets).cpu() for name in request.baseline_maps}
 
     # The response is built on the CPU: one copy of each tensor from the device, not one per value.
     token_ranks_np = token_ranks.cpu().numpy()
@@ -163,6 +169,10 @@ def explain(
                         for i, layer in enumerate(layers)
                     },
                     gradient_map=None if gradient is None else _rounded(gradient[b, k].reshape(h, w).numpy()),
+                    baseline_maps={
+                        name: _rounded(values[b, k].reshape(h, w).numpy()) for name, values in baselines.items()
+                    }
+                    or None,
                 )
             )
         explanations.append(
@@ -181,6 +191,22 @@ def explain(
             )
         )
     return explanations
+
+
+def baseline_map(lens: LensModel, name: BaselineMap, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One baseline method's relevance of ``targets`` ``[B, K]``: ``[B, K, N]`` (:mod:`worker.lens.baselines`).
+
+    :class:`ExplainError` for a model the method cannot open (Grad-CAM needs a timm ``VisionTransformer``).
+    """
+    try:
+        if name == "chefer":
+            return chefer_relevance(lens, images, targets)
+        if name == "rollout":
+            return attention_rollout(lens, images, targets)
+        inspect_vit(lens.model)
+        return grad_cam(cast(VisionTransformer, lens.model), images, targets)
+    except UnsupportedModelError as error:
+        raise ExplainError(f"the {name} map is not available for this model: {error}") from error
 
 
 def projection_map(
