@@ -18,13 +18,12 @@ from scipy import stats
 from classlens.core.contract import AnalysisRequest
 from model_store.catalog import BUNDLED_SAMPLES, Catalog
 from tests.service_fixtures import TINY_MODEL, add_tiny_vit
-from worker.analyses.kinds.significance import random_copy
+from worker.analyses.job import random_copy
 from worker.analyses.memories import key_value_agreement, memory_scores
 from worker.analyses.run import AnalysisError, run_analysis
 from worker.analyses.significance import paired_tests
 from worker.analyses.token_probes import few_shot_rows, layer_groups
-from worker.lens.gradient import gradient_relevance
-from worker.lens.gradient_parts import gradient_parts
+from worker.lens.gradient import gradient_parts, gradient_relevance
 from worker.lens.projection import ClassProjection
 from worker.random_models import random_vit
 from worker.runtime import load

@@ -23,11 +23,14 @@ from timm.models.vision_transformer import VisionTransformer
 from classlens.core.contract import ANALYSIS_MIN_IMAGES, AnalysisRequest
 from worker.analyses.representations import LayerSpec, RepresentationError, describe
 from worker.lens.vit import UnsupportedModelError, ViTSpec, inspect_vit
+from worker.model_loader import create_architecture
 from worker.runtime import LoadedModel
 
 Progress = Callable[[int, int], None]  # (done, total), called as the work advances
 
 DECIMALS = 6
+# The seed of the random-initialised copy that memories and significance compare a model with.
+RANDOM_COPY_SEED = 0
 
 _T = TypeVar("_T")
 
@@ -111,6 +114,19 @@ def open_vit(loaded: LoadedModel, kind: str) -> tuple[VisionTransformer, ViTSpec
             f"{kind} needs a Vision Transformer: {model_name(loaded)} cannot be used ({error})"
         ) from error
     return cast(VisionTransformer, network), spec
+
+
+def random_copy(loaded: LoadedModel) -> VisionTransformer:
+    """A random-initialised model of ``loaded``'s architecture, seeded (the global RNG is left as it was).
+
+    What chance looks like for the statistics that compare a trained model with untrained weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_COPY_SEED)
+        network = create_architecture(loaded.entry.manifest)
+    network = network.eval().to(loaded.device)
+    assert isinstance(network, VisionTransformer)
+    return network
 
 
 def is_lens_vit(loaded: LoadedModel) -> bool:

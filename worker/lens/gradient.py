@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from worker.lens.projection import ClassProjection
 
 
-def gradient_relevance(images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection) -> torch.Tensor:
-    """Relevance of each image token for each target: ``[B, K, N]`` (``targets`` is ``[B, K]``).
+def _block_losses(
+    images: torch.Tensor, projection: ClassProjection
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, slice]:
+    """One traced pass: every block's ``A_b`` (leaves), ``log_softmax(z(a_b))`` ``[B, L, C]``, the query rows read.
 
-    The model is the one ``projection`` was built on.
+    The graph is built under ``enable_grad``, so the caller can differentiate ``log_probs``
+    with respect to the ``A_b`` whatever its own grad mode.
     """
     spec = projection.spec
     with torch.enable_grad():
@@ -40,11 +43,40 @@ def gradient_relevance(images: torch.Tensor, targets: torch.Tensor, projection: 
         # z(a_b) read out like the last layer, [B, L, C]; the cached scale from x_L.
         logits = projection.read_out(main, run.attention, run.residual[:, -1:])
         log_probs = F.log_softmax(logits, dim=-1)
-        maps = []
-        for k in range(targets.shape[1]):
-            index = targets[:, k, None, None].expand(-1, spec.depth, 1)
-            loss = -log_probs.gather(-1, index).sum()
-            grads = torch.autograd.grad(loss, run.attention_probs, retain_graph=k < targets.shape[1] - 1)
-            relevance = sum(g[:, :, queries, spec.num_prefix :].sum(dim=(1, 2)) for g in grads)
-            maps.append(-relevance)
+    return tuple(run.attention_probs), log_probs, queries
+
+
+def gradient_relevance(images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection) -> torch.Tensor:
+    """Relevance of each image token for each target: ``[B, K, N]`` (``targets`` is ``[B, K]``).
+
+    The model is the one ``projection`` was built on.
+    """
+    spec = projection.spec
+    probs, log_probs, queries = _block_losses(images, projection)
+    maps = []
+    for k in range(targets.shape[1]):
+        index = targets[:, k, None, None].expand(-1, spec.depth, 1)
+        loss = -log_probs.gather(-1, index).sum()
+        grads = torch.autograd.grad(loss, probs, retain_graph=k < targets.shape[1] - 1)
+        relevance = sum(g[:, :, queries, spec.num_prefix :].sum(dim=(1, 2)) for g in grads)
+        maps.append(-relevance)
     return torch.stack(maps, dim=1).detach()  # type: ignore[arg-type]
+
+
+def gradient_parts(images: torch.Tensor, targets: torch.Tensor, projection: ClassProjection) -> torch.Tensor:
+    """``[B, L, H, N]``: block ``b``'s, head ``h``'s term of the gradient map of ``targets`` (``[B]``) at token ``j``.
+
+    The map is the sum over blocks and heads of ``-d l_b / d A_b[h, CLS, j]``; these are its
+    terms, from the same single backward pass, kept apart instead of summed (docs/methods.md,
+    "Gradient relevance map by block and head"). Summed over ``L`` and ``H`` they are
+    ``gradient_relevance(images, targets[:, None], projection)[:, 0]``.
+    """
+    spec = projection.spec
+    if targets.shape != (images.shape[0],):
+        raise ValueError(f"targets must be [batch] class indices, got {list(targets.shape)}")
+    probs, log_probs, queries = _block_losses(images, projection)
+    index = targets.to(log_probs.device)[:, None, None].expand(-1, spec.depth, 1)
+    grads = torch.autograd.grad(-log_probs.gather(-1, index).sum(), probs)
+    # Each A_b is [B, H, T, T]: the query rows read out, the image-token columns, per head.
+    parts = [-g[:, :, queries, spec.num_prefix :].sum(dim=2) for g in grads]
+    return torch.stack(parts, dim=1).detach()

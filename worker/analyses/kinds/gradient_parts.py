@@ -15,7 +15,7 @@ import torch
 
 from worker.analyses import figures
 from worker.analyses.job import AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
-from worker.lens.gradient_parts import gradient_parts
+from worker.lens.gradient import gradient_parts
 from worker.lens.projection import ClassProjection
 
 

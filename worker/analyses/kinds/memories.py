@@ -13,7 +13,16 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from worker.analyses import figures
-from worker.analyses.job import AnalysisError, AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
+from worker.analyses.job import (
+    RANDOM_COPY_SEED,
+    AnalysisError,
+    AnalysisJob,
+    AnalysisOutcome,
+    model_name,
+    numbers,
+    open_vit,
+    random_copy,
+)
 from worker.analyses.memories import (
     AGREEMENT_K,
     COUNTED_TOKENS,
@@ -27,10 +36,6 @@ from worker.analyses.memories import (
     reference_scores,
     top_memories,
 )
-from worker.model_loader import create_architecture
-from worker.runtime import LoadedModel
-
-RANDOM_SEED = 0  # the random-initialised copy the trained model is compared with
 
 AGREEMENT_CONVENTIONS: dict[AgreementConvention, str] = {
     "normalised": "a class's values: its top-5 units by P[c, k] (the convention above; for attention the columns of "
@@ -64,7 +69,7 @@ def run(job: AnalysisJob) -> AnalysisOutcome:
     loaded = job.models[0]
     model, spec = open_vit(loaded, "memories")
     job.steps.plan(2 * len(job.spans))
-    random_model = _random_copy(loaded)
+    random_model = random_copy(loaded)
     top = job.request.top_memories
     convention = job.request.agreement
     summary: dict[str, Any] = {}
@@ -105,7 +110,7 @@ def run(job: AnalysisJob) -> AnalysisOutcome:
         "hidden_units": hidden,
         "layers": [f"block {b}" for b in range(1, spec.depth + 1)],
         "classes_of": "labels" if job.labels is not None else "predictions",
-        "random_seed": RANDOM_SEED,
+        "random_seed": RANDOM_COPY_SEED,
         "agreement_chance": round(_agreement_chance(hidden), 4),
         "attention_agreement_chance": round(_agreement_chance(attention_units), 4),
         "mlp": summary,
@@ -144,16 +149,6 @@ def _by_correctness(agreement: ImageAgreement) -> dict[str, Any] | None:
             for name, shares in agreement.shares.items()
         }
     return groups
-
-
-def _random_copy(loaded: LoadedModel) -> VisionTransformer:
-    """A random-initialised model of the same architecture (seeded; the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        model = create_architecture(loaded.entry.manifest)
-    model = model.eval().to(loaded.device)
-    assert isinstance(model, VisionTransformer)
-    return model
 
 
 def _agreement_chance(hidden: int, k: int = AGREEMENT_K) -> float:

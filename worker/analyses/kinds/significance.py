@@ -14,16 +14,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from worker.analyses import figures
-from worker.analyses.job import AnalysisJob, AnalysisOutcome, model_name, numbers, open_vit
+from worker.analyses.job import (
+    RANDOM_COPY_SEED,
+    AnalysisJob,
+    AnalysisOutcome,
+    model_name,
+    numbers,
+    open_vit,
+    random_copy,
+)
 from worker.analyses.memories import memory_scores
 from worker.analyses.significance import TEST, Alternative, image_agreement, image_identifiability, paired_tests
-from worker.model_loader import create_architecture
-from worker.runtime import LoadedModel
 
-RANDOM_SEED = 0  # the random-initialised copy (the memories kind compares with the same one)
 ALPHA = 0.05
 ALTERNATIVE: Alternative = "greater"
 
@@ -56,7 +60,7 @@ def run(job: AnalysisJob) -> AnalysisOutcome:
     }
     data: dict[str, Any] = {
         "model": model_name(loaded),
-        "random_seed": RANDOM_SEED,
+        "random_seed": RANDOM_COPY_SEED,
         "targets": "true class" if job.labels is not None else "predicted class (trained model)",
         "images": len(job.images),
         "test": TEST,
@@ -88,16 +92,6 @@ def _summary(layers: list[str], trained: np.ndarray, random: np.ndarray) -> dict
         "nonzero": [test["nonzero"] for test in tests],
         "significant": [test["p_value"] < threshold for test in tests],
     }
-
-
-def random_copy(loaded: LoadedModel) -> VisionTransformer:
-    """A random-initialised model of ``loaded``'s architecture (seeded; the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        network = create_architecture(loaded.entry.manifest)
-    network = network.eval().to(loaded.device)
-    assert isinstance(network, VisionTransformer)
-    return network
 
 
 def figure(data: dict[str, Any]) -> bytes:
