@@ -81,3 +81,10 @@ def test_the_static_files_and_templates_are_package_data():
     for path in files:
         relative = Path(path).relative_to(service).as_posix()
         assert any(fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+def test_the_input_picture_of_an_unknown_job_is_a_404_problem(client):
+    response = client.get("/v1/explanations/no-such-job/input.png")
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    assert "Content-Security-Policy" not in response.headers  # an API route, not a page

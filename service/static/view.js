@@ -98,7 +98,7 @@
     return kinds;
   }
 
-  function layerless(kind) { return kind === "gradient" || kind in (target().baseline_maps || {}); }
+  function layerless(kind) { return kind === "gradient" || Boolean(kind && kind in (target().baseline_maps || {})); }
 
   function tokenClasses(layer) {
     const streams = data.result.token_classes;
@@ -109,6 +109,7 @@
   // The values of the shown map, row by row (h * w numbers), or null when the result lacks it.
   function mapValues(kind, layer) {
     const chosen = target();
+    if (!kind) return null;
     if (kind === "gradient") return chosen.gradient_map.flat();
     if (chosen.baseline_maps && kind in chosen.baseline_maps) return chosen.baseline_maps[kind].flat();
     if (kind === "topk") {
@@ -172,7 +173,11 @@
     canvas.dataset.target = String(target().index);
     if (!values) {
       canvas.dataset.drawn = "none";
-      $("bar-units").textContent = "no " + KIND_NAMES[state.kind] + " map at this layer";
+      $("bar-low").textContent = "";
+      $("bar-high").textContent = "";
+      $("bar-units").textContent = state.kind
+        ? "no " + KIND_NAMES[state.kind] + " map at this layer"
+        : "no map of this stream: submit the job with token_classes";
       return;
     }
     const [low, high] = valueRange(state.kind, values);
@@ -338,8 +343,9 @@
       option.textContent = KIND_NAMES[kind];
       select.appendChild(option);
     }
-    if (!kinds.includes(state.kind)) state.kind = kinds[0];
-    select.value = state.kind;
+    if (!kinds.includes(state.kind)) state.kind = kinds.length ? kinds[0] : null;
+    select.disabled = !kinds.length;
+    if (state.kind) select.value = state.kind;
   }
 
   function fillLayers() {
