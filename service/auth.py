@@ -63,7 +63,19 @@ MODELS_WRITE = ADMIN
 KEY_PREFIX = "clk_"
 
 # Answer without a key: probes (a load balancer has no key) and the contract itself.
-PUBLIC_ENDPOINTS = frozenset({"operations.livez", "operations.readyz", "operations.openapi", "operations.docs"})
+# The pages and their static files hold no data (their script calls the API, which asks for a key itself).
+PUBLIC_ENDPOINTS = frozenset(
+    {
+        "operations.livez",
+        "operations.readyz",
+        "operations.openapi",
+        "operations.docs",
+        "pages.ui",
+        "pages.sample",
+        "pages.view",
+        "static",
+    }
+)
 # Every route of a blueprint needs its kind's scope ...
 BLUEPRINT_SCOPES: Mapping[str, str] = {"explanations": EXPLAIN, "audits": AUDIT, "analyses": ANALYSE}
 # ... and these routes need a scope of their own; other routes (reading the catalog) need any valid key.

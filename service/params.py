@@ -66,8 +66,9 @@ def form_fields(form: MultiDict[str, str]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if "targets" in form:
         fields["targets"] = [parse_class(part) for part in _split(form["targets"])]
-    if "top_k" in form:
-        fields["top_k"] = int(form["top_k"])
+    for name in ("top_k", "token_classes"):
+        if name in form:
+            fields[name] = int(form[name])
     if "layers" in form:
         layers = form["layers"].strip()
         fields["layers"] = "all" if layers == "all" else [int(part) for part in _split(layers)]

@@ -21,7 +21,7 @@ DEMO_MODELS = ("fmnist-vit", "fmnist-resnet")
 # The two tiers, marked here in one place. `make test` runs every test; `make test-fast` only those
 # not marked `integration`: a test is an integration test when it needs a redis-server (the
 # fixtures below), Celery worker processes, Chromium or the Fashion-MNIST dataset (the modules below).
-INTEGRATION_FIXTURES = frozenset({"redis_url", "own_redis", "running_worker"})
+INTEGRATION_FIXTURES = frozenset({"redis_url", "own_redis", "running_worker", "live_service", "browser"})
 INTEGRATION_MODULES = frozenset(
     {
         "test_bench_service",
@@ -33,6 +33,7 @@ INTEGRATION_MODULES = frozenset(
         "test_faults",
         "test_lens_fmnist",
         "test_soak",
+        "test_viewer",
     }
 )
 

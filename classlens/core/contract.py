@@ -25,6 +25,9 @@ NormMode = Literal["fresh", "cached"]
 # The relevance methods an explanation can add beside the lens's maps (docs/methods.md, "Faithfulness").
 BaselineMap = Literal["chefer", "rollout", "gradcam"]
 BASELINE_MAPS: tuple[BaselineMap, ...] = ("chefer", "rollout", "gradcam")
+# The most classes per token an explanation lists at every layer (``token_classes``): a 14x14 ViT-B with
+# sublayers lists 196 tokens x 37 streams x 10 = 72,520 class indices at most.
+MAX_TOKEN_CLASSES = 10
 BASELINE_TITLES: dict[str, str] = {
     "chefer": "Chefer et al. relevance",
     "rollout": "attention rollout",
@@ -56,6 +59,12 @@ class ExplainRequest(_Frozen):
         max_length=len(BASELINE_MAPS),
         description="Also compute these methods' maps: Chefer et al. 2021, attention rollout, Grad-CAM.",
     )
+    token_classes: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_TOKEN_CLASSES,
+        description="Also list the top-k classes of every image token at every layer and stream (0: none).",
+    )
 
     @property
     def needs_gradients(self) -> bool:
@@ -69,6 +78,8 @@ class ExplainRequest(_Frozen):
         data: dict[str, Any] = handler(self)
         if not self.baseline_maps:
             data.pop("baseline_maps", None)
+        if not self.token_classes:
+            data.pop("token_classes", None)
         return data
 
 
@@ -133,6 +144,19 @@ class Explanation(_Frozen):
     pooling: Literal["token", "avg", "max", "avgmax"]
     prediction: list[ClassScore]
     targets: list[TargetExplanation]
+    token_classes: dict[Literal["residual", "attention", "mlp"], list[list[list[int]]]] | None = Field(
+        default=None,
+        description="Stream -> per layer (residual 0..L, attention and MLP 1..L), per image token, the indices "
+        "of its top-k classes, best first; only when the request asked for token_classes.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_token_classes(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent unless asked for: a default result reads exactly as before the field existed.
+        data: dict[str, Any] = handler(self)
+        if self.token_classes is None:
+            data.pop("token_classes", None)
+        return data
 
 
 # --- Jobs: the records the API and the workers share through the store. ---

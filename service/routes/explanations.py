@@ -23,8 +23,9 @@ from classlens.core.queue import EXPLAIN_TASK, enqueue
 from classlens.core.render import render_overlay, to_png_bytes
 from classlens.core.requests import ClassNames, RequestError, parse_class
 from model_store.catalog import ModelNotFoundError
+from model_store.manifest import Manifest
 from service import quotas
-from service.app import services
+from service.app import Services, services
 from service.batches import read_input
 from service.decoding import check_decodable, with_decoded
 from service.job_responses import JobResource, resolve_model, stored_result, wait_seconds
@@ -128,13 +129,7 @@ def get_map(id: str, target: str) -> Response:
     chosen = _target(explanation, target)
     kind = request.args.get("kind", "projection")
     values, title = _map_of(explanation, chosen, kind)
-    data = parts.jobs.image(job.image_key) if job.image_key else None
-    if data is None:
-        raise RequestError("expired", f"the image of job {job.id} has expired", "Image expired")
-    try:
-        manifest = parts.catalog.resolve(job.model).manifest
-    except ModelNotFoundError as error:
-        raise RequestError("expired", f"{job.model} is no longer in the catalog", "Model gone") from error
+    data, manifest = _image_and_manifest(parts, job)
     colormap = "RdBu_r" if kind == "gradient" else "inferno"
 
     def draw(image: Image.Image) -> bytes:
@@ -149,5 +144,34 @@ def get_map(id: str, target: str) -> Response:
 
     png = with_decoded(data, parts.settings.max_image_pixels, draw)
     response = Response(png, mimetype="image/png")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+def _image_and_manifest(parts: Services, job: Job) -> tuple[bytes, Manifest]:
+    """The job's uploaded image and its model's manifest, or why either is gone (410)."""
+    data = parts.jobs.image(job.image_key) if job.image_key else None
+    if data is None:
+        raise RequestError("expired", f"the image of job {job.id} has expired", "Image expired")
+    try:
+        manifest = parts.catalog.resolve(job.model).manifest
+    except ModelNotFoundError as error:
+        raise RequestError("expired", f"{job.model} is no longer in the catalog", "Model gone") from error
+    return data, manifest
+
+
+@blueprint.get("/<id>/input.png")
+def get_input(id: str) -> Response:
+    """The image as the network saw it (after resize and crop), without a map: the viewer draws maps over it."""
+    parts = services()
+    job = EXPLANATIONS.find(parts, id)
+    if job.status != "succeeded":
+        raise RequestError("not_ready", f"job {job.id} is {job.status}", "Job not succeeded")
+    data, manifest = _image_and_manifest(parts, job)
+
+    def draw(image: Image.Image) -> bytes:
+        return to_png_bytes(fit_to_input(image, manifest.input, manifest.preprocessing))
+
+    response = Response(with_decoded(data, parts.settings.max_image_pixels, draw), mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=3600"
     return response

@@ -33,7 +33,7 @@ from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
 from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam
 from worker.lens.families import open_model
 from worker.lens.gradient import gradient_relevance
-from worker.lens.projection import ClassProjection, ProjectionSettings
+from worker.lens.projection import ClassProjection, ProjectionSettings, StreamLogits
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
 from worker.lens.vit import inspect_vit
 
@@ -131,6 +131,7 @@ def explain(
         output_ranks = class_rank(run.logits, targets)  # [B, K]
         residual_logits = stream_logits.residual[:, :, prefix:]  # [B, L + 1, N, C]
         map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
+        token_classes = _token_classes(stream_logits, prefix, request.token_classes)
     try:
         gradient = gradient_relevance(images, targets, projection) if request.gradient_map else None
     except UnsupportedModelError as error:
@@ -188,9 +189,25 @@ def explain(
                 pooling=spec.pooling,
                 prediction=prediction,
                 targets=target_results,
+                token_classes={name: classes[b] for name, classes in token_classes.items()} or None,
             )
         )
     return explanations
+
+
+def _token_classes(logits: StreamLogits, prefix: int, k: int) -> dict[str, list[list[list[int]]]]:
+    """Per stream, per image: ``[layers][image tokens][k]`` class indices, best first, from the logits already computed.
+
+    What a viewer lists when a patch is pointed at (docs/viewer.md); nothing when ``k`` is 0.
+    """
+    if not k:
+        return {}
+    streams = {"residual": logits.residual, "attention": logits.attention, "mlp": logits.mlp}
+    return {
+        name: part[:, :, prefix:].topk(min(k, part.shape[-1]), dim=-1).indices.cpu().tolist()
+        for name, part in streams.items()
+        if part is not None
+    }
 
 
 def baseline_map(lens: LensModel, name: BaselineMap, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

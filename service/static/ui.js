@@ -1,0 +1,137 @@
+// /ui: choose a model and an image, submit the explanations the viewer needs, poll them, open the viewer.
+"use strict";
+
+(function () {
+  const form = document.getElementById("explain-form");
+  const modelSelect = document.getElementById("model");
+  const sampleSelect = document.getElementById("sample");
+  const upload = document.getElementById("upload");
+  const preview = document.getElementById("preview");
+  const status = document.getElementById("status");
+  const button = document.getElementById("submit");
+  let previewUrl = null;
+
+  function say(text, isError) {
+    status.textContent = text;
+    status.classList.toggle("error", Boolean(isError));
+  }
+
+  function source() {
+    return form.querySelector("input[name=source]:checked").value;
+  }
+
+  function showPreview() {
+    if (previewUrl) {
+      URL.revokeObjectURL(previewUrl);
+      previewUrl = null;
+    }
+    if (source() === "upload" && upload.files.length) {
+      previewUrl = URL.createObjectURL(upload.files[0]);
+      preview.src = previewUrl;
+    } else {
+      preview.src = "/ui/samples/" + encodeURIComponent(sampleSelect.value);
+    }
+  }
+
+  async function loadModels() {
+    const response = await fetch("/v1/models");
+    if (!response.ok) {
+      say("The models cannot be listed (" + response.status + ").", true);
+      return;
+    }
+    const body = await response.json();
+    modelSelect.textContent = "";
+    for (const model of body.models) {
+      // Every enabled version, the newest (the one listed) first.
+      const versions = (model.versions || [model.version]).slice().reverse();
+      for (const version of versions) {
+        const option = document.createElement("option");
+        option.value = model.name + "@" + version;
+        option.textContent = model.name + "@" + version + (version === model.version ? " (newest)" : "");
+        modelSelect.appendChild(option);
+      }
+    }
+  }
+
+  async function image() {
+    if (source() === "upload") {
+      if (!upload.files.length) throw new Error("choose an image file first");
+      return upload.files[0];
+    }
+    const response = await fetch("/ui/samples/" + encodeURIComponent(sampleSelect.value));
+    if (!response.ok) throw new Error("the sample cannot be read (" + response.status + ")");
+    return response.blob();
+  }
+
+  // One job per map kind: the identifiability job carries everything else the viewer shows.
+  function fields(mapKind) {
+    const main = mapKind === "identifiability";
+    const values = { model: modelSelect.value, layers: "all", top_k: "3", map_kind: mapKind, sublayers: main ? "true" : "false" };
+    if (main) {
+      values.token_classes = "5";
+      values.gradient_map = document.getElementById("gradient").checked ? "true" : "false";
+      if (document.getElementById("rollout").checked) values.baseline_maps = "rollout";
+    }
+    return values;
+  }
+
+  async function problemText(response) {
+    try {
+      const body = await response.json();
+      return (body.title || response.status) + ": " + (body.detail || "");
+    } catch (error) {
+      return String(response.status);
+    }
+  }
+
+  async function submit(picture, mapKind) {
+    const data = new FormData();
+    data.append("image", picture, "image.png");
+    for (const [name, value] of Object.entries(fields(mapKind))) data.append(name, value);
+    const response = await fetch("/v1/explanations", { method: "POST", body: data });
+    if (!response.ok) throw new Error(await problemText(response));
+    return response.json();
+  }
+
+  async function finished(job) {
+    while (job.status !== "succeeded" && job.status !== "failed") {
+      const response = await fetch("/v1/explanations/" + encodeURIComponent(job.id) + "?wait=5");
+      if (!response.ok) throw new Error(await problemText(response));
+      job = await response.json();
+      say("Job " + job.id + ": " + job.status + "…");
+    }
+    if (job.status === "failed") throw new Error(job.error ? job.error.title + ": " + job.error.detail : "the job failed");
+    return job;
+  }
+
+  form.addEventListener("submit", async function (event) {
+    event.preventDefault();
+    button.disabled = true;
+    try {
+      const picture = await image();
+      say("Submitting…");
+      const jobs = [];
+      for (const kind of ["identifiability", "logit", "probability"]) jobs.push(await submit(picture, kind));
+      const done = [];
+      for (const job of jobs) done.push(await finished(job));
+      const query = "?logit=" + encodeURIComponent(done[1].id) + "&probability=" + encodeURIComponent(done[2].id);
+      say("Done: opening the viewer.");
+      window.location.assign("/v1/explanations/" + encodeURIComponent(done[0].id) + "/view" + query);
+    } catch (error) {
+      say(error.message, true);
+      button.disabled = false;
+    }
+  });
+
+  for (const element of form.querySelectorAll("input[name=source]")) element.addEventListener("change", showPreview);
+  sampleSelect.addEventListener("change", function () {
+    form.querySelector("input[value=sample]").checked = true;
+    showPreview();
+  });
+  upload.addEventListener("change", function () {
+    form.querySelector("input[value=upload]").checked = true;
+    showPreview();
+  });
+  showPreview();
+  loadModels().catch(function (error) { say(error.message, true); });
+})();
