@@ -63,7 +63,9 @@ MODELS_WRITE = ADMIN
 KEY_PREFIX = "clk_"
 
 # Answer without a key: probes (a load balancer has no key) and the contract itself.
-PUBLIC_ENDPOINTS = frozenset({"operations.livez", "operations.readyz", "operations.openapi", "operations.docs"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"operations.livez", "operations.readyz", "operations.openapi", "operations.docs", "operations.docs_asset"}
+)
 # Every route of a blueprint needs its kind's scope ...
 BLUEPRINT_SCOPES: Mapping[str, str] = {"explanations": EXPLAIN, "audits": AUDIT, "analyses": ANALYSE}
 # ... and these routes need a scope of their own; other routes (reading the catalog) need any valid key.
