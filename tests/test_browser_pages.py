@@ -79,7 +79,7 @@ def test_the_comparison_report_renders_with_every_figure(report, tmp_path):
 
 @pytest.fixture(scope="module")
 def served_docs(tmp_path_factory, tiny_model_root):
-    """The app on a real port (Chromium needs HTTP: the page's CSP is a response header, and it fetches the contract)."""
+    """The app on a real port: the page's CSP is a response header, and the page fetches the contract."""
     data = tmp_path_factory.mktemp("docs")
     app = create_app(Settings(redis_url=None, data_dir=data, model_dirs=[tiny_model_root]))
     server = make_server("127.0.0.1", 0, app, threaded=True)
