@@ -13,7 +13,7 @@
 
   // The swagger-ui-bundle wheel ships Swagger UI 4, which renders OpenAPI 3.0 documents only and
   // refuses the contract's "openapi: 3.1.0". Read as 3.0 it renders every path, body and example;
-  // a 3.1 type list such as [string, "null"] is shown as written.
+  // only a 3.1 type list such as [string, "null"] shows its types run together ("stringnull").
   var spec = new URL(root.dataset.spec, window.location.href).href;
   function asOpenApi30(response) {
     if (response.url === spec && typeof response.text === "string") {
