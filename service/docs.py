@@ -2,7 +2,7 @@
 
 Swagger UI comes from the ``swagger-ui-bundle`` package and is served by the service (no CDN: the
 service may have no network), under names that carry its version so that a browser may keep it.
-The page starts it with ``service/static/docs.js`` and loads the contract from ``/openapi.yaml``.
+The page starts it with ``service/assets/docs.js`` and loads the contract from ``/openapi.yaml``.
 Its Content-Security-Policy lets scripts come from the service only, none inline; without
 JavaScript the page shows a plain list of every path, operation, parameter and body type.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from swagger_ui_bundle import swagger_ui_path
 
-STATIC = Path(__file__).resolve().parent / "static"
+OWN = Path(__file__).resolve().parent / "assets"
 SWAGGER_UI = Path(str(swagger_ui_path))
 SWAGGER_UI_VERSION = SWAGGER_UI.name.removeprefix("swagger-ui-")
 # What /docs/assets/{name} serves: each name to its file and its media type.
@@ -23,8 +23,8 @@ ASSETS: dict[str, tuple[Path, str]] = {
     f"swagger-ui-{SWAGGER_UI_VERSION}.css": (SWAGGER_UI / "swagger-ui.css", "text/css"),
     f"swagger-ui-bundle-{SWAGGER_UI_VERSION}.js": (SWAGGER_UI / "swagger-ui-bundle.js", "text/javascript"),
     f"favicon-{SWAGGER_UI_VERSION}.png": (SWAGGER_UI / "favicon-32x32.png", "image/png"),
-    "docs.css": (STATIC / "docs.css", "text/css"),
-    "docs.js": (STATIC / "docs.js", "text/javascript"),
+    "docs.css": (OWN / "docs.css", "text/css"),
+    "docs.js": (OWN / "docs.js", "text/javascript"),
 }
 # No 'unsafe-inline' anywhere: Swagger UI sets its styles through the DOM (not style attributes nor
 # <style> elements), which style-src does not govern; tests/test_browser_pages.py checks that Chromium
