@@ -70,6 +70,7 @@ PUBLIC_ENDPOINTS = frozenset(
         "operations.readyz",
         "operations.openapi",
         "operations.docs",
+        "operations.docs_asset",
         "pages.ui",
         "pages.sample",
         "pages.view",

@@ -1,21 +1,41 @@
-"""``/docs``: the contract as a plain HTML page for people, built from ``openapi.yaml`` itself.
+"""``/docs``: the whole contract, ``openapi.yaml`` itself, rendered by Swagger UI in the browser.
 
-No JavaScript and no assets from a CDN (the service may have no network): every path,
-operation, parameter, body type and response, with their descriptions, escaped.
+Swagger UI comes from the ``swagger-ui-bundle`` package and is served by the service (no CDN: the
+service may have no network), under names that carry its version so that a browser may keep it.
+The page starts it with ``service/assets/docs.js`` and loads the contract from ``/openapi.yaml``.
+Its Content-Security-Policy lets scripts come from the service only, none inline; without
+JavaScript the page shows a plain list of every path, operation, parameter and body type.
 """
 
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 from typing import Any
 
-_METHODS = ("get", "post", "put", "patch", "delete")
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-    "h2{margin-top:2rem;border-bottom:1px solid #ccc}code{background:#f3f3f3;padding:0 .2rem}"
-    ".op{margin:1rem 0;padding:.5rem 1rem;border-left:4px solid #36c}.m{font-weight:bold;text-transform:uppercase}"
-    "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}"
+from swagger_ui_bundle import swagger_ui_path
+
+OWN = Path(__file__).resolve().parent / "assets"
+SWAGGER_UI = Path(str(swagger_ui_path))
+SWAGGER_UI_VERSION = SWAGGER_UI.name.removeprefix("swagger-ui-")
+# What /docs/assets/{name} serves: each name to its file and its media type.
+ASSETS: dict[str, tuple[Path, str]] = {
+    f"swagger-ui-{SWAGGER_UI_VERSION}.css": (SWAGGER_UI / "swagger-ui.css", "text/css"),
+    f"swagger-ui-bundle-{SWAGGER_UI_VERSION}.js": (SWAGGER_UI / "swagger-ui-bundle.js", "text/javascript"),
+    f"favicon-{SWAGGER_UI_VERSION}.png": (SWAGGER_UI / "favicon-32x32.png", "image/png"),
+    "docs.css": (OWN / "docs.css", "text/css"),
+    "docs.js": (OWN / "docs.js", "text/javascript"),
+}
+# No 'unsafe-inline' anywhere: Swagger UI sets its styles through the DOM (not style attributes nor
+# <style> elements), which style-src does not govern; tests/test_browser_pages.py checks that Chromium
+# reports no violation. The page may fetch nothing but the service itself ("Try it out" calls it).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+SPEC_URL = "/openapi.yaml"
+
+_METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def _text(value: Any) -> str:
@@ -69,17 +89,40 @@ def _operation(document: dict[str, Any], path: str, method: str, operation: dict
     return "".join(parts)
 
 
-def render_docs(document: dict[str, Any]) -> str:
+def _fallback(document: dict[str, Any]) -> str:
+    """The contract as plain HTML: what a reader without JavaScript sees."""
     info = document.get("info", {})
-    title = _text(info.get("title"))
     sections = [
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title} API</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{title} <small>{_text(info.get('version'))}</small></h1>",
+        f"<h1>{_text(info.get('title'))} <small>{_text(info.get('version'))}</small></h1>",
         f"<p>{_text(info.get('description'))}</p>",
-        '<p>The machine-readable contract: <a href="/openapi.yaml"><code>/openapi.yaml</code></a> (OpenAPI 3.1).</p>',
+        f'<p>The machine-readable contract: <a href="{SPEC_URL}"><code>{SPEC_URL}</code></a> (OpenAPI 3.1).</p>',
     ]
     for path, item in document.get("paths", {}).items():
         sections.append(f"<h2><code>{_text(path)}</code></h2>")
         sections.extend(_operation(document, path, m, item[m]) for m in _METHODS if m in item)
-    sections.append("</body></html>")
     return "\n".join(sections)
+
+
+def asset_url(name: str) -> str:
+    return f"/docs/assets/{name}"
+
+
+def render_docs(document: dict[str, Any]) -> str:
+    """The page: Swagger UI's stylesheet and script, the start script, and the fallback inside ``<noscript>``."""
+    title = _text(document.get("info", {}).get("title"))
+    return "\n".join(
+        [
+            "<!doctype html><html lang=en><head><meta charset=utf-8>",
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{title} API</title>",
+            f'<link rel="stylesheet" href="{asset_url(f"swagger-ui-{SWAGGER_UI_VERSION}.css")}">',
+            f'<link rel="stylesheet" href="{asset_url("docs.css")}">',
+            f'<link rel="icon" type="image/png" href="{asset_url(f"favicon-{SWAGGER_UI_VERSION}.png")}">',
+            "</head><body>",
+            f'<div id="swagger-ui" data-spec="{SPEC_URL}"></div>',
+            f'<noscript><div class="fallback">{_fallback(document)}</div></noscript>',
+            f'<script src="{asset_url(f"swagger-ui-bundle-{SWAGGER_UI_VERSION}.js")}"></script>',
+            f'<script src="{asset_url("docs.js")}"></script>',
+            "</body></html>",
+        ]
+    )
