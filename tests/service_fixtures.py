@@ -39,6 +39,19 @@ SAMPLES = BUNDLED_SAMPLES
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The canonical parameters of a default request at depth 2, as every stored key was made before.
+DEFAULT_EXPLAIN_PARAMETERS = {
+    "targets": None,
+    "top_k": 3,
+    "layers": [2],
+    "map_kind": "identifiability",
+    "sublayers": True,
+    "gradient_map": False,
+    "norm": "fresh",
+    "bias": True,
+}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -16,23 +16,13 @@ import torch
 from classlens.core.contract import ExplainRequest, ModelRef
 from classlens.core.jobs import content_key
 from classlens.core.requests import RequestError, canonical_request
+from tests.service_fixtures import DEFAULT_EXPLAIN_PARAMETERS as DEFAULT_PARAMETERS
 from worker import random_models
 from worker.lens.baselines import attention_rollout, chefer_relevance, grad_cam
 from worker.lens.explain import ExplainError, explain
 
 REF = ModelRef(name="random", version="0", weights_sha256="0" * 64)
 LABELS = [f"class {i}" for i in range(5)]
-# The canonical parameters of a default request at depth 2, as every stored key was made before.
-DEFAULT_PARAMETERS = {
-    "targets": None,
-    "top_k": 3,
-    "layers": [2],
-    "map_kind": "identifiability",
-    "sublayers": True,
-    "gradient_map": False,
-    "norm": "fresh",
-    "bias": True,
-}
 
 
 def tiny_vit(**overrides):
