@@ -37,7 +37,7 @@ the probabilities, so they turn timm's fused attention off for the pass and edit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -48,7 +48,7 @@ from worker.lens.projection import ClassProjection
 from worker.lens.ranks import class_rank, identifiability
 from worker.lens.regions import Region, central_box
 from worker.lens.tokens import dropped_tokens
-from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, hooked, inspect_vit, trace
+from worker.lens.vit import Trace, ViTSpec, attention_of, blocks_of, inspect_vit, trace, unfused_attention
 
 AttentionPerturbation = Literal["self-only", "no-cls"]
 NoClsConvention = Literal["pre_softmax", "zero_renormalised", "zero"]
@@ -112,17 +112,8 @@ def prefix_zeroed_attention(model: VisionTransformer, num_prefix: int, renormali
             edited[:, :, num_prefix:] /= edited[:, :, num_prefix:].sum(dim=-1, keepdim=True)
         return edited
 
-    attentions = [attention_of(block) for block in blocks_of(model)]
-    saved = [attention.fused_attn for attention in attentions]
-    with ExitStack() as stack:
-        for attention in attentions:
-            setattr(attention, "fused_attn", False)  # noqa: B010  (a torch.jit.Final flag, read on every call)
-            stack.enter_context(hooked(attention.attn_drop, edit))
-        try:
-            yield
-        finally:
-            for attention, fused in zip(attentions, saved, strict=True):
-                setattr(attention, "fused_attn", fused)  # noqa: B010
+    with unfused_attention([attention_of(block) for block in blocks_of(model)], edit):
+        yield
 
 
 def no_cls_attention(

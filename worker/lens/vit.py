@@ -219,12 +219,24 @@ def materialised(attentions: Sequence[nn.Module], store: TensorSink, as_leaves: 
     then be a list). A ``store`` that reduces each tensor as it arrives keeps no
     attention maps at all.
     """
-    saved = [attention.fused_attn for attention in attentions]
     if as_leaves:
         assert isinstance(store, list), "leaves are kept for autograd: pass a list"
         hook: Any = save_as_leaf(store)
     else:
         hook = save_output(store)
+    with unfused_attention(attentions, hook):
+        yield
+
+
+@contextmanager
+def unfused_attention(attentions: Sequence[nn.Module], hook: Any) -> Iterator[None]:
+    """Run timm attention modules unfused, with ``hook`` on each ``attn_drop`` (it sees, or replaces, ``A_b``).
+
+    timm's fused attention never forms the probabilities; the unfused path computes the same
+    outputs and hands ``softmax(q k^T * scale)`` to ``attn_drop`` (the identity in eval mode).
+    The flags and hooks are restored whatever happens.
+    """
+    saved = [attention.fused_attn for attention in attentions]
     with ExitStack() as stack:
         for attention in attentions:
             # fused_attn is a torch.jit.Final flag; in eager mode it is read on every call.
