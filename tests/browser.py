@@ -77,6 +77,15 @@ class Browser:
         self.driver = driver
         self.artifacts = artifacts
 
+    def wait(self, seconds: float) -> Any:
+        """A WebDriverWait that rides out page navigations: an element found on the page being left
+        goes stale (or is not there yet on the next), which is a reason to look again, not a failure."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        ignored = (NoSuchElementException, StaleElementReferenceException)
+        return WebDriverWait(self.driver, seconds, ignored_exceptions=ignored)
+
     def problems(self) -> list[str]:
         """Console errors and warnings, and CSP violations, since the last call (the log is drained)."""
         logged = [
@@ -109,7 +118,18 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
             pytest.fail(f"{binary} is missing: install Debian's {package} (make system-deps does it)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    # The background-networking flags keep Chromium from dialling out of a closed network at start.
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
         options.add_argument(argument)
     options.add_argument("--window-size=1280,800")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})

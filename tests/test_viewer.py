@@ -18,7 +18,6 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
-from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.browser import browser, live_service  # noqa: F401
 from tests.service_fixtures import SAMPLES, TINY_MODEL
@@ -78,13 +77,13 @@ def open_viewer(browser, service) -> tuple[str, dict[str, list[str]]]:  # noqa: 
     """Submit the sample from /ui and wait for the viewer; the job id and the view's query."""
     driver = browser.driver
     driver.get(f"{service.url}/ui")
-    wait = WebDriverWait(driver, 30)
+    wait = browser.wait(30)
     model = f"{TINY_MODEL}@1"
     wait.until(lambda d: any(o.get_attribute("value") == model for o in Select(d.find_element(By.ID, "model")).options))
     Select(driver.find_element(By.ID, "model")).select_by_value(model)
     Select(driver.find_element(By.ID, "sample")).select_by_value(SAMPLE)
     driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, 120).until(settled)
+    browser.wait(120).until(settled)
     status = driver.find_element(By.ID, "status").text
     assert "/view" in driver.current_url, (
         f"/ui did not open the viewer: {status}\n{service.worker_log.read_text()[-3000:]}"
