@@ -121,7 +121,8 @@ def audit_row(item: AuditImage, explained: Explained, request: ExplainRequest, l
     truth = item.label
     chosen = explained.targets[explained_class(request, top.index, truth)]
     by_layer = {layer: locate_relevance(values) for layer, values in chosen.projection_maps.items()}
-    last = by_layer[relevance_layer(explained.explanation, chosen)]
+    layer = relevance_layer(explained.explanation, chosen)
+    last = by_layer[layer]
     return AuditRow(
         file=item.file,
         true_index=truth,
@@ -139,6 +140,7 @@ def audit_row(item: AuditImage, explained: Explained, request: ExplainRequest, l
         central_share=last.central_share,
         border_share=None if last.central_share is None else round(1 - last.central_share, _DECIMALS),
         relevance_by_layer=by_layer,
+        map=[[round(value, _DECIMALS) for value in row] for row in chosen.projection_maps[layer]],
     )
 
 

@@ -274,6 +274,9 @@ class AuditRow(_Frozen):
     central_share: float | None
     border_share: float | None
     relevance_by_layer: dict[str, RelevanceLocation] = Field(description="Layer (as a string) -> location.")
+    map: list[list[float]] = Field(
+        description="The explained class's map at the last block, the one the location columns read (grid rows x cols)."
+    )
 
 
 class ConfusionCell(_Frozen):
