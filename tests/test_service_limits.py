@@ -13,6 +13,7 @@ import time
 import pytest
 from PIL import Image
 
+from classlens.core.audit_report import rows_csv
 from classlens.core.capabilities import VIT_KINDS, analysis_needs, missing
 from classlens.core.images import decode_image, fit_to_input
 from classlens.core.queue import create_celery, queue_depths
@@ -23,7 +24,6 @@ from service.decoding import DecodeSlots, slots
 from service.errors import Problem, problem_for
 from service.limits import MAX_JSON_DEPTH, integral_numbers
 from service.openapi import MEMO_MAX_BYTES, VerdictMemo
-from service.routes.audits import rows_csv
 from tests.service_fixtures import TINY_MODEL, b64, checked, problem, sample_png
 
 DB = 13  # a Redis database of this module's own

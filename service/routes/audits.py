@@ -9,14 +9,13 @@ images, names, labels and parameters) share one content key, hence one result an
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from flask import Blueprint, Response
 
+from classlens.core.audit_report import rows_csv
 from classlens.core.capabilities import EXPLAIN_NEEDS
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import content_key
@@ -32,25 +31,6 @@ from service.views import audit_view
 
 blueprint = Blueprint("audits", __name__, url_prefix="/v1/audits")
 AUDITS = JobResource("audit", "audit", audit_view, "audits.get_audit")
-
-# The columns of rows.csv: every scalar of an AuditRow (the per-layer locations stay in the JSON).
-CSV_COLUMNS = (
-    "file",
-    "true_index",
-    "true_label",
-    "predicted_index",
-    "predicted_label",
-    "probability",
-    "correct",
-    "predicted_emergence_layer",
-    "true_emergence_layer",
-    "explained_index",
-    "explained_label",
-    "peak_row",
-    "peak_col",
-    "central_share",
-    "border_share",
-)
 
 
 def audit_request(fields: dict[str, Any], labels: Sequence[str], info: ModelInfo) -> ExplainRequest:
@@ -115,43 +95,6 @@ def create_audit() -> Response:
 def get_audit(id: str) -> Response:
     """The audit with its progress ``{done, total}`` while it runs, and its result once it has succeeded."""
     return AUDITS.polled(id)
-
-
-# A cell a spreadsheet would read as a formula (or, after a tab or CR, as the start of one).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(text: str) -> str:
-    """``text`` with a leading ``'`` when a spreadsheet would run it as a formula (OWASP's CSV injection rule).
-
-    File names and labels come from clients: ``=HYPERLINK(...)`` as a file name would otherwise
-    run in whoever opens rows.csv. Numbers are written by :func:`_cell` itself and left alone, so a
-    negative number stays a number.
-    """
-    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return spreadsheet_safe(str(value))
-
-
-def rows_csv(result: dict[str, Any]) -> str:
-    """One line per image with the :data:`CSV_COLUMNS`; empty cells for nulls, ``true``/``false`` for booleans.
-
-    Text cells that a spreadsheet would read as a formula are escaped (:func:`spreadsheet_safe`).
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in result["rows"]:
-        writer.writerow([_cell(row[column]) for column in CSV_COLUMNS])
-    return buffer.getvalue()
 
 
 def _attachment(body: str | bytes, mimetype: str, filename: str) -> Response:
