@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from classlens.core.audit_report import CSV_COLUMNS
 from classlens.core.audit_summary import summary_html
 from tests.browser import live_service  # noqa: F401  (the fixture)
 from tests.service_fixtures import SAMPLES, sample_png
@@ -148,3 +150,39 @@ def test_a_folder_without_images_is_status_2(cli, tmp_path):
     result = cli("audit", tmp_path, "--model", MODEL, "--url", "http://127.0.0.1:9")
     assert result.exit_code == 2, result.output
     assert "no image files" in result.output
+
+
+def test_the_summary_escapes_what_users_name_and_loads_nothing():
+    label = "</td><script>alert(1)</script>"
+    row = {column: None for column in CSV_COLUMNS} | {"file": "<b>x</b>.png", "predicted_label": label}
+    result = {
+        "model": {"name": "m<i>", "version": "1", "weights_sha256": "0" * 64},
+        "layers": 2,
+        "grid": [2, 2],
+        "map_kind": "identifiability",
+        "relevance_layer": 2,
+        "rows": [row],
+        "aggregates": {
+            "images": 1,
+            "labelled": 1,
+            "correct": 0,
+            "accuracy": 0.0,
+            "confusion": [
+                {"true_index": 0, "true_label": label, "predicted_index": 1, "predicted_label": "b", "count": 1}
+            ],
+            "mean_emergence_by_class": [
+                {"index": 1, "label": label, "images": 1, "mean_emergence_layer": None, "never": 1}
+            ],
+            "emergence_histogram": {"0": 0, "1": 0, "2": 0, "never": 1},
+            "mean_top1_probability": 0.5,
+            "mean_central_share": None,
+            "central_cells_share": 0.25,
+        },
+    }
+    page = summary_html(result)
+    assert "<script" not in page
+    assert "<b>" not in page
+    assert "<i>" not in page
+    assert page.count(html.escape(label)) == 3  # the confusion row, the class table, the row
+    assert "&lt;b&gt;x&lt;/b&gt;.png" in page
+    assert not re.search(r"(src|href)=|https?:|<link|<img", page)

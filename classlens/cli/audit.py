@@ -17,6 +17,7 @@ label or model, an unsafe zip) is a one-line error with exit status 2.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def embedded_service(settings: Settings) -> Iterator[tuple[str, Callable[[], Non
 
     The check raises a ClickException with the worker's log when the worker has exited.
     """
-    from waitress.server import create_server
+    from waitress import create_server
 
     from classlens.cli.serve import waitress_options
     from classlens.core.processes import stop_process
@@ -182,12 +183,18 @@ def run_audit(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("classlens-audit"), show_default=True
 )
 @click.option("--url", help="A running ClassLens service (default: start the embedded one privately).")
-@click.option("--api-key", envvar="CLASSLENS_API_KEY", help="Bearer key for --url [env CLASSLENS_API_KEY].")
+@click.option("--api-key", help="The API key for --url (sent as Authorization: Bearer), when it needs one.")
 @click.pass_obj
 def audit_command(
     settings: Settings, source: Path, model: str, labels: Path | None, out: Path, url: str | None, api_key: str | None
 ) -> None:
     """Audit the images of SOURCE (a folder or a zip) with a model; write rows.csv, report.json and summary.html."""
+    # Looked up, not imported: the embedded service's worker is another process, and needs torch, not this one.
+    needed = ["requests"] if url else ["requests", "flask", "waitress", "torch"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        extras = "client" if url else "client,api,worker"
+        raise click.ClickException(f"{', '.join(missing)} not installed: install ClassLens with the {extras} extras")
     from classlens.client import Client
 
     if url:

@@ -185,8 +185,9 @@ class Client:
                 response = self.session.request(
                     method, self.url + path, timeout=self.timeout + wait_s, allow_redirects=False, **options
                 )
-            except requests.RequestException as error:
-                raise ClassLensError("Cannot reach the service", f"{method} {self.url}{path}: {error}") from error
+            except requests.RequestException as unreachable:
+                detail = f"{method} {self.url}{path}: {unreachable}"
+                raise ClassLensError("Cannot reach the service", detail) from unreachable
             if response.status_code < 400:
                 return response
             retry_after = _retry_after(response.headers.get("Retry-After"))
