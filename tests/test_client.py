@@ -21,6 +21,7 @@ import pytest
 
 from classlens.client import ClassLensError, Client, InputError, Job, JobFailed, NotFound, RateLimited
 from classlens.client.inputs import batch_body, with_labels, zip_folder
+from classlens.core.audit_report import CSV_COLUMNS
 from classlens.core.contract import AuditResult, Explanation
 from tests.browser import live_service  # noqa: F401  (the fixture)
 from tests.service_fixtures import PNG_SIGNATURE, SAMPLES, TINY_DEPTH, TINY_MODEL, sample_png
@@ -77,7 +78,7 @@ def test_audit_calls_progress_and_returns_the_typed_result(lens, tmp_path):
     assert [row.true_index for row in result.rows] == list(range(6))
     assert result.aggregates.labelled == 6
     csv_text = lens.rows_csv(job)
-    assert csv_text.splitlines()[0].startswith("file,")
+    assert csv_text.splitlines()[0] == ",".join(CSV_COLUMNS)
     assert len(csv_text.splitlines()) == 7
     assert json.loads(lens.report_json(job)) == job.result
 
