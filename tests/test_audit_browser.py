@@ -212,6 +212,7 @@ def test_the_audit_browser_shows_sorts_and_filters_the_audit_and_opens_a_row(bro
     assert drawn == ["image and map"] * len(rows)
     assert browser.problems() == []
 
+    driver.execute_script("window.scrollTo(0, 0)")
     wide = browser.screenshot("audit", 1280, 800)
     assert Image.open(wide).size == (1280, 800), f"screenshot {wide}"
     narrow = browser.screenshot("audit", 390, 844)

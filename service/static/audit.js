@@ -143,11 +143,11 @@
         }
         tr.appendChild(td);
       }
-      tr.addEventListener("click", function () { open(index); });
+      tr.addEventListener("click", function () { openRow(index); });
       tr.addEventListener("keydown", function (event) {
         if (event.key === "Enter") {
           event.preventDefault();
-          open(index);
+          openRow(index);
         }
       });
       body.appendChild(tr);
@@ -397,7 +397,7 @@
     return values;
   }
 
-  async function open(index) {
+  async function openRow(index) {
     if (opening) return;
     opening = true;
     const file = entries.find(function (entry) { return entry.index === index; }).row.file;
