@@ -74,6 +74,7 @@ PUBLIC_ENDPOINTS = frozenset(
         "pages.ui",
         "pages.sample",
         "pages.view",
+        "pages.audit",
         "static",
     }
 )

@@ -17,7 +17,12 @@ from service.app import create_app
 from service.routes.pages import CONTENT_SECURITY_POLICY
 from tests.service_fixtures import REPO, SAMPLES
 
-PAGES = ("/ui", "/v1/explanations/some-job/view", "/v1/explanations/some-job/view?logit=a&probability=b")
+PAGES = (
+    "/ui",
+    "/v1/explanations/some-job/view",
+    "/v1/explanations/some-job/view?logit=a&probability=b",
+    "/v1/audits/some-job/view",
+)
 
 
 @pytest.fixture(scope="module")

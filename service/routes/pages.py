@@ -58,3 +58,9 @@ def sample(name: str) -> Response:
 @blueprint.get("/v1/explanations/<id>/view")
 def view(id: str) -> str:
     return render_template("view.html", job_id=id)
+
+
+@blueprint.get("/v1/audits/<id>/view")
+def audit(id: str) -> str:
+    """The audit browser: its script follows the audit, then shows its rows, confusion and histograms."""
+    return render_template("audit.html", job_id=id)
