@@ -67,16 +67,19 @@ def top_k_cell(scores: list[dict[str, Any]]) -> str:
     return spreadsheet_safe(";".join(f"{score['label']}:{score['probability']}" for score in scores))
 
 
+def _column_cell(column: str, value: Any) -> str:
+    return top_k_cell(value) if column == "top_k" and value is not None else _cell(value)
+
+
 def rows_csv(result: dict[str, Any]) -> str:
     """One line per image with the :data:`CSV_COLUMNS`; empty cells for nulls, ``true``/``false`` for booleans.
 
-    Text cells that a spreadsheet would read as a formula are escaped (:func:`spreadsheet_safe`).
+    A column that a row lacks (a result of a server older than the column) is an empty cell. Text
+    cells that a spreadsheet would read as a formula are escaped (:func:`spreadsheet_safe`).
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for row in result["rows"]:
-        writer.writerow(
-            [top_k_cell(row[column]) if column == "top_k" else _cell(row[column]) for column in CSV_COLUMNS]
-        )
+        writer.writerow([_column_cell(column, row.get(column)) for column in CSV_COLUMNS])
     return buffer.getvalue()
