@@ -193,7 +193,9 @@ def test_the_lens_reports_the_entropy_of_the_softmax_over_all_classes():
     with torch.no_grad():
         probabilities = model(images).double().softmax(-1).numpy()
     expected = -(probabilities * np.log(probabilities)).sum(-1)
-    assert [result.entropy for result in results] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [result.entropy for result in results] == pytest.approx(
+        expected.tolist(), abs=6e-5
+    )  # the lens rounds it to 4 decimals
     assert all(0 < result.entropy <= math.log(12) for result in results)
 
 

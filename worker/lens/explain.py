@@ -191,7 +191,8 @@ def explain(
                 prediction=prediction,
                 targets=target_results,
                 token_classes={name: classes[b] for name, classes in token_classes.items()} or None,
-                entropy=float(entropy[b]),
+                # Rounded as the maps are: a batch sums its products in another order than one image alone.
+                entropy=round(float(entropy[b]), MAP_DECIMALS),
             )
         )
     return explanations
