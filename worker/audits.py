@@ -182,7 +182,8 @@ def audit_row(item: AuditImage, explained: Explained, request: ExplainRequest, l
     last block of a trained model is most of the grid, so its peak is a tie-break and its mass is
     spread evenly. The token's probability of the class keeps the differences between top-1
     tokens, is never negative (the whole map is mass, where a logit map's positive part depends on
-    an offset that the softmax ignores) and lies in [0, 1] for every model.
+    an offset that the softmax ignores) and lies in [0, 1] for every model. Where it too is flat at
+    its top (a token certain to 4 decimals), ``peak_ties`` says so.
     """
     explanation = explained.explanation
     top = explanation.prediction[0]
