@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from classlens.core.audit_report import rows_csv
 from classlens.core.capabilities import EXPLAIN_NEEDS
-from classlens.core.contract import AuditManifest, ExplainRequest
+from classlens.core.contract import AUDIT_MAP_KIND, AuditManifest, ExplainRequest
 from classlens.core.jobs import content_key
 from classlens.core.queue import AUDIT_TASK
 from classlens.core.requests import RequestError
@@ -40,10 +40,13 @@ def audit_request(fields: dict[str, Any], labels: Sequence[str], info: ModelInfo
     """The explain parameters of an audit, canonical: top-1 by default, the last layer always, no sublayers.
 
     The last block's map locates each row's relevance, so it is added to any layers asked for;
-    the sublayer streams are not summarised by an audit, so they are not computed.
+    its kind is the audits' own (:data:`~classlens.core.contract.AUDIT_MAP_KIND`, see
+    ``worker.audits.audit_row``); the sublayer streams are not summarised by an audit, so they
+    are not computed.
     """
     values = dict(fields)
     values.setdefault("top_k", 1)
+    values["map_kind"] = AUDIT_MAP_KIND
     explain = canonical_request(values, labels, info)
     layers = explain.layers
     if layers is not None and info.layers is not None and info.layers not in layers:
