@@ -70,11 +70,10 @@ PUBLIC_ENDPOINTS = frozenset(
         "operations.readyz",
         "operations.openapi",
         "operations.docs",
-        "operations.docs_asset",
         "pages.ui",
         "pages.sample",
         "pages.view",
-        "static",
+        "pages.static_file",
     }
 )
 # Every route of a blueprint needs its kind's scope ...

@@ -50,14 +50,16 @@ def test_every_page_has_the_strict_policy_and_no_inline_script_or_style(client, 
     html = response.get_data(as_text=True)
     scripts = re.findall(r"<script\b[^>]*>", html)
     assert scripts, "a page without its script"
-    assert all(re.search(r'\bsrc="/static/[a-z]+\.js"', tag) for tag in scripts), scripts
+    assert all(re.search(r'\bsrc="/static/[a-z]+\.js\?v=[0-9a-f]{16}"', tag) for tag in scripts), scripts
     assert "<style" not in html
     assert not re.search(r"\sstyle=", html)
     assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers
     assert "http://" not in html  # nothing from another origin
     assert "https://" not in html
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
-        assert client.get(asset).status_code == 200, asset
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        assert served.headers["Cache-Control"] == "public, max-age=31536000, immutable", asset
 
 
 def test_ui_lists_every_bundled_sample_and_serves_it(client):
