@@ -241,6 +241,18 @@ def test_the_viewer_draws_the_explanation_it_was_sent(browser, live_service):  #
     assert "error" in status.get_attribute("class")
     assert browser.problems() == []
 
+    # Keyboard: from the map, Tab walks the controls in reading order; the arrow keys move the layer.
+    driver.execute_script("arguments[0].focus()", canvas)
+    order = []
+    for _ in range(7):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        order.append(driver.switch_to.active_element.get_attribute("id"))
+    assert order == ["target", "class-name", "class-show", "stream", "kind", "layer", "opacity"]
+    layer = driver.find_element(By.ID, "layer")
+    layer.send_keys(Keys.ARROW_LEFT)
+    assert canvas.get_attribute("data-layer") == str(depth - 1)
+    assert driver.find_element(By.ID, "layer-value").text == str(depth - 1)
+
     wide = browser.screenshot("viewer", 1280, 800)
     assert Image.open(wide).size == (1280, 800), f"screenshot {wide}"
     narrow = browser.screenshot("viewer", 390, 844)
@@ -261,6 +273,10 @@ def test_with_authentication_on_the_pages_ask_for_the_key_and_then_work(browser,
     assert "This service asks for an API key" in message.text
     assert driver.switch_to.active_element.get_attribute("id") == "api-key"
     assert [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "model")).options] == [""]
+    narrow = browser.screenshot("ui-key", 390, 844)
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"/ui is {overflow} px wider than a 390 px screen; see {narrow}"
+    browser.driver.set_window_size(1280, 800)
     refused = browser.problems()  # Chromium logs each answer 401 as an error: those, and nothing else
     assert refused, "the models were listed without a key"
     assert all("401" in line for line in refused), refused
