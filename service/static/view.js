@@ -54,8 +54,8 @@
     const address = await ClassLens.imageUrl(url);
     return new Promise(function (resolve, reject) {
       const image = new Image();
-      image.onload = function () { resolve(image); };
-      image.onerror = function () { reject(new Error("the input picture cannot be loaded")); };
+      image.onload = function () { URL.revokeObjectURL(address); resolve(image); };
+      image.onerror = function () { URL.revokeObjectURL(address); reject(new Error("the input picture cannot be loaded")); };
       image.src = address;
     });
   }
