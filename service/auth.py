@@ -70,12 +70,11 @@ PUBLIC_ENDPOINTS = frozenset(
         "operations.readyz",
         "operations.openapi",
         "operations.docs",
-        "operations.docs_asset",
         "pages.ui",
         "pages.sample",
         "pages.view",
         "pages.audit",
-        "static",
+        "pages.static_file",
     }
 )
 # Every route of a blueprint needs its kind's scope ...

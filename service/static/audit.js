@@ -15,9 +15,9 @@
   let entries = []; // {row, index, tr}, in the order shown
   let opening = false;
 
-  // The one place this script calls the API (a key, when the pages carry one, is added here).
+  // The one place this script calls the API: through api.js, which adds the key when the service wants one.
   function api(url, options) {
-    return fetch(url, options);
+    return window.ClassLens.api(url, options);
   }
 
   async function json(url) {
@@ -414,12 +414,35 @@
     }
   }
 
+  // A download link that works with authentication on too: a plain link cannot send the key, so a
+  // click fetches the file through api() and hands the browser a blob: address of it.
+  function offerDownload(link, url, name) {
+    link.href = url;
+    link.addEventListener("click", async function (event) {
+      event.preventDefault();
+      try {
+        const response = await api(url);
+        if (!response.ok) throw new Error("the download failed (" + response.status + ")");
+        const address = URL.createObjectURL(await response.blob());
+        const save = document.createElement("a");
+        save.href = address;
+        save.download = name;
+        document.body.appendChild(save);
+        save.click();
+        save.remove();
+        setTimeout(function () { URL.revokeObjectURL(address); }, 1000);
+      } catch (error) {
+        say(error.message, true);
+      }
+    });
+  }
+
   follow().then(function (finished) {
     job = finished;
     const result = job.result;
     summarise(result);
-    $("download-csv").href = job.links.rows_csv;
-    $("download-json").href = job.links.report;
+    offerDownload($("download-csv"), job.links.rows_csv, "audit-" + job.id + "-rows.csv");
+    offerDownload($("download-json"), job.links.report, "audit-" + job.id + "-report.json");
     drawColourBar(result.rows);
     buildTable(result.rows);
     wireFilters(result.rows);

@@ -8,9 +8,9 @@
 "use strict";
 
 (function () {
-  // The one place this script calls the API (a key, when the pages carry one, is added here).
+  // The one place this script calls the API: through api.js, which adds the key when the service wants one.
   function api(url, options) {
-    return fetch(url, options);
+    return window.ClassLens.api(url, options);
   }
 
   async function problemText(response) {
@@ -32,15 +32,8 @@
     return response.json();
   }
 
-  async function finished(job, onStatus) {
-    while (job.status !== "succeeded" && job.status !== "failed") {
-      const response = await api("/v1/explanations/" + encodeURIComponent(job.id) + "?wait=5");
-      if (!response.ok) throw new Error(await problemText(response));
-      job = await response.json();
-      if (onStatus) onStatus(job);
-    }
-    if (job.status === "failed") throw new Error(job.error ? job.error.title + ": " + job.error.detail : "the job failed");
-    return job;
+  function finished(job, onStatus) {
+    return window.ClassLens.finished("/v1/explanations/" + encodeURIComponent(job.id), job, onStatus || function () {});
   }
 
   // One job per map kind: the identifiability job carries everything else the viewer shows.

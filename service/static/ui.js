@@ -1,4 +1,5 @@
 // /ui: choose a model and an image, submit the explanations the viewer needs, poll them, open the viewer.
+// Every call goes through ClassLens.api (api.js), which adds the API key when the service asks for one.
 "use strict";
 
 (function () {
@@ -34,12 +35,7 @@
   }
 
   async function loadModels() {
-    const response = await fetch("/v1/models");
-    if (!response.ok) {
-      say("The models cannot be listed (" + response.status + ").", true);
-      return;
-    }
-    const body = await response.json();
+    const body = await ClassLens.json("/v1/models");
     modelSelect.textContent = "";
     for (const model of body.models) {
       // Every enabled version, the newest (the one listed) first.
@@ -58,7 +54,7 @@
       if (!upload.files.length) throw new Error("choose an image file first");
       return upload.files[0];
     }
-    const response = await fetch("/ui/samples/" + encodeURIComponent(sampleSelect.value));
+    const response = await ClassLens.api("/ui/samples/" + encodeURIComponent(sampleSelect.value));
     if (!response.ok) throw new Error("the sample cannot be read (" + response.status + ")");
     return response.blob();
   }
@@ -103,5 +99,5 @@
     showPreview();
   });
   showPreview();
-  loadModels().catch(function (error) { say(error.message, true); });
+  loadModels().catch(function (error) { say("The models cannot be listed: " + error.message, true); });
 })();
