@@ -535,3 +535,33 @@ def test_compose_mounts_the_monitoring_files(compose: dict[str, Any]) -> None:
     flower = compose["services"]["flower"]
     assert re.fullmatch(r"mher/flower:\d+\.\d+\.\d+", flower["image"])
     assert _interpolated(flower["environment"]["CELERY_BROKER_URL"]).startswith("redis://:stand-in-REDIS_PASSWORD@")
+
+
+# --- KServe -----------------------------------------------------------------------------------
+
+
+def test_the_inference_service_runs_the_api_as_its_explainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """InferenceService is a CRD: its explainer's pod part is checked as the Pod it becomes, and the rest by hand."""
+    (service,) = _load_all(DEPLOY / "kserve" / "inferenceservice.yaml")
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert service["kind"] == "InferenceService"
+    assert set(service["spec"]) == {"predictor", "explainer"}
+    explainer = service["spec"]["explainer"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": service["metadata"]["name"]},
+        "spec": {"containers": explainer["containers"], "volumes": explainer["volumes"]},
+    }
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    (container,) = explainer["containers"]
+    assert container["image"].split(":")[0] == "classlens-api"
+    assert container["args"][:2] == ["classlens", "serve"]
+    assert container["args"][container["args"].index("--port") + 1] == "8080"  # where KServe sends its traffic
+    config_maps = _of_kind(render(K8S / "base"), "ConfigMap")
+    _check_settings("kserve/explainer", _container_env(container, config_maps), monkeypatch)
+    routes = _openapi_get_paths()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in routes
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez" in routes
+    spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+    assert "post" in spec["paths"]["/v1/models/{name}:explain"]
