@@ -1,9 +1,10 @@
 """The deployment manifests (deploy/): valid against the Kubernetes schemas, and true to the project.
 
-Everything here runs offline and without kubectl or Docker: the kustomizations are rendered by
-:func:`render` (``resources`` and strategic-merge ``patches``, all they use), every Kubernetes object
-is validated with kubernetes-validate, KEDA's objects (CRDs it does not know) against a schema of the
-fields used, and the compose file structurally. What ties them to the code is checked too: every
+Everything here runs offline and without kubectl or a Docker engine: the kustomizations are rendered
+by :func:`render` (``resources`` and strategic-merge ``patches``, all they use), every Kubernetes
+object is validated with kubernetes-validate, KEDA's objects (CRDs it does not know) against a schema
+of the fields used, and the compose file structurally and by the compose tool's own ``config``
+(``docker compose``, or Debian's ``docker-compose`` that ``make system-deps`` installs). What ties them to the code is checked too: every
 environment variable they give ClassLens is a :class:`Settings` field with a value it accepts, every
 HTTP probe is a route of openapi.yaml, the workers' probe is the image's HEALTHCHECK, and the queues
 the workers consume and KEDA watches are the queues the code sends to.
@@ -12,8 +13,11 @@ the workers consume and KEDA watches are the queues the code sends to.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -565,3 +569,30 @@ def test_the_inference_service_runs_the_api_as_its_explainer(monkeypatch: pytest
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez" in routes
     spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     assert "post" in spec["paths"]["/v1/models/{name}:explain"]
+
+
+def _compose_tool() -> list[str]:
+    """``docker compose`` (v2) or Debian's ``docker-compose``: the tool that reads the file as a deployment will."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy:
+        return [legacy]
+    pytest.fail("neither `docker compose` nor docker-compose is installed (Debian: apt-get install docker-compose)")
+
+
+@pytest.mark.integration
+def test_compose_reads_the_file(tmp_path: Path) -> None:
+    command = [*_compose_tool(), "-p", "classlens", "-f", str(DEPLOY / "compose.yaml")]
+    passwords = {"REDIS_PASSWORD": "stand-in", "GRAFANA_ADMIN_PASSWORD": "stand-in"}
+    base_env = {key: value for key, value in os.environ.items() if key not in passwords}
+    for profile in ([], ["--profile", "gpu"]):
+        done = subprocess.run([*command, *profile, "config", "-q"], env=base_env | passwords, capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()
+    # A password left unset stops compose, rather than starting Redis without one.
+    done = subprocess.run(
+        [*command, "config", "-q"], env=base_env | {"GRAFANA_ADMIN_PASSWORD": "x"}, capture_output=True
+    )
+    assert done.returncode != 0
+    assert "REDIS_PASSWORD" in done.stderr.decode()
