@@ -4,10 +4,11 @@ Everything here runs offline and without kubectl or a Docker engine: the kustomi
 by :func:`render` (``resources`` and strategic-merge ``patches``, all they use), every Kubernetes
 object is validated with kubernetes-validate, KEDA's objects (CRDs it does not know) against a schema
 of the fields used, and the compose file structurally and by the compose tool's own ``config``
-(``docker compose``, or Debian's ``docker-compose`` that ``make system-deps`` installs). What ties them to the code is checked too: every
-environment variable they give ClassLens is a :class:`Settings` field with a value it accepts, every
-HTTP probe is a route of openapi.yaml, the workers' probe is the image's HEALTHCHECK, and the queues
-the workers consume and KEDA watches are the queues the code sends to.
+(``docker compose``, or Debian's ``docker-compose`` that ``make system-deps`` installs). What ties
+them to the code is checked too: every environment variable they give ClassLens is a
+:class:`Settings` field with a value it accepts, every HTTP probe is a route of openapi.yaml, the
+workers' probe is the image's HEALTHCHECK, and the queues the workers consume and KEDA watches are
+the queues the code sends to.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from classlens.core.queue import ALL_QUEUES, EXPLAIN_QUEUE
+from classlens.core.queue import ALL_QUEUES, ANALYSIS_QUEUE, AUDIT_QUEUE, EXPLAIN_QUEUE
 from classlens.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +410,7 @@ def _worker_queues(args: list[str]) -> set[str]:
     return set(args[args.index("--queues") + 1].split(","))
 
 
-def test_workers_consume_every_queue_and_keda_watches_the_explain_queue(
+def test_workers_consume_every_queue_and_keda_watches_their_queues(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:
     name, objects = rendered
@@ -420,13 +421,16 @@ def test_workers_consume_every_queue_and_keda_watches_the_explain_queue(
             assert queues <= set(ALL_QUEUES)
             consumed |= queues
     assert consumed == set(ALL_QUEUES), f"{name}: no worker for {set(ALL_QUEUES) - consumed}"
+    watched: set[str] = set()
     for scaled in _of_kind(objects, "ScaledObject").values():
         target = _of_kind(objects, "Deployment")[scaled["spec"]["scaleTargetRef"]["name"]]
         target_queues = _worker_queues(target["spec"]["template"]["spec"]["containers"][0]["args"])
-        for trigger in scaled["spec"]["triggers"]:
-            # kombu's Redis transport keeps a queue's messages in a list named after the queue.
-            assert trigger["metadata"]["listName"] == EXPLAIN_QUEUE
-            assert EXPLAIN_QUEUE in target_queues
+        # kombu's Redis transport keeps a queue's messages in a list named after the queue.
+        lists = {trigger["metadata"]["listName"] for trigger in scaled["spec"]["triggers"]}
+        assert lists <= target_queues, f"{name}: {scaled['metadata']['name']} watches {lists - target_queues}"
+        watched |= lists
+    if name != "base":
+        assert watched == {EXPLAIN_QUEUE, AUDIT_QUEUE, ANALYSIS_QUEUE}
 
 
 def test_the_gpu_overlay_puts_one_gpu_in_each_explain_worker() -> None:
