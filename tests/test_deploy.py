@@ -600,3 +600,23 @@ def test_compose_reads_the_file(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "REDIS_PASSWORD" in done.stderr.decode()
+
+
+# --- sizing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_redis_memory_is_measured_on_the_keys_an_explanation_leaves(tmp_path: Path) -> None:
+    """The figures docs/deploy.md gives come from a real service's real keys (the bundled model only, here)."""
+    from classlens.bench.redis_memory import format_table, measure
+
+    (record,) = measure(tmp_path, images=2, vit_small=False)
+    assert record["model"].startswith("fmnist-vit@")
+    sizes = record["bytes"]
+    assert len(sizes["result"]) == 2
+    for result, text in zip(sizes["result"], sizes["result_json"], strict=True):
+        assert result > text > 1000  # Redis's own overhead on top of the JSON it holds
+    assert all(size > 0 for size in sizes["image"] + sizes["job"])
+    medians = record["median_bytes"]
+    assert medians["total"] == medians["result"] + medians["image"] + medians["job"]
+    assert "| `fmnist-vit@" in format_table([record])
