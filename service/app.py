@@ -57,7 +57,7 @@ def create_app(
     (:func:`service.auth.auth_policy`), so a server other than ``classlens serve`` must say where it binds.
     """
     from service.quotas import install_rate_limits
-    from service.routes import analyses, audits, explanations, models, operations, pages
+    from service.routes import analyses, audits, explanations, kserve, models, operations, pages
 
     settings = settings or Settings()
     store = store or open_store(settings)
@@ -98,6 +98,7 @@ def create_app(
     app.register_blueprint(models.blueprint)
     app.register_blueprint(operations.blueprint)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(kserve.blueprint)
 
     # In this order: who is calling (401, 403), then how often (429), then what they sent (the contract),
     # so that a caller without a key learns nothing about the routes' parameters.

@@ -36,7 +36,7 @@ def api_schema(tmp_path_factory, tiny_model_root):
 
 FUZZ_EXAMPLES = int(os.environ.get("CLASSLENS_FUZZ_EXAMPLES", "0"))
 # The contract cannot say "a decodable image": a schema-valid upload may still be refused (422).
-NEEDS_A_REAL_IMAGE = {"createExplanation", "createAudit", "createAnalysis"}
+NEEDS_A_REAL_IMAGE = {"createExplanation", "createAudit", "createAnalysis", "kserveExplain"}
 # Nor "a weights file named like one" (415) or "name@version of a registered model" (404, 422).
 NEEDS_A_REAL_MODEL = {"createModel", "disableModel"}
 # Without a worker the app is rightly not ready: /readyz answers its documented 503.

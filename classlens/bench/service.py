@@ -161,6 +161,7 @@ class Service:
 
     host: str
     port: int
+    redis_url: str = ""
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -238,7 +239,7 @@ def running_service(
         "CLASSLENS_BATCH_MAX": str(batch_max),
     }
     cli = [sys.executable, "-m", "classlens.cli"]
-    service = Service(LOOPBACK, api_port)
+    service = Service(LOOPBACK, api_port, url)
     with contextlib.ExitStack() as stack:
         redis_args = ["--port", str(redis_port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
         _spawn(service, "redis-server", [binary, *redis_args], env, work, stack)

@@ -8,6 +8,7 @@ can only fail for reasons the request could not have known.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,11 @@ from classlens.core import batching
 from classlens.core.capabilities import EXPLAIN_NEEDS
 from classlens.core.contract import BASELINE_MAPS, BASELINE_TITLES, Job
 from classlens.core.images import ImageError, fit_to_input
-from classlens.core.jobs import content_key, sha256_hex
+from classlens.core.jobs import Submission, content_key, sha256_hex
 from classlens.core.queue import EXPLAIN_TASK, enqueue
 from classlens.core.render import render_overlay, to_png_bytes
 from classlens.core.requests import ClassNames, RequestError, parse_class
-from model_store.catalog import ModelNotFoundError
+from model_store.catalog import ModelEntry, ModelNotFoundError
 from model_store.manifest import Manifest
 from service import quotas
 from service.app import Services, services
@@ -41,7 +42,31 @@ EXPLANATIONS = JobResource("explanation", "explanation job", job_view, "explanat
 def create_explanation() -> Response:
     """Answer from the cache, join the equal job in flight, or queue a new job."""
     parts = services()
-    submitted: ExplainInput = read_input(from_json, from_form)
+    submission = submit_explanation(parts, check_explanation(parts, read_input(from_json, from_form)))
+    job = submission.job
+    if submission.outcome != "cached":
+        job = parts.jobs.wait(job, wait_seconds(parts))
+    return EXPLANATIONS.respond(parts, job, cached=submission.cached, result=submission.result)
+
+
+@dataclass(frozen=True)
+class CheckedExplanation:
+    """An explanation request found complete and sound (:func:`check_explanation`), not yet submitted."""
+
+    submitted: ExplainInput
+    entry: ModelEntry
+    parameters: dict[str, Any]
+    key: str
+    image_key: str
+    seen_before: bool
+
+
+def check_explanation(parts: Services, submitted: ExplainInput) -> CheckedExplanation:
+    """Everything about one explanation request that can be known before it is queued, or why it is refused.
+
+    With :func:`submit_explanation`, the one way an explanation is submitted: ``POST /v1/explanations``
+    and the KServe route (:mod:`service.routes.kserve`, which checks all its instances first) both use it.
+    """
     entry = resolve_model(parts, submitted.model)
     require(entry.manifest, entry.reference, EXPLAIN_NEEDS, "an explanation")
     explain_request = canonical_request(submitted.fields, entry.labels(), model_info(entry.manifest))
@@ -57,11 +82,18 @@ def create_explanation() -> Response:
         except ImageError as error:
             parts.metrics.rejected_images.labels(error.problem).inc()
             raise
-        parts.jobs.put_image(submitted.image)
+    return CheckedExplanation(submitted, entry, parameters, key, image_key, seen_before)
+
+
+def submit_explanation(parts: Services, checked: CheckedExplanation) -> Submission:
+    """Answer a checked request from the cache, join its equal job in flight, or store its image and queue a job."""
+    image = checked.submitted.image
+    if not checked.seen_before:
+        parts.jobs.put_image(image)
 
     def enqueue_job(job: Job) -> None:
-        if seen_before:  # the result expired between the check and now: the worker needs the image
-            parts.jobs.put_image(submitted.image)
+        if checked.seen_before:  # the result expired between the check and now: the worker needs the image
+            parts.jobs.put_image(image)
         enqueue(parts.celery, EXPLAIN_TASK, job.id)
         if parts.settings.batch_max > 1:  # let the worker that takes a job up take this one along
             batching.offer(parts.jobs.store, job, parts.settings.result_ttl_s)
@@ -69,18 +101,15 @@ def create_explanation() -> Response:
     submission = quotas.submit(
         parts,
         kind="explanation",
-        model=entry.reference,
-        parameters=parameters,
-        key=key,
-        image_key=image_key,
+        model=checked.entry.reference,
+        parameters=checked.parameters,
+        key=checked.key,
+        image_key=checked.image_key,
         enqueue=enqueue_job,
-        fingerprints={entry.reference: entry.result_fingerprint},
+        fingerprints={checked.entry.reference: checked.entry.result_fingerprint},
     )
     parts.metrics.submissions.labels("explanation", submission.outcome).inc()
-    job = submission.job
-    if submission.outcome != "cached":
-        job = parts.jobs.wait(job, wait_seconds(parts))
-    return EXPLANATIONS.respond(parts, job, cached=submission.cached, result=submission.result)
+    return submission
 
 
 @blueprint.get("/<id>")
