@@ -27,6 +27,7 @@ from classlens.core.contract import (
     RelevanceLocation,
     TargetExplanation,
 )
+from classlens.core.monitoring import signals
 from worker.lens.regions import central_box
 from worker.runtime import LoadedViT
 
@@ -141,6 +142,7 @@ def audit_row(item: AuditImage, explained: Explained, request: ExplainRequest, l
         border_share=None if last.central_share is None else round(1 - last.central_share, _DECIMALS),
         relevance_by_layer=by_layer,
         map=[[round(value, _DECIMALS) for value in row] for row in chosen.projection_maps[layer]],
+        signals=signals(explained.explanation, explained.targets[top.index]),
     )
 
 
