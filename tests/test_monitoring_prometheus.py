@@ -263,6 +263,7 @@ def test_the_drift_alert_is_quiet_on_the_reference_images_and_fires_on_shifted_o
     firing = eventually(monitored, 'ALERTS{alertname="ClassLensDrift", alertstate="firing"}')
     assert {alert["metric"]["model"] for alert in firing} == {MODEL}
     assert not query(monitored, 'ALERTS{alertname="ClassLensNoWorker"}')
+    check_dashboard_queries(monitored)
 
 
 def test_reference_routes_refuse_what_cannot_be_a_reference(monitored):
@@ -283,3 +284,29 @@ def test_reference_routes_refuse_what_cannot_be_a_reference(monitored):
     assert (status, body["problem"]) == (404, "no_reference")
     status, _ = api_call(route, "DELETE")
     assert status == 204  # idempotent
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "classlens.json").read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        if panel["type"] != "row"
+        for target in panel["targets"]
+    ]
+
+
+def check_dashboard_queries(monitored: Monitored) -> None:
+    """Every panel's query, as Grafana sends it, is valid PromQL for the real Prometheus, and the panels have data."""
+    assert len(dashboard_queries()) >= 15
+    empty = []
+    for title, expr in dashboard_queries():
+        promql = expr.replace("$model", ".*").replace("$__rate_interval", "5m")
+        try:
+            found = query(monitored, promql)
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"{title}: {promql} is refused: {error.read().decode()[:300]}")
+        if not found:
+            empty.append(title)
+    # With traffic, a reference and a worker, only the error rate (no failed job) and latency may lack data.
+    assert set(empty) <= {"Job error rate", "p99 request latency"}, empty

@@ -78,17 +78,16 @@ def signals(explanation: Explanation, target: TargetExplanation | None = None) -
     second = explanation.prediction[1].probability if len(explanation.prediction) > 1 else None
     if target is None:
         target = next((t for t in explanation.targets if t.index == top.index), None)
-    last = str(explanation.layers)
-    found = target is not None and target.index == top.index
-    values = target.projection_maps.get(last) if found and target is not None else None
+    chosen = target if target is not None and target.index == top.index else None
+    values = None if chosen is None else chosen.projection_maps.get(str(explanation.layers))
     return Signals(
         predicted_index=top.index,
         map_kind=explanation.map_kind,
         confidence=round(top.probability, 6),
         margin=None if second is None else round(top.probability - second, 6),
-        explained=found,
-        emergence_layer=target.emergence_layer if found and target is not None else None,
-        identifiability=target.residual.image_identifiability[-1] if found and target is not None else None,
+        explained=chosen is not None,
+        emergence_layer=None if chosen is None else chosen.emergence_layer,
+        identifiability=None if chosen is None else chosen.residual.image_identifiability[-1],
         concentration=None if values is None else concentration(values),
     )
 
