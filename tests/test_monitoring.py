@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from classlens.core.contract import (
     StreamStats,
     TargetExplanation,
 )
-from classlens.core.store import SqliteStore
+from classlens.core.store import RedisStore, SqliteStore
 
 DEPTH = 2
 
@@ -131,9 +132,17 @@ def test_psi_bins_collapse_on_repeated_reference_values():
     assert monitoring.psi(same, [0.5] * 20, 10) > 1.0
 
 
-def test_record_counts_buckets_classes_and_keeps_a_bounded_window(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    model = "m@1"
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request, tmp_path):
+    """Both back-ends (Redis: the session's real redis-server)."""
+    if request.param == "sqlite":
+        return SqliteStore(tmp_path / "s.sqlite3")
+    return RedisStore(request.getfixturevalue("redis_url"))
+
+
+def test_record_counts_buckets_classes_and_keeps_a_bounded_window(any_store):
+    store = any_store
+    model = f"m-{uuid.uuid4().hex}@1"  # a model of this test's own in the shared redis-server
     found = monitoring.signals(explanation([target(3, 1, {"2": PEAKED}, 0.8)]))
     for _ in range(5):
         monitoring.record(store, model, found, window=3, max_classes=10)
@@ -147,6 +156,11 @@ def test_record_counts_buckets_classes_and_keeps_a_bounded_window(tmp_path):
     assert total == pytest.approx(6 * 0.7)
     assert stats.classes == {"3": 5, monitoring.OTHER: 1}
     assert stats.emergence == {"1": 6}
+    reference = monitoring.Reference(model, "a", DEPTH, 0.0, [found])
+    monitoring.save_reference(store, reference)
+    assert monitoring.load_reference(store, model) == reference  # kept untimed (a century)
+    monitoring.delete_reference(store, model)
+    assert monitoring.load_reference(store, model) is None
     window = monitoring.read_window(store, model, 3)
     assert len(window) == 3
     assert wide in window
