@@ -13,7 +13,7 @@ PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q -c co
 DEBIAN_PACKAGES := redis-server dataset-fashion-mnist
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: run test test-fast lint format pytest bench system-deps demo-models samples clean
+.PHONY: run test test-fast lint format pytest bench bench-gpu gpu-wheels system-deps demo-models samples clean
 
 # Verify the model store, then serve the API with an embedded worker (no Redis
 # needed; set REDIS_URL to use Redis and run `classlens worker` separately).
@@ -47,6 +47,25 @@ bench: system-deps $(VENV)/.installed
 	$(BIN)/classlens bench
 	$(BIN)/classlens evaluate
 	$(BIN)/classlens bench-service
+
+# The GPU run (classlens/bench/gpu.py; docs/gpu.md): on a machine whose python3 has a CUDA torch,
+# with what that machine lacks installed from $(GPU_WHEELS) (made here by `make gpu-wheels`).
+# Writes bench-results/gpu.json; exits non-zero when a check of the CUDA path fails.
+GPU_WHEELS := .whl
+GPU_SITE := /tmp/classlens-site
+bench-gpu:
+	@if [ -d $(GPU_WHEELS) ]; then \
+		python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 -m classlens.bench.gpu --out bench-results/gpu.json
+
+# Python 3.12 wheels of what a GPU machine's image lacks (pydantic and its parts; this project's timm),
+# at the versions installed here: carry $(GPU_WHEELS) with the tree to the GPU machine.
+gpu-wheels: $(VENV)/.installed
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/python -m pip freeze | grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|timm)==' \
+		> $(GPU_WHEELS)/requirements.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -82,7 +82,8 @@ def create_app(
         auth_policy(settings, host),
     )
 
-    app = Flask("service")
+    # No Flask static route: service.routes.pages serves every page's files (versioned) at /static/{name}.
+    app = Flask("service", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     # An audit (analysis) sends up to audit_max_images (analysis_max_images) image parts and as many label
     # parts: Werkzeug's default (1000) is less.

@@ -70,11 +70,11 @@ PUBLIC_ENDPOINTS = frozenset(
         "operations.readyz",
         "operations.openapi",
         "operations.docs",
-        "operations.docs_asset",
         "pages.ui",
         "pages.sample",
         "pages.view",
-        "static",
+        "pages.audit",
+        "pages.static_file",
     }
 )
 # Every route of a blueprint needs its kind's scope ...

@@ -1,30 +1,28 @@
 """``/docs``: the whole contract, ``openapi.yaml`` itself, rendered by Swagger UI in the browser.
 
 Swagger UI comes from the ``swagger-ui-bundle`` package and is served by the service (no CDN: the
-service may have no network), under names that carry its version so that a browser may keep it.
-The page starts it with ``service/assets/docs.js`` and loads the contract from ``/openapi.yaml``.
+service may have no network) through ``/static/{name}``, like every page's files, versioned by
+content. The page starts it with ``service/static/docs.js`` and loads the contract from ``/openapi.yaml``.
 Its Content-Security-Policy lets scripts come from the service only, none inline; without
 JavaScript the page shows a plain list of every path, operation, parameter and body type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from swagger_ui_bundle import swagger_ui_path
 
-OWN = Path(__file__).resolve().parent / "assets"
 SWAGGER_UI = Path(str(swagger_ui_path))
-SWAGGER_UI_VERSION = SWAGGER_UI.name.removeprefix("swagger-ui-")
-# What /docs/assets/{name} serves: each name to its file and its media type.
-ASSETS: dict[str, tuple[Path, str]] = {
-    f"swagger-ui-{SWAGGER_UI_VERSION}.css": (SWAGGER_UI / "swagger-ui.css", "text/css"),
-    f"swagger-ui-bundle-{SWAGGER_UI_VERSION}.js": (SWAGGER_UI / "swagger-ui-bundle.js", "text/javascript"),
-    f"favicon-{SWAGGER_UI_VERSION}.png": (SWAGGER_UI / "favicon-32x32.png", "image/png"),
-    "docs.css": (OWN / "docs.css", "text/css"),
-    "docs.js": (OWN / "docs.js", "text/javascript"),
+# The files of the installed Swagger UI that the page loads, by the names /static/{name} serves them
+# under; nothing else of the package is served (its index.html would start Swagger UI on another document).
+SWAGGER_UI_FILES: dict[str, Path] = {
+    "swagger-ui.css": SWAGGER_UI / "swagger-ui.css",
+    "swagger-ui-bundle.js": SWAGGER_UI / "swagger-ui-bundle.js",
+    "swagger-ui-favicon.png": SWAGGER_UI / "favicon-32x32.png",
 }
 # No 'unsafe-inline' anywhere: Swagger UI sets its styles through the DOM (not style attributes nor
 # <style> elements), which style-src does not govern; tests/test_browser_pages.py checks that Chromium
@@ -103,25 +101,24 @@ def _fallback(document: dict[str, Any]) -> str:
     return "\n".join(sections)
 
 
-def asset_url(name: str) -> str:
-    return f"/docs/assets/{name}"
+def render_docs(document: dict[str, Any], asset_url: Callable[[str], str]) -> str:
+    """The page: Swagger UI's stylesheet and script, the start script, and the fallback inside ``<noscript>``.
 
-
-def render_docs(document: dict[str, Any]) -> str:
-    """The page: Swagger UI's stylesheet and script, the start script, and the fallback inside ``<noscript>``."""
+    ``asset_url`` names a static file (:func:`service.routes.pages.static_url`).
+    """
     title = _text(document.get("info", {}).get("title"))
     return "\n".join(
         [
             "<!doctype html><html lang=en><head><meta charset=utf-8>",
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{title} API</title>",
-            f'<link rel="stylesheet" href="{asset_url(f"swagger-ui-{SWAGGER_UI_VERSION}.css")}">',
+            f'<link rel="stylesheet" href="{asset_url("swagger-ui.css")}">',
             f'<link rel="stylesheet" href="{asset_url("docs.css")}">',
-            f'<link rel="icon" type="image/png" href="{asset_url(f"favicon-{SWAGGER_UI_VERSION}.png")}">',
+            f'<link rel="icon" type="image/png" href="{asset_url("swagger-ui-favicon.png")}">',
             "</head><body>",
             f'<div id="swagger-ui" data-spec="{SPEC_URL}"></div>',
             f'<noscript><div class="fallback">{_fallback(document)}</div></noscript>',
-            f'<script src="{asset_url(f"swagger-ui-bundle-{SWAGGER_UI_VERSION}.js")}"></script>',
+            f'<script src="{asset_url("swagger-ui-bundle.js")}"></script>',
             f'<script src="{asset_url("docs.js")}"></script>',
             "</body></html>",
         ]

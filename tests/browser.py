@@ -2,7 +2,9 @@
 
 ``live_service``: the embedded service (SQLite store, filesystem broker; no Redis) with a real
 ``classlens worker`` process and a tiny ViT, served by waitress on a free port, as
-``classlens serve`` serves it. ``browser``: Debian's ``/usr/bin/chromium`` through its
+``classlens serve`` serves it; with authentication on when a test asks for a key (indirect
+parametrisation: ``@pytest.mark.parametrize("live_service", ["clk_some-key"], indirect=True)``;
+the key gets every scope but admin). ``browser``: Debian's ``/usr/bin/chromium`` through its
 ``/usr/bin/chromedriver``, headless, recording console messages and Content-Security-Policy
 violations so that a test can assert there were none (:meth:`Browser.problems`). A missing
 Chromium or chromedriver fails the test (``make system-deps`` installs both); it never skips.
@@ -12,6 +14,7 @@ Use them from a test module with ``from tests.browser import browser, live_servi
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -42,20 +45,36 @@ class LiveService:
     url: str
     settings: Settings
     worker_log: Path
+    key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """What an API call from the test needs: the key's header when authentication is on."""
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
 
 @pytest.fixture(scope="module")
-def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_model_root: Path) -> Iterator[LiveService]:
-    """The whole embedded service with one worker process, listening on 127.0.0.1."""
+def live_service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_root: Path
+) -> Iterator[LiveService]:
+    """The whole embedded service with one worker process, listening on 127.0.0.1; with a key, it authenticates."""
     from waitress.server import create_server
 
     from service.app import create_app
+    from service.auth import hash_key
 
+    key: str | None = getattr(request, "param", None)
     work = tmp_path_factory.mktemp("live-service")
+    keys_file = None
+    if key is not None:
+        keys_file = work / "keys.yaml"
+        entry = {"id": "viewer", "sha256": hash_key(key), "scopes": ["explain", "audit", "analyse"]}
+        keys_file.write_text(f"- {json.dumps(entry)}\n")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("REDIS_URL", raising=False)
         patch.delenv("CLASSLENS_REDIS_URL", raising=False)
-        settings = Settings(data_dir=work / "data", model_dirs=[tiny_model_root], worker_heartbeat_s=1)
+        settings = Settings(
+            data_dir=work / "data", model_dirs=[tiny_model_root], worker_heartbeat_s=1, api_keys_file=keys_file
+        )
         store = open_store(settings)
         log = work / "worker.log"
         with worker_running(settings, store, log):
@@ -64,7 +83,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory, tiny_model_root: Path
             thread = threading.Thread(target=server.run, daemon=True)
             thread.start()
             try:
-                yield LiveService(f"http://127.0.0.1:{port}", settings, log)
+                yield LiveService(f"http://127.0.0.1:{port}", settings, log, key)
             finally:
                 server.close()
                 thread.join(10)
@@ -85,6 +104,15 @@ class Browser:
 
         ignored = (NoSuchElementException, StaleElementReferenceException)
         return WebDriverWait(self.driver, seconds, ignored_exceptions=ignored)
+
+    def key_typed(self, key: str) -> None:
+        """Type an API key into the field the pages show when a call answered 401 (service/static/api.js)."""
+        from selenium.webdriver.common.by import By
+
+        field = self.wait(30).until(lambda d: d.find_element(By.ID, "api-key"))
+        self.wait(10).until(lambda d: field.is_displayed())
+        field.send_keys(key)
+        self.driver.find_element(By.CSS_SELECTOR, "#api-key-form button[type=submit]").click()
 
     def problems(self) -> list[str]:
         """Console errors and warnings, and CSP violations, since the last call (the log is drained)."""

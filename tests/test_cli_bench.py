@@ -12,24 +12,38 @@ def run_cli(*args):
     )
 
 
-def test_bench_writes_ratios_for_every_method(tmp_path, bundled_catalog):
+def test_bench_writes_cpu_time_ratios_at_each_thread_count(tmp_path, bundled_catalog):
     out = tmp_path / "lens.json"
-    result = run_cli(
-        "bench", "--no-vit-small", "--no-vit-base", "--batch", "2", "--repeats", "1", "--no-ig", "--out", out
-    )
+    arguments = ("--no-vit-small", "--no-vit-base", "--batch", "2", "--rounds", "2", "--no-ig", "--out", out)
+    result = run_cli("bench", *arguments)
     assert result.returncode == 0, result.stderr
     [record] = json.loads(out.read_text())["lens"]
     assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference
     assert record["batch"] == 2
     assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam", "onnx_forward", "onnx_explain"}
-    assert set(record["onnxruntime"]) == {
+    for name, method in record["methods"].items():
+        assert set(method["threads"]) == {"1", "2"}, name
+        for at in method["threads"].values():
+            assert at["ratio"]["min"] <= at["ratio"]["median"] <= at["ratio"]["max"]
+            assert at["cpu_ms"] > 0
+            assert at["wall_ms"] > 0
+            assert 0 <= at["loaded_rounds"] <= at["rounds"]
+    assert all(
+        at["ratio"] == {"min": 1.0, "median": 1.0, "max": 1.0}
+        for at in record["methods"]["forward"]["threads"].values()
+    )
+    assert record["methods"]["explain"]["threads"]["1"]["rounds"] == 2
+    # Two rounds at each of two thread counts, alternating, each starting one method later.
+    rounds = record["rounds"]
+    assert [r["threads"] for r in rounds] == [1, 2, 1, 2]
+    assert rounds[0]["order"][1:] + rounds[0]["order"][:1] == rounds[2]["order"]
+    assert all(r["others_share"] >= 0 and isinstance(r["loaded"], bool) for r in rounds)
+    assert set(record["onnxruntime"]["1"]) == {
         "explain_speedup_over_torch",
         "explain_to_onnx_forward",
         "forward_speedup_over_torch",
     }
-    assert record["methods"]["forward"]["ratio_to_forward"] == 1.0
-    assert all(m["median_ms"] > 0 for m in record["methods"].values())
-    assert "explain" in result.stdout
+    assert "x forward (CPU)" in result.stdout
 
 
 def test_evaluate_writes_auc_per_method(tmp_path):

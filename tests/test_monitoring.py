@@ -94,7 +94,7 @@ def test_signals_without_the_predicted_class_or_its_last_block_map():
     unexplained = monitoring.signals(explanation([target(4, 0, {"2": PEAKED}, 0.9)], (0.6,)))
     assert (unexplained.explained, unexplained.emergence_layer, unexplained.identifiability) == (False, None, None)
     assert unexplained.concentration is None
-    assert unexplained.margin is None  # a single class in the prediction
+    assert unexplained.margin == 0.6  # a single class in the prediction: the top-1 itself
     earlier_layers_only = monitoring.signals(explanation([target(3, None, {"1": PEAKED}, 0.4)]))
     assert earlier_layers_only.explained
     assert earlier_layers_only.identifiability == 0.4
@@ -207,15 +207,22 @@ def test_a_reference_is_made_from_audit_rows_with_signals():
         predicted_index=1,
         predicted_label="c1",
         probability=0.9,
+        confidence=0.5,
+        margin=0.1,
+        entropy=1.0,
+        top_k=[],
         correct=None,
         predicted_emergence_layer=None,
         true_emergence_layer=None,
         explained_index=1,
         explained_label="c1",
         peak_row=0,
+        map_kind="identifiability",
         peak_col=0,
+        peak_ties=1,
         central_share=None,
         border_share=None,
+        region_shares=None,
         relevance_by_layer={},
         map=[[0.0]],
     )
@@ -228,6 +235,8 @@ def test_a_reference_is_made_from_audit_rows_with_signals():
         mean_emergence_by_class=[],
         emergence_histogram={},
         mean_top1_probability=0.9,
+        mean_margin=None,
+        mean_entropy=None,
         mean_central_share=None,
         central_cells_share=0.2,
     )

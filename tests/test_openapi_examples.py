@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCUMENT = yaml.safe_load((REPO / "openapi.yaml").read_text(encoding="utf-8"))
 METHODS = ("get", "post", "put", "patch", "delete")
 # Bodies that are files or pages, not data to show: no example is expected of them.
-NO_EXAMPLE = {"image/png", "text/html", "application/yaml", "text/javascript", "text/css"}
+NO_EXAMPLE = {"image/png", "image/*", "text/html", "application/yaml", "text/javascript", "text/css"}
 
 
 def resolve(node: dict[str, Any]) -> dict[str, Any]:

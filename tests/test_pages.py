@@ -5,6 +5,7 @@ The app runs embedded without a worker: a page needs none (its script calls the 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from fnmatch import fnmatch
@@ -14,10 +15,15 @@ import pytest
 
 from classlens.core.settings import Settings
 from service.app import create_app
-from service.routes.pages import CONTENT_SECURITY_POLICY
+from service.routes.pages import CONTENT_SECURITY_POLICY, MEDIA_TYPES, static_url
 from tests.service_fixtures import REPO, SAMPLES
 
-PAGES = ("/ui", "/v1/explanations/some-job/view", "/v1/explanations/some-job/view?logit=a&probability=b")
+PAGES = (
+    "/ui",
+    "/v1/explanations/some-job/view",
+    "/v1/explanations/some-job/view?logit=a&probability=b",
+    "/v1/audits/some-job/view",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +56,29 @@ def test_every_page_has_the_strict_policy_and_no_inline_script_or_style(client, 
     html = response.get_data(as_text=True)
     scripts = re.findall(r"<script\b[^>]*>", html)
     assert scripts, "a page without its script"
-    assert all(re.search(r'\bsrc="/static/[a-z]+\.js"', tag) for tag in scripts), scripts
+    assert all(re.search(r'\bsrc="/static/[a-z]+\.js\?v=[0-9a-f]{16}"', tag) for tag in scripts), scripts
+    assert "/static/api.js?" in scripts[0], "api.js (the API key) must load before the page's own script"
     assert "<style" not in html
     assert not re.search(r"\sstyle=", html)
     assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers
     assert "http://" not in html  # nothing from another origin
     assert "https://" not in html
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', html):
-        assert client.get(asset).status_code == 200, asset
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        assert served.headers["Cache-Control"] == "public, max-age=31536000, immutable", asset
+
+
+def test_every_static_file_is_served_under_its_content_digest(client):
+    """One route serves every page's files; the digest in the name follows the content."""
+    for path in sorted((REPO / "service" / "static").iterdir()):
+        url = static_url(path.name)
+        assert url == f"/static/{path.name}?v={hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert response.get_data() == path.read_bytes(), url
+        assert response.mimetype == MEDIA_TYPES[path.suffix], url
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_ui_lists_every_bundled_sample_and_serves_it(client):

@@ -8,6 +8,7 @@ sent and with each other.
 
 import csv
 import io
+import math
 import struct
 import time
 import zipfile
@@ -109,6 +110,20 @@ def check_consistency(result: dict, expected_labels: dict[str, int | None]) -> N
         assert row["predicted_label"] == FASHION_LABELS[row["predicted_index"]]
         assert row["correct"] == (None if truth is None else row["predicted_index"] == truth)
         assert 0 <= row["probability"] <= 1
+        assert row["confidence"] == row["probability"]
+        assert row["top_k"][0]["index"] == row["predicted_index"]
+        assert row["top_k"][0]["probability"] == pytest.approx(row["confidence"], abs=1e-6)
+        probabilities = [score["probability"] for score in row["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert 0 <= row["margin"] <= row["confidence"]
+        assert 0 <= row["entropy"] <= math.log(len(FASHION_LABELS)) + 1e-6
+        assert row["map_kind"] == result["map_kind"] == "probability"
+        assert len(row["map"]) == result["grid"][0]
+        assert row["map"][row["peak_row"]][row["peak_col"]] == max(map(max, row["map"]))
+        assert row["peak_ties"] == sum(value == max(map(max, row["map"])) for line in row["map"] for value in line)
+        if row["region_shares"] is not None:
+            assert sum(map(sum, row["region_shares"])) == pytest.approx(1, abs=1e-5)
+            assert row["region_shares"][1][1] == pytest.approx(row["central_share"], abs=1e-5)  # 7x7: the same cells
         assert 0 <= row["peak_row"] < result["grid"][0]
         assert 0 <= row["peak_col"] < result["grid"][1]
         if row["central_share"] is not None:
@@ -139,6 +154,8 @@ def check_consistency(result: dict, expected_labels: dict[str, int | None]) -> N
     assert sum(entry["images"] for entry in aggregates["mean_emergence_by_class"]) == len(rows)
     mean = sum(row["probability"] for row in rows) / len(rows)
     assert aggregates["mean_top1_probability"] == pytest.approx(mean, abs=1e-5)
+    assert aggregates["mean_margin"] == pytest.approx(sum(row["margin"] for row in rows) / len(rows), abs=1e-5)
+    assert aggregates["mean_entropy"] == pytest.approx(sum(row["entropy"] for row in rows) / len(rows), abs=1e-5)
     assert aggregates["central_cells_share"] == pytest.approx(9 / 49, abs=1e-6)  # 7x7 grid: the central 3x3
 
 
@@ -208,6 +225,9 @@ def test_zip_with_labels_end_to_end(app, client, store, audit_worker):
         assert line["file"] == row["file"]
         assert line["predicted_index"] == str(row["predicted_index"])
         assert line["correct"] == {True: "true", False: "false", None: ""}[row["correct"]]
+        assert line["margin"] == str(row["margin"])
+        assert line["map_kind"] == row["map_kind"]
+        assert line["top_k"] == ";".join(f"{score['label']}:{score['probability']}" for score in row["top_k"])
 
     report = checked(app, client.get(job["links"]["report"]))
     assert report.status_code == 200

@@ -2,13 +2,13 @@
 
 The page is Swagger UI over ``/openapi.yaml``: every operation and every request field must be
 in what the page serves or loads, its scripts must all come from the service (none inline),
-and Swagger UI's files must come from the installed ``swagger-ui-bundle`` under names that
-carry its version. tests/test_browser_pages.py renders it in Chromium.
+and Swagger UI's files must come from the installed ``swagger-ui-bundle``, through the one
+``/static/{name}`` route of every page's files, versioned by their content.
+tests/test_browser_pages.py renders it in Chromium.
 """
 
 from __future__ import annotations
 
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def test_the_page_allows_scripts_from_the_service_only_and_none_inline(page):
     assert policy["connect-src"] == ["'self'"]
     scripts = [attrs for tag, attrs in parsed.tags if tag == "script"]
     assert len(scripts) == 2
-    assert all(attrs.get("src", "").startswith("/docs/assets/") for attrs in scripts)
+    assert all(attrs.get("src", "").startswith("/static/") for attrs in scripts)
     assert "".join(parsed.script_text).strip() == ""
     handlers = [name for _, attrs in parsed.tags for name in attrs if name.startswith("on") or name == "style"]
     assert handlers == []
@@ -87,30 +87,40 @@ def test_every_asset_the_page_names_is_served_with_its_type(client, page):
     for url in urls:
         response = client.get(url)
         assert response.status_code == 200, url
-        expected = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}[Path(url).suffix]
+        expected = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}[Path(url.split("?")[0]).suffix]
         assert response.mimetype == expected, url
         assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_swagger_ui_comes_from_the_installed_package_under_its_version(client, page):
+def named(parsed: Page, name: str) -> str:
+    """The address the page gives one static file (with its ``?v=`` digest)."""
+    urls = [attrs.get("src") or attrs.get("href") or "" for tag, attrs in parsed.tags if tag in {"script", "link"}]
+    found = [url for url in urls if url.startswith(f"/static/{name}?v=")]
+    assert len(found) == 1, (name, urls)
+    return found[0]
+
+
+def test_swagger_ui_comes_from_the_installed_package_versioned_by_its_content(client, page):
     _, parsed = page
-    version = VENDOR.name.removeprefix("swagger-ui-")
-    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
-    bundle = f"/docs/assets/swagger-ui-bundle-{version}.js"
-    assert any(attrs.get("src") == bundle for tag, attrs in parsed.tags if tag == "script")
+    bundle = named(parsed, "swagger-ui-bundle.js")
     response = client.get(bundle)
     assert response.data == (VENDOR / "swagger-ui-bundle.js").read_bytes()
-    assert "immutable" in response.headers["Cache-Control"]
-    stylesheet = client.get(f"/docs/assets/swagger-ui-{version}.css")
-    assert stylesheet.data == (VENDOR / "swagger-ui.css").read_bytes()
-    assert client.get("/docs/assets/docs.js").headers["Cache-Control"] == "no-cache"
+    assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert client.get(named(parsed, "swagger-ui.css")).data == (VENDOR / "swagger-ui.css").read_bytes()
+    # The same file asked for by another digest (a page of an older release) or none: served, revalidated.
+    for stale in ("/static/swagger-ui-bundle.js", "/static/swagger-ui-bundle.js?v=0123456789abcdef"):
+        response = client.get(stale)
+        assert response.status_code == 200, stale
+        assert response.headers["Cache-Control"] == "no-cache", stale
+    assert client.get(named(parsed, "docs.js")).headers["Cache-Control"].endswith("immutable")
 
 
 def test_an_unknown_asset_is_a_404_problem(client):
-    for name in ("nothing.js", "index.html", "..%2Fopenapi.py", "swagger-initializer.js"):
-        response = client.get(f"/docs/assets/{name}")
+    for name in ("nothing.js", "index.html", "..%2Fopenapi.py", "swagger-initializer.js", "swagger-ui-bundle.js.map"):
+        response = client.get(f"/static/{name}")
         assert response.status_code == 404, name
         assert response.mimetype == "application/problem+json"
+    assert client.get("/docs/assets/docs.js").status_code == 404  # one mechanism: the old route is gone
 
 
 def loaded_contract(client, parsed: Page) -> tuple[str, dict]:
@@ -118,7 +128,7 @@ def loaded_contract(client, parsed: Page) -> tuple[str, dict]:
     holder = next(attrs for tag, attrs in parsed.tags if attrs.get("id") == "swagger-ui")
     url = holder["data-spec"]
     assert url is not None
-    start = client.get("/docs/assets/docs.js").get_data(as_text=True)
+    start = client.get(named(parsed, "docs.js")).get_data(as_text=True)
     assert "root.dataset.spec" in start
     text = client.get(url).get_data(as_text=True)
     return text, yaml.safe_load(text)

@@ -1,7 +1,9 @@
 """The viewer in a real headless Chromium: /ui submits a bundled sample, the viewer draws its explanation.
 
 Every expectation is read from the result JSON the API serves (fetched here apart from the
-page): the map the canvas shows, the classes listed for a patch, the target's rank there.
+page): the map the canvas shows, the classes listed for a patch, the target's rank there, the
+map of a class asked for by name. With authentication on, the pages ask for the key and work
+once it is typed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import urllib.request
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
+import pytest
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -23,17 +26,34 @@ from tests.browser import browser, live_service  # noqa: F401
 from tests.service_fixtures import SAMPLES, TINY_MODEL
 
 SAMPLE = "test-00019.png"
+KEY = "clk_viewer-test-key"
 
 
-def fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as response:
+def fetch(url: str, headers: dict[str, str] | None = None, body: dict | None = None) -> bytes:
+    """GET ``url`` (or POST ``body`` as JSON) and the answer's bytes."""
+    data = None if body is None else json.dumps(body).encode()
+    sent = {**(headers or {}), **({"Content-Type": "application/json"} if data else {})}
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=sent), timeout=60) as response:
         return bytes(response.read())
 
 
 def result_of(service, job_id: str) -> dict:
-    job = json.loads(fetch(f"{service.url}/v1/explanations/{job_id}"))
+    job = json.loads(fetch(f"{service.url}/v1/explanations/{job_id}", service.headers()))
     assert job["status"] == "succeeded", job
     return job["result"]
+
+
+def explained_for(service, job_id: str, index: int) -> dict:
+    """The explanation of the job's input picture for class ``index``, with the job's own parameters."""
+    job = json.loads(fetch(f"{service.url}/v1/explanations/{job_id}", service.headers()))
+    picture = fetch(f"{service.url}/v1/explanations/{job_id}/input.png", service.headers())
+    request = {name: value for name, value in job["parameters"].items() if value is not None}
+    request |= {"targets": [index], "model": job["model"], "image": base64.b64encode(picture).decode()}
+    answer = json.loads(fetch(f"{service.url}/v1/explanations", service.headers(), request))
+    while answer["status"] not in {"succeeded", "failed"}:
+        answer = json.loads(fetch(f"{service.url}/v1/explanations/{answer['id']}?wait=5", service.headers()))
+    assert answer["status"] == "succeeded", answer
+    return answer["result"]
 
 
 def drawn(driver) -> list[str]:
@@ -103,6 +123,15 @@ def test_the_viewer_draws_the_explanation_it_was_sent(browser, live_service):  #
     depth = result["layers"]
     canvas = driver.find_element(By.ID, "map")
     first, second = result["targets"][:2]
+
+    # The legend names every target's line, as text, with its colour's dash pattern and emergence layer.
+    legend = driver.find_elements(By.CSS_SELECTOR, "#legend li")
+    assert [int(item.get_attribute("data-index")) for item in legend] == [t["index"] for t in result["targets"]]
+    for item, chosen in zip(legend, result["targets"], strict=True):
+        assert f"{chosen['label']} (class {chosen['index']})" in item.text
+        layer = chosen["emergence_layer"]
+        assert ("does not emerge" if layer is None else f"emerges at layer {layer}") in item.text
+    assert [item.text.split(": ", 1)[1].split(" line")[0] for item in legend] == ["solid", "dashed", "dotted"]
 
     # The page's input picture is the sample as the network saw it (28x28 grey: unchanged).
     picture = Image.open(io.BytesIO(fetch(f"{live_service.url}/v1/explanations/{job_id}/input.png")))
@@ -180,6 +209,50 @@ def test_the_viewer_draws_the_explanation_it_was_sent(browser, live_service):  #
     hover(driver, row, column, grid)
     assert browser.problems() == []
 
+    # Any class by name: one that is not among the job's targets is explained and merged in as a target.
+    labels = json.loads(fetch(f"{live_service.url}/v1/models/{TINY_MODEL}@1"))["labels"]
+    other = max(set(range(len(labels))) - {t["index"] for t in result["targets"]})
+    field = driver.find_element(By.ID, "class-name")
+    assert labels[other] in [
+        o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#class-names option")
+    ]
+    field.send_keys(labels[other].upper(), Keys.ENTER)  # any case; Enter submits
+    browser.wait(120).until(lambda d: d.find_element(By.ID, "class-status").text.startswith("Showing"))
+    assert canvas.get_attribute("data-target") == str(other)
+    (added,) = explained_for(live_service, job_id, other)["targets"]
+    assert drawn(driver) == expected(added["projection_maps"][str(depth)])
+    Select(driver.find_element(By.ID, "kind")).select_by_value("logit")  # the logit sibling has it too
+    added_logit = next(
+        t for t in explained_for(live_service, query["logit"][0], other)["targets"] if t["index"] == other
+    )
+    assert drawn(driver) == expected(added_logit["projection_maps"][str(depth)])
+    Select(driver.find_element(By.ID, "kind")).select_by_value("identifiability")
+    assert Select(driver.find_element(By.ID, "target")).first_selected_option.text.startswith(labels[other])
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#legend li")) == len(result["targets"]) + 1
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#chart-rank polyline")) == len(result["targets"]) + 1
+    # A class already explained is selected, not explained again; an unknown name is said so.
+    field.clear()
+    field.send_keys(first["label"], Keys.ENTER)
+    assert canvas.get_attribute("data-target") == str(first["index"])
+    field.clear()
+    field.send_keys("no such class", Keys.ENTER)
+    status = driver.find_element(By.ID, "class-status")
+    assert "no class" in status.text.lower()
+    assert "error" in status.get_attribute("class")
+    assert browser.problems() == []
+
+    # Keyboard: from the map, Tab walks the controls in reading order; the arrow keys move the layer.
+    driver.execute_script("arguments[0].focus()", canvas)
+    order = []
+    for _ in range(7):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        order.append(driver.switch_to.active_element.get_attribute("id"))
+    assert order == ["target", "class-name", "class-show", "stream", "kind", "layer", "opacity"]
+    layer = driver.find_element(By.ID, "layer")
+    layer.send_keys(Keys.ARROW_LEFT)
+    assert canvas.get_attribute("data-layer") == str(depth - 1)
+    assert driver.find_element(By.ID, "layer-value").text == str(depth - 1)
+
     wide = browser.screenshot("viewer", 1280, 800)
     assert Image.open(wide).size == (1280, 800), f"screenshot {wide}"
     narrow = browser.screenshot("viewer", 390, 844)
@@ -188,3 +261,39 @@ def test_the_viewer_draws_the_explanation_it_was_sent(browser, live_service):  #
     assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen; see {narrow}"
     assert canvas.size["width"] > 300, f"the map is {canvas.size['width']} px wide at 390 px; see {narrow}"
     assert browser.problems() == [], f"see {narrow}"
+
+
+@pytest.mark.parametrize("live_service", [KEY], indirect=True)
+def test_with_authentication_on_the_pages_ask_for_the_key_and_then_work(browser, live_service):  # noqa: F811
+    driver = browser.driver
+    driver.get(f"{live_service.url}/ui")
+    form = browser.wait(30).until(lambda d: d.find_element(By.ID, "api-key-form"))
+    browser.wait(30).until(lambda d: form.is_displayed())
+    message = driver.find_element(By.ID, "api-key-message")
+    assert "This service asks for an API key" in message.text
+    assert driver.switch_to.active_element.get_attribute("id") == "api-key"
+    assert [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "model")).options] == [""]
+    narrow = browser.screenshot("ui-key", 390, 844)
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"/ui is {overflow} px wider than a 390 px screen; see {narrow}"
+    browser.driver.set_window_size(1280, 800)
+    refused = browser.problems()  # Chromium logs each answer 401 as an error: those, and nothing else
+    assert refused, "the models were listed without a key"
+    assert all("401" in line for line in refused), refused
+
+    browser.key_typed("clk_not-a-key")
+    browser.wait(30).until(lambda d: "refused" in d.find_element(By.ID, "api-key-message").text)
+    assert form.is_displayed()
+    assert all("401" in line for line in browser.problems())
+
+    browser.key_typed(KEY)
+    browser.wait(30).until(lambda d: len(Select(d.find_element(By.ID, "model")).options) > 1)
+    assert not form.is_displayed()
+    assert browser.problems() == []
+    # The key is kept in the tab: /ui loaded again, and the viewer it opens, call the API with it.
+    job_id, _ = open_viewer(browser, live_service)
+    result = result_of(live_service, job_id)
+    depth = result["layers"]
+    assert drawn(driver) == expected(result["targets"][0]["projection_maps"][str(depth)])
+    assert driver.find_elements(By.ID, "api-key-form") == []  # no call was refused: no field shown
+    assert browser.problems() == []

@@ -11,7 +11,8 @@ same machine):
 - ``attention_distance``: the mean attention distance per block and head (attention
   probabilities materialised).
 
-Each as a median time, a ratio to ``forward`` and peak extra memory, at every image count
+Each as a ratio of process CPU time to ``forward`` at 1 and 2 threads (min / median / max over
+rounds, :mod:`classlens.bench.measure`) and peak extra memory, at every image count
 asked for (256 and 512 by default): memory that does not grow from 256 to 512 images is
 the point. The images are random, drawn batch by batch from a fixed seed, so every method
 sees the same images and nothing holds the whole set. Run with
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.bench.measure import measure_round_robin
+from classlens.bench.measure import measure_rounds, peak_memory, round_records, summarise
 from worker.analyses.attention_distance import mean_attention_distance
 from worker.analyses.layer_cka import cka_within
 
@@ -50,9 +51,10 @@ def bench_analyses(
     counts: Sequence[int],
     batch: int,
     device: torch.device,
-    repeats: int = 1,
+    rounds: int = 1,
+    threads: tuple[int, ...] = (1, 2),
 ) -> list[dict[str, Any]]:
-    """One record per image count: median time, ratio to the forward passes and peak extra memory per method."""
+    """One record per image count: per thread count, each method's CPU-time ratio to the forward passes; peak memory."""
     model = model.to(device).eval().requires_grad_(False)  # the analyses need no gradients of the weights
     height, width = model.patch_embed.img_size
     shape = (int(model.patch_embed.proj.in_channels), int(height), int(width))
@@ -74,35 +76,33 @@ def bench_analyses(
     records = []
     for count in counts:
         chosen = methods(count)
-        results = measure_round_robin(chosen, dict.fromkeys(chosen, repeats), device, warmup=0)
-        forward = results["forward"].median
+        readings = measure_rounds(dict.fromkeys(threads, chosen), rounds, device, warmup=0)
+        figures = summarise(readings, "forward", device)
+        peaks = peak_memory(chosen, device)
         records.append(
             {
                 "images": count,
                 "batch": batch,
                 "methods": {
-                    name: {
-                        "median_s": round(result.median, 3),
-                        "ratio_to_forward": round(result.median / forward, 3),
-                        "peak_extra_mib": round(result.peak_bytes / 2**20, 1),
-                        "repeats": len(result.seconds),
-                    }
-                    for name, result in results.items()
+                    name: {"threads": by_count, "peak_extra_mib": round(peaks[name] / 2**20, 1)}
+                    for name, by_count in figures.items()
                 },
+                "rounds": round_records(readings),
             }
         )
     return records
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures the analyses benchmark reports: the CKA ratio at the largest count, and memory across counts."""
+    """The headline figures: the CKA ratio (median, at each thread count) at the largest count, memory across counts."""
     largest = max(records, key=lambda record: record["images"])
-    ratio = largest["methods"]["cka"]["ratio_to_forward"]
+    cka = {threads: at["ratio"]["median"] for threads, at in largest["methods"]["cka"]["threads"].items()}
+    distance = largest["methods"]["attention_distance"]["threads"]
     return {
-        "cka_ratio_to_forward": ratio,
+        "cka_ratio_to_forward": cka,
         "cka_target": TARGET_CKA_RATIO,
-        "cka_within_target": ratio <= TARGET_CKA_RATIO,
-        "attention_distance_ratio_to_forward": largest["methods"]["attention_distance"]["ratio_to_forward"],
+        "cka_within_target": all(ratio <= TARGET_CKA_RATIO for ratio in cka.values()),
+        "attention_distance_ratio_to_forward": {threads: at["ratio"]["median"] for threads, at in distance.items()},
         "peak_extra_mib_by_images": {
             str(record["images"]): {name: m["peak_extra_mib"] for name, m in record["methods"].items()}
             for record in records
@@ -112,12 +112,17 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(label: str, records: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'model':<30} {'images':>6} {'batch':>5} {'method':<20} {'median s':>9} {'x forward':>10} {'peak MiB':>9}"
+        f"{'model':<30} {'images':>6} {'batch':>5} {'method':<20} {'thr':>3} {'CPU s':>8} "
+        f"{'x forward [min-max]':>22} {'wall x':>7} {'peak MiB':>9} {'loaded':>6}"
     ]
     for record in records:
         for name, figures in record["methods"].items():
-            lines.append(
-                f"{label:<30} {record['images']:>6} {record['batch']:>5} {name:<20} {figures['median_s']:>9.3f} "
-                f"{figures['ratio_to_forward']:>10.2f} {figures['peak_extra_mib']:>9.1f}"
-            )
+            for threads, at in figures["threads"].items():
+                ratio = at["ratio"]
+                lines.append(
+                    f"{label:<30} {record['images']:>6} {record['batch']:>5} {name:<20} {threads:>3} "
+                    f"{at['cpu_ms'] / 1000:>8.3f} {ratio['median']:>8.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]"
+                    f"{'':>2} {at['wall_ratio']['median']:>7.2f} {figures['peak_extra_mib']:>9.1f} "
+                    f"{at['loaded_rounds']:>2}/{at['rounds']:<3}"
+                )
     return "\n".join(lines)

@@ -3,15 +3,19 @@
 In one run, on the same model and batch: the plain forward pass, a full explain
 (all layers, all tokens, sublayers, top-3 targets, projection maps at every
 layer), the gradient relevance map, Grad-CAM and Captum's Integrated Gradients
-(50 steps), each as a median time, a ratio to the forward pass, and peak extra
-memory. Run with ``make bench`` or ``classlens bench``.
+(50 steps), and with the onnx extra the forward pass and explain on onnxruntime.
+Each as a ratio of process CPU time to the forward pass at 1 and at 2 threads, with
+its min / median / max over interleaved rounds and the load each round saw
+(:mod:`classlens.bench.measure`), wall-clock beside, and peak extra memory. Run with
+``make bench`` or ``classlens bench``.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.bench.measure import measure_round_robin
+from classlens.bench.measure import Round, measure_rounds, peak_memory, round_records, spread, summarise
 from classlens.core.contract import ExplainRequest, ModelRef
 from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
@@ -59,18 +63,18 @@ def integrated_gradients(model: VisionTransformer, steps: int = 50) -> Callable[
 
 
 def onnxruntime_methods(
-    subject: BenchModel, images: torch.Tensor, request: ExplainRequest, device: torch.device
+    subject: BenchModel, images: torch.Tensor, request: ExplainRequest, device: torch.device, threads: int
 ) -> dict[str, Callable[[], object]]:
     """``onnx_forward`` (the model itself on onnxruntime) and ``onnx_explain`` (explain traced by its explainer graph).
 
-    Both graphs are exported afresh from the model, with as many onnxruntime
-    threads as torch uses, so that the two engines are compared like with like.
+    Both graphs are exported afresh from the model, with ``threads`` onnxruntime threads (a
+    session's thread count is fixed when it opens), so that the two engines are compared like
+    with like at each thread count.
     """
     from worker.onnx_explainer import OnnxExplainer, open_session
     from worker.onnx_export import INPUT_NAME, export_explainer, export_plain
 
     model = subject.model
-    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
         plain_path, explainer_path = Path(folder) / "plain.onnx", Path(folder) / "explainer.onnx"
         export_plain(model, plain_path)
@@ -88,11 +92,13 @@ def bench_model(
     subject: BenchModel,
     batch: int,
     device: torch.device,
-    repeats: int = 7,
-    slow_repeats: int = 1,
+    rounds: int = 7,
+    threads: tuple[int, ...] = (1, 2),
+    slow_rounds: int = 1,
     with_ig: bool = True,
     with_onnx: bool = False,
 ) -> dict[str, Any]:
+    """Every method's cost as a ratio to the forward pass, per thread count, with its spread over rounds."""
     model = subject.model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -115,47 +121,58 @@ def bench_model(
         "gradient_map": lambda: gradient_relevance(images, top3, projection),
         "grad_cam": lambda: grad_cam(model, images, top3),
     }
-    fewer = max(3, repeats // 2)
-    repeat = {"forward": repeats, "explain": repeats, "gradient_map": fewer, "grad_cam": fewer}
-    if with_onnx:
-        methods.update(onnxruntime_methods(subject, images, request, device))
-        repeat.update({"onnx_forward": repeats, "onnx_explain": repeats})
+    repeats = dict.fromkeys(methods, rounds) | {"gradient_map": max(3, rounds // 2), "grad_cam": max(3, rounds // 2)}
     if with_ig:
         ig = integrated_gradients(model)
         methods["integrated_gradients"] = lambda: ig(images, top3[:, 0])
-        repeat["integrated_gradients"] = slow_repeats
-    results = measure_round_robin(methods, repeat, device)
-    forward_median = results["forward"].median
+        repeats["integrated_gradients"] = slow_rounds
+    by_threads = {
+        count: methods | (onnxruntime_methods(subject, images, request, device, count) if with_onnx else {})
+        for count in threads
+    }
+    readings = measure_rounds(by_threads, rounds, device, repeats)
+    figures = summarise(readings, "forward", device)
+    peaks = peak_memory(by_threads[threads[0]], device)
     record: dict[str, Any] = {
         "model": subject.label,
         "batch": batch,
         "device": str(device),
         "methods": {
             name: {
-                "median_ms": round(result.median * 1000, 2),
-                "ratio_to_forward": round(result.median / forward_median, 3),
-                "peak_extra_mib": round(result.peak_bytes / 2**20, 1),
-                "repeats": len(result.seconds),
+                "threads": by_count,
+                "peak_extra_mib": round(peaks[name] / 2**20, 1),
                 "targets": 1 if name == "integrated_gradients" else (None if name == "forward" else 3),
             }
-            for name, result in results.items()
+            for name, by_count in figures.items()
         },
+        "rounds": round_records(readings),
     }
-    if with_onnx:  # explain on onnxruntime against torch's explain and against onnxruntime's own forward
-        onnx_explain = results["onnx_explain"].median
-        record["onnxruntime"] = {
-            "explain_speedup_over_torch": round(results["explain"].median / onnx_explain, 3),
-            "explain_to_onnx_forward": round(onnx_explain / results["onnx_forward"].median, 3),
-            "forward_speedup_over_torch": round(forward_median / results["onnx_forward"].median, 3),
-        }
+    if with_onnx:
+        record["onnxruntime"] = onnxruntime_gains(readings, device)
     return record
+
+
+def onnxruntime_gains(readings: Sequence[Round], device: torch.device) -> dict[str, dict[str, dict[str, float]]]:
+    """Per thread count, torch's time over onnxruntime's for explain and for the forward pass (above 1: a gain)."""
+    primary = "wall_s" if device.type == "cuda" else "cpu_s"
+    gains: dict[str, dict[str, dict[str, float]]] = {}
+    for threads in sorted({reading.threads for reading in readings}):
+        at = [getattr(reading, primary) for reading in readings if reading.threads == threads]
+        gains[str(threads)] = {
+            "explain_speedup_over_torch": spread([times["explain"] / times["onnx_explain"] for times in at]),
+            "forward_speedup_over_torch": spread([times["forward"] / times["onnx_forward"] for times in at]),
+            "explain_to_onnx_forward": spread([times["onnx_explain"] / times["onnx_forward"] for times in at]),
+        }
+    return gains
 
 
 def environment() -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads_available": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -163,13 +180,19 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
+    """One line per model, batch, method and thread count: the CPU-time ratio's median [min-max], wall beside."""
     lines = [
-        f"{'model':<26} {'batch':>5} {'method':<22} {'median ms':>10} {'x forward':>10} {'peak MiB':>9}",
+        f"{'model':<26} {'batch':>5} {'method':<22} {'thr':>3} {'x forward (CPU) [min-max]':>26} "
+        f"{'wall x':>7} {'CPU ms':>9} {'peak MiB':>9} {'loaded':>6}",
     ]
     for record in records:
         for name, figures in record["methods"].items():
-            lines.append(
-                f"{record['model']:<26} {record['batch']:>5} {name:<22} {figures['median_ms']:>10.1f} "
-                f"{figures['ratio_to_forward']:>10.2f} {figures['peak_extra_mib']:>9.1f}"
-            )
+            for threads, at in figures["threads"].items():
+                ratio = at["ratio"]
+                lines.append(
+                    f"{record['model']:<26} {record['batch']:>5} {name:<22} {threads:>3} "
+                    f"{ratio['median']:>10.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]{'':>4} "
+                    f"{at['wall_ratio']['median']:>7.2f} {at['cpu_ms']:>9.1f} {figures['peak_extra_mib']:>9.1f} "
+                    f"{at['loaded_rounds']:>2}/{at['rounds']:<3}"
+                )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from classlens.cli.analyze import analyze_command
+from classlens.cli.audit import audit_command
 from classlens.cli.bench import bench_command
 from classlens.cli.bench_service import bench_service_command
 from classlens.cli.evaluate import evaluate_command
@@ -32,6 +33,7 @@ main.add_command(models)
 main.add_command(keys)
 main.add_command(explain_command)
 main.add_command(analyze_command)
+main.add_command(audit_command)
 main.add_command(bench_command)
 main.add_command(bench_service_command)
 main.add_command(evaluate_command)

@@ -22,7 +22,22 @@ from classlens.core.settings import Settings
 )
 @click.option("--no-vit-small", is_flag=True, help="Skip the random-initialised vit_small_patch16_224.")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
-@click.option("--repeats", default=7, show_default=True, help="Timed runs of the fast methods (median reported).")
+@click.option(
+    "--rounds",
+    default=7,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Interleaved rounds per thread count (the slow methods run in fewer); min / median / max over them.",
+)
+@click.option(
+    "--threads",
+    "thread_counts",
+    multiple=True,
+    type=click.IntRange(1, 256),
+    default=(1, 2),
+    show_default=True,
+    help="Torch thread counts to measure at (repeatable); every figure is given at each.",
+)
 @click.option("--no-ig", is_flag=True, help="Skip Captum Integrated Gradients (the slowest method).")
 @click.option(
     "--onnx/--no-onnx",
@@ -44,13 +59,16 @@ from classlens.core.settings import Settings
 @click.option("--analyses-batch", default=32, show_default=True, type=click.IntRange(4, 1024))
 @click.option("--analyses-architecture", default="vit_base_patch16_224", show_default=True)
 @click.option("--analyses-img-size", default=224, show_default=True, type=click.IntRange(16, 1024))
-@click.option("--analyses-repeats", default=1, show_default=True, type=click.IntRange(1, 20))
+@click.option("--analyses-rounds", default=1, show_default=True, type=click.IntRange(1, 20))
 @click.option(
     "--analyses-out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/analyses.json")
 )
 @click.pass_obj
 def bench_command(settings: Settings, reference: str, **options: Any) -> None:
     """Time forward, explain, gradient map, Grad-CAM and Integrated Gradients as ratios to the forward pass.
+
+    Ratios of process CPU time at each --threads count, min / median / max over interleaved
+    rounds, with the rounds taken while other processes loaded the machine counted ("loaded").
 
     Then the analyses benchmark: full layer x layer CKA and mean attention distance of a random
     vit_base_patch16_224 against the forward passes alone, and peak memory at 256 and 512 images.
@@ -59,6 +77,21 @@ def bench_command(settings: Settings, reference: str, **options: Any) -> None:
         _bench_lens(settings, reference, options)
     if options["analyses_only"] or not (options["no_analyses"] or options["no_vit_base"]):
         _bench_analyses(options)
+
+
+def _say_load(rounds: list[dict[str, Any]]) -> None:
+    """Flag figures taken while other processes loaded the machine (the "loaded" column counts those rounds)."""
+    from classlens.bench.measure import LOADED_SHARE
+
+    loaded = [reading for reading in rounds if reading["loaded"]]
+    if loaded:
+        busiest = max(reading["others_share"] for reading in loaded)
+        click.echo(
+            f"warning: {len(loaded)} of {len(rounds)} rounds ran while other processes used more than "
+            f"{LOADED_SHARE:.0%} of the CPUs (up to {busiest:.0%}); each figure's quiet_ratio in the JSON "
+            "leaves them out. Rerun on a quieter machine for figures to publish.",
+            err=True,
+        )
 
 
 def _bench_analyses(options: dict[str, Any]) -> None:
@@ -77,14 +110,17 @@ def _bench_analyses(options: dict[str, Any]) -> None:
     batch = options["analyses_batch"]
     label = f"{architecture}-random@{size}"
     click.echo(f"measuring analyses of {label}: {counts} images in batches of {batch} ...", err=True)
-    records = bench_analyses(model, counts, batch, device, repeats=options["analyses_repeats"])
+    threads = tuple(dict.fromkeys(options["thread_counts"]))
+    records = bench_analyses(model, counts, batch, device, rounds=options["analyses_rounds"], threads=threads)
     click.echo(format_table(label, records))
+    _say_load([reading for record in records for reading in record["rounds"]])
     figures = summary(records)
-    click.echo(
-        f"CKA / forward at {counts[-1]} images: {figures['cka_ratio_to_forward']:.2f}x "
-        f"(target <= {figures['cka_target']}x); attention distance / forward: "
-        f"{figures['attention_distance_ratio_to_forward']:.2f}x"
-    )
+    for count, ratio in figures["cka_ratio_to_forward"].items():
+        distance = figures["attention_distance_ratio_to_forward"][count]
+        click.echo(
+            f"CKA / forward at {counts[-1]} images, {count} thread(s): {ratio:.2f}x CPU time "
+            f"(target <= {figures['cka_target']}x); attention distance / forward: {distance:.2f}x"
+        )
     record = {"environment": environment(), "model": label, "device": str(device), "summary": figures}
     out: Path = options["analyses_out"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,12 +149,14 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
                     subject,
                     batch,
                     device,
-                    repeats=options["repeats"],
+                    rounds=options["rounds"],
+                    threads=tuple(dict.fromkeys(options["thread_counts"])),
                     with_ig=not options["no_ig"],
                     with_onnx=options["onnx"],
                 )
             )
     click.echo(format_table(records))
+    _say_load([reading for record in records for reading in record["rounds"]])
     out: Path = options["out"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": environment(), "lens": records}, indent=2) + "\n", encoding="utf-8")

@@ -149,6 +149,11 @@ class Explanation(_Frozen):
         description="Stream -> per layer (residual 0..L, attention and MLP 1..L), per image token, the indices "
         "of its top-k classes, best first; only when the request asked for token_classes.",
     )
+    entropy: float | None = Field(
+        default=None,
+        description="Entropy of the model's softmax over all its classes, in nats (natural log); the lens "
+        "always reports it, so that a caller needs no second look at the classes beyond the top 5.",
+    )
 
     @model_serializer(mode="wrap")
     def _without_absent_token_classes(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -156,6 +161,8 @@ class Explanation(_Frozen):
         data: dict[str, Any] = handler(self)
         if self.token_classes is None:
             data.pop("token_classes", None)
+        if self.entropy is None:
+            data.pop("entropy", None)
         return data
 
 
@@ -249,11 +256,20 @@ class AuditManifest(_Frozen):
     images: list[AuditImage]
 
 
+# The map kind an audit's location columns read: the explained class's probability at each image token,
+# which, unlike identifiability, does not sit at 1.0 over every cell where the class is top-1 (see
+# ``worker.audits.locate_relevance``). The API's audit parameters set it (``service.routes.audits``).
+AUDIT_MAP_KIND: MapKind = "probability"
+
+
 class RelevanceLocation(_Frozen):
     """Where a projection map puts its relevance (see ``worker.audits.locate_relevance``)."""
 
     peak_row: int
     peak_col: int
+    peak_ties: int = Field(
+        description="Cells that equal the maximum; the peak is the first of them in row-major order."
+    )
     central_share: float | None = Field(description="Share of positive relevance in the central box; null if none.")
 
 
@@ -263,7 +279,7 @@ class Signals(_Frozen):
     predicted_index: int
     map_kind: MapKind = Field(description="The kind of the map that concentration reads.")
     confidence: float = Field(description="The top-1 probability.")
-    margin: float | None = Field(description="Top-1 minus top-2 probability; null for a one-class model.")
+    margin: float = Field(description="Top-1 minus top-2 probability (the top-1 probability for a 1-class model).")
     explained: bool = Field(description="Whether the predicted class was among the explained targets.")
     emergence_layer: int | None = Field(
         description="The predicted class's emergence layer; null if never (or not explained)."
@@ -282,16 +298,25 @@ class AuditRow(_Frozen):
     true_label: str | None
     predicted_index: int
     predicted_label: str
-    probability: float = Field(description="The top-1 probability.")
+    probability: float = Field(description="The top-1 probability (the same value as ``confidence``).")
+    confidence: float = Field(description="The top-1 probability.")
+    margin: float = Field(description="Top-1 minus top-2 probability (the top-1 probability for a 1-class model).")
+    entropy: float = Field(description="Entropy of the softmax over all classes, in nats.")
+    top_k: list[ClassScore] = Field(description="The request's top_k best classes, best first.")
     correct: bool | None = Field(description="Predicted == true; null without a true label.")
     predicted_emergence_layer: int | None
     true_emergence_layer: int | None
     explained_index: int = Field(description="The class whose map locates the relevance.")
     explained_label: str
+    map_kind: MapKind = Field(description="The kind of map that ``map`` holds and the location columns read.")
     peak_row: int
     peak_col: int
+    peak_ties: int
     central_share: float | None
     border_share: float | None
+    region_shares: list[list[float]] | None = Field(
+        description="The map's positive mass in a 3 x 3 grid of regions (rows top to bottom); null if none."
+    )
     relevance_by_layer: dict[str, RelevanceLocation] = Field(description="Layer (as a string) -> location.")
     map: list[list[float]] = Field(
         description="The explained class's map at the last block, the one the location columns read (grid rows x cols)."
@@ -326,6 +351,10 @@ class AuditAggregates(_Frozen):
     mean_emergence_by_class: list[ClassEmergence]
     emergence_histogram: dict[str, int] = Field(description="Layer '0'..'L' or 'never' -> images (predicted class).")
     mean_top1_probability: float
+    mean_margin: float | None = Field(description="Mean top-1 minus top-2 probability; null without rows.")
+    mean_entropy: float | None = Field(
+        description="Mean entropy of the softmax over all classes (nats); null without rows."
+    )
     mean_central_share: float | None
     central_cells_share: float = Field(description="Share of grid cells in the central box: a uniform map's share.")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from classlens.core import keys
-from classlens.core.contract import AuditResult, Explanation, Signals, TargetExplanation
+from classlens.core.contract import AuditResult, ClassScore, Explanation, Signals, TargetExplanation
 from classlens.core.store import Store
 
 # Upper bounds of the histograms of signals that lie in [0, 1]; +Inf is implied.
@@ -62,10 +62,16 @@ def concentration(values: Sequence[Sequence[float]]) -> float | None:
     return round(float(np.sort(mass)[-top:].sum()) / total, 6)
 
 
+def margin(prediction: Sequence[ClassScore]) -> float:
+    """Top-1 minus top-2 probability: how far the decision is from the runner-up (the top-1 alone for one class)."""
+    runner_up = prediction[1].probability if len(prediction) > 1 else 0.0
+    return round(prediction[0].probability - runner_up, 6)
+
+
 def signals(explanation: Explanation, target: TargetExplanation | None = None) -> Signals:
     """What monitoring reads of ``explanation``, about its predicted class only.
 
-    - ``confidence``: the top-1 probability; ``margin``: top-1 minus top-2 probability.
+    - ``confidence``: the top-1 probability; ``margin``: top-1 minus top-2 probability (:func:`margin`).
     - From the predicted class's explanation (``target``, else the explanation's target of that
       class; when the class was not explained the three below are null and ``explained`` false):
       ``emergence_layer``; ``identifiability``, the mean identifiability ``1 - rank / C`` of the
@@ -75,19 +81,19 @@ def signals(explanation: Explanation, target: TargetExplanation | None = None) -
       null and everything else is recorded.
     """
     top = explanation.prediction[0]
-    second = explanation.prediction[1].probability if len(explanation.prediction) > 1 else None
     if target is None:
         target = next((t for t in explanation.targets if t.index == top.index), None)
     chosen = target if target is not None and target.index == top.index else None
     values = None if chosen is None else chosen.projection_maps.get(str(explanation.layers))
+    by_layer = [] if chosen is None else chosen.residual.image_identifiability  # x_0 .. x_L
     return Signals(
         predicted_index=top.index,
         map_kind=explanation.map_kind,
         confidence=round(top.probability, 6),
-        margin=None if second is None else round(top.probability - second, 6),
+        margin=margin(explanation.prediction),
         explained=chosen is not None,
         emergence_layer=None if chosen is None else chosen.emergence_layer,
-        identifiability=None if chosen is None else chosen.residual.image_identifiability[-1],
+        identifiability=by_layer[explanation.layers] if len(by_layer) > explanation.layers else None,
         concentration=None if values is None else concentration(values),
     )
 

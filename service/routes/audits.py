@@ -9,21 +9,24 @@ images, names, labels and parameters) share one content key, hence one result an
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from flask import Blueprint, Response
+from PIL import Image, UnidentifiedImageError
 
 from classlens.core.audit_report import rows_csv
 from classlens.core.capabilities import EXPLAIN_NEEDS
-from classlens.core.contract import ExplainRequest
+from classlens.core.contract import AUDIT_MAP_KIND, AuditManifest, ExplainRequest
 from classlens.core.jobs import content_key
 from classlens.core.queue import AUDIT_TASK
 from classlens.core.requests import RequestError
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
+from service.errors import Problem
 from service.job_responses import JobResource, resolve_model
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request, require
@@ -37,10 +40,13 @@ def audit_request(fields: dict[str, Any], labels: Sequence[str], info: ModelInfo
     """The explain parameters of an audit, canonical: top-1 by default, the last layer always, no sublayers.
 
     The last block's map locates each row's relevance, so it is added to any layers asked for;
-    the sublayer streams are not summarised by an audit, so they are not computed.
+    its kind is the audits' own (:data:`~classlens.core.contract.AUDIT_MAP_KIND`, see
+    ``worker.audits.audit_row``); the sublayer streams are not summarised by an audit, so they
+    are not computed.
     """
     values = dict(fields)
     values.setdefault("top_k", 1)
+    values["map_kind"] = AUDIT_MAP_KIND
     explain = canonical_request(values, labels, info)
     layers = explain.layers
     if layers is not None and info.layers is not None and info.layers not in layers:
@@ -113,3 +119,41 @@ def get_rows_csv(id: str) -> Response:
 def get_report(id: str) -> Response:
     job, result = AUDITS.finished(services(), id)
     return _attachment(result, "application/json", f"audit-{job.id}-report.json")
+
+
+def _media_type(data: bytes) -> str:
+    """The media type of an uploaded image, from its header alone (every stored image was decoded once already)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"
+
+
+@blueprint.get("/<id>/images/<int:index>")
+def get_image(id: str, index: int) -> Response:
+    """The image of row ``index`` (rows follow the upload order) as it was uploaded, byte for byte.
+
+    The audit browser draws its thumbnails from it and sends it on to ``/v1/explanations`` to
+    open a row in the viewer. Served once the audit has succeeded, like its other downloads.
+    """
+    parts = services()
+    job, _ = AUDITS.finished(parts, id)
+    listed = parts.jobs.manifest(str(job.parameters.get("manifest_key", "")))
+    if listed is None:
+        raise RequestError("expired", f"the images of audit {job.id} have expired", "Images expired")
+    images = AuditManifest.model_validate_json(listed).images
+    if not 0 <= index < len(images):
+        raise Problem(
+            404,
+            "Unknown image",
+            f"audit {job.id} has {len(images)} images, numbered 0 to {len(images) - 1}",
+            problem="unknown_image",
+        )
+    data = parts.jobs.image(images[index].image_key)
+    if data is None:
+        raise RequestError("expired", f"{images[index].file}: the image of audit {job.id} has expired", "Image expired")
+    response = Response(data, mimetype=_media_type(data))
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

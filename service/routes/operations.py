@@ -1,17 +1,18 @@
-"""Health (``/livez``, ``/readyz``), ``/metrics``, and the contract (``/openapi.yaml``, ``/docs`` and its assets)."""
+"""Health (``/livez``, ``/readyz``), ``/metrics``, and the contract (``/openapi.yaml``, ``/docs``)."""
 
 from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, jsonify, send_file
+from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from classlens.core.heartbeat import last_beat
 from classlens.core.store import StoreError
 from service.app import services
-from service.docs import ASSETS, CONTENT_SECURITY_POLICY, render_docs
+from service.docs import CONTENT_SECURITY_POLICY, render_docs
 from service.errors import Problem, problem_response
+from service.routes.pages import static_url
 
 blueprint = Blueprint("operations", __name__)
 
@@ -72,20 +73,6 @@ def openapi() -> Response:
 
 @blueprint.get("/docs")
 def docs() -> Response:
-    response = Response(render_docs(services().contract.document), mimetype="text/html")
+    response = Response(render_docs(services().contract.document, static_url), mimetype="text/html")
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-    return response
-
-
-@blueprint.get("/docs/assets/<name>")
-def docs_asset(name: str) -> Response:
-    """Swagger UI (its version in the name: kept a year) and the page's own script and style (revalidated)."""
-    found = ASSETS.get(name)
-    if found is None:
-        raise Problem(404, "Not found", f"no docs asset {name!r}", problem="unknown_asset")
-    path, mimetype = found
-    response = send_file(path, mimetype=mimetype, conditional=True, max_age=None)
-    versioned = name.startswith("swagger-ui")
-    response.headers["Cache-Control"] = "public, max-age=31536000, immutable" if versioned else "no-cache"
-    response.headers["X-Content-Type-Options"] = "nosniff"
     return response

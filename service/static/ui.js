@@ -1,4 +1,5 @@
 // /ui: choose a model and an image, submit the explanations the viewer needs, poll them, open the viewer.
+// Every call goes through ClassLens.api (api.js), which adds the API key when the service asks for one.
 "use strict";
 
 (function () {
@@ -34,12 +35,7 @@
   }
 
   async function loadModels() {
-    const response = await fetch("/v1/models");
-    if (!response.ok) {
-      say("The models cannot be listed (" + response.status + ").", true);
-      return;
-    }
-    const body = await response.json();
+    const body = await ClassLens.json("/v1/models");
     modelSelect.textContent = "";
     for (const model of body.models) {
       // Every enabled version, the newest (the one listed) first.
@@ -58,12 +54,12 @@
       if (!upload.files.length) throw new Error("choose an image file first");
       return upload.files[0];
     }
-    const response = await fetch("/ui/samples/" + encodeURIComponent(sampleSelect.value));
+    const response = await ClassLens.api("/ui/samples/" + encodeURIComponent(sampleSelect.value));
     if (!response.ok) throw new Error("the sample cannot be read (" + response.status + ")");
     return response.blob();
   }
 
-  // One job per map kind: the identifiability job carries everything else the viewer shows.
+  // The fields of the job of each map kind (jobs.js submits one per kind).
   function fields(mapKind) {
     const main = mapKind === "identifiability";
     const values = { model: modelSelect.value, layers: "all", top_k: "3", map_kind: mapKind, sublayers: main ? "true" : "false" };
@@ -75,48 +71,18 @@
     return values;
   }
 
-  async function problemText(response) {
-    try {
-      const body = await response.json();
-      return (body.title || response.status) + ": " + (body.detail || "");
-    } catch (error) {
-      return String(response.status);
-    }
-  }
-
-  async function submit(picture, mapKind) {
-    const data = new FormData();
-    data.append("image", picture, "image.png");
-    for (const [name, value] of Object.entries(fields(mapKind))) data.append(name, value);
-    const response = await fetch("/v1/explanations", { method: "POST", body: data });
-    if (!response.ok) throw new Error(await problemText(response));
-    return response.json();
-  }
-
-  async function finished(job) {
-    while (job.status !== "succeeded" && job.status !== "failed") {
-      const response = await fetch("/v1/explanations/" + encodeURIComponent(job.id) + "?wait=5");
-      if (!response.ok) throw new Error(await problemText(response));
-      job = await response.json();
-      say("Job " + job.id + ": " + job.status + "…");
-    }
-    if (job.status === "failed") throw new Error(job.error ? job.error.title + ": " + job.error.detail : "the job failed");
-    return job;
-  }
-
   form.addEventListener("submit", async function (event) {
     event.preventDefault();
     button.disabled = true;
     try {
       const picture = await image();
       say("Submitting…");
-      const jobs = [];
-      for (const kind of ["identifiability", "logit", "probability"]) jobs.push(await submit(picture, kind));
-      const done = [];
-      for (const job of jobs) done.push(await finished(job));
-      const query = "?logit=" + encodeURIComponent(done[1].id) + "&probability=" + encodeURIComponent(done[2].id);
+      // Submitting and waiting: jobs.js, shared with the audit browser.
+      const address = await window.ClassLens.jobs.viewer(picture, fields, function (job) {
+        say("Job " + job.id + ": " + job.status + "…");
+      });
       say("Done: opening the viewer.");
-      window.location.assign("/v1/explanations/" + encodeURIComponent(done[0].id) + "/view" + query);
+      window.location.assign(address);
     } catch (error) {
       say(error.message, true);
       button.disabled = false;
@@ -133,5 +99,5 @@
     showPreview();
   });
   showPreview();
-  loadModels().catch(function (error) { say(error.message, true); });
+  loadModels().catch(function (error) { say("The models cannot be listed: " + error.message, true); });
 })();

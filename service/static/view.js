@@ -1,15 +1,18 @@
 // The explanation viewer: reads the job JSON (and its logit and probability siblings) and draws
 // every map client-side on a canvas, so moving a control never fetches anything (docs/viewer.md).
+// Only a class asked for by name fetches: its explanations, merged in as one more target.
+// Every call goes through ClassLens.api (api.js), which adds the API key when the service asks for one.
 "use strict";
 
 (function () {
-  // viridis (matplotlib), 11 evenly spaced stops: readable for colour-blind people and in greyscale.
-  const VIRIDIS = [
-    [68, 1, 84], [72, 36, 117], [65, 68, 135], [53, 95, 141], [42, 120, 142], [33, 145, 140],
-    [34, 168, 132], [68, 191, 112], [122, 209, 81], [189, 223, 38], [253, 231, 37],
+  // viridis for the maps, Okabe and Ito's palette for the targets' lines (colours.js).
+  const viridis = window.ClassLens.colours.viridis;
+  const LINE_COLOURS = window.ClassLens.colours.LINE_COLOURS;
+  // A dash pattern per target, so that the lines are told apart without colour too (named in the legend).
+  const LINE_DASHES = [
+    ["", "solid"], ["8 4", "dashed"], ["2 3", "dotted"], ["10 3 2 3", "dash-dot"],
+    ["4 2", "short dashes"], ["1 6", "sparse dots"], ["14 4", "long dashes"], ["6 2 2 2 2 2", "dash-dot-dot"],
   ];
-  // Okabe and Ito's palette for the targets' lines: told apart with any colour vision.
-  const LINE_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442"];
   const UNITS = {
     identifiability: "identifiability 1 − rank/C",
     logit: "logit of the target",
@@ -31,49 +34,51 @@
   const canvas = $("map");
   const context = canvas.getContext("2d");
   const state = { layer: 0, stream: "residual", kind: "identifiability", target: 0, patch: null, base: "colour" };
-  let data = null; // {result, byKind: {kind: result}, labels, picture}
+  let data = null; // {job, result, byKind: {kind: result}, jobs: {kind: job}, model, labels, picture, input}
 
   function say(text, isError) {
     $("status").textContent = text;
     $("status").classList.toggle("error", Boolean(isError));
   }
 
-  async function json(url) {
-    const response = await fetch(url);
-    const body = await response.json();
-    if (!response.ok) throw new Error((body.title || response.status) + ": " + (body.detail || url));
-    return body;
-  }
+  const json = ClassLens.json;
 
-  function picture(url) {
+  function jobUrl(id) { return "/v1/explanations/" + encodeURIComponent(id); }
+
+  // The picture the network saw, read with the API key and shown through a blob: URL.
+  async function picture(url) {
+    const address = await ClassLens.imageUrl(url);
     return new Promise(function (resolve, reject) {
       const image = new Image();
-      image.onload = function () { resolve(image); };
-      image.onerror = function () { reject(new Error("the input picture cannot be loaded")); };
-      image.src = url;
+      image.onload = function () { URL.revokeObjectURL(address); resolve(image); };
+      image.onerror = function () { URL.revokeObjectURL(address); reject(new Error("the input picture cannot be loaded")); };
+      image.src = address;
     });
   }
 
   async function load() {
-    const job = await json("/v1/explanations/" + encodeURIComponent(jobId));
+    const job = await json(jobUrl(jobId));
     if (job.status !== "succeeded") {
       throw new Error("job " + job.id + " is " + job.status + (job.error ? ": " + job.error.detail : ""));
     }
     const result = job.result;
     const byKind = {};
+    const jobs = {};
     byKind[result.map_kind] = result;
+    jobs[result.map_kind] = job;
     const query = new URLSearchParams(window.location.search);
     for (const kind of ["logit", "probability"]) {
       const sibling = query.get(kind);
       if (!sibling || byKind[kind]) continue;
-      const other = await json("/v1/explanations/" + encodeURIComponent(sibling));
+      const other = await json(jobUrl(sibling));
       if (other.status === "succeeded" && other.result.map_kind === kind && other.model === job.model) {
         byKind[kind] = other.result;
+        jobs[kind] = other;
       }
     }
     const model = await json("/v1/models/" + encodeURIComponent(job.model));
-    const image = await picture("/v1/explanations/" + encodeURIComponent(jobId) + "/input.png");
-    return { job: job, result: result, byKind: byKind, labels: model.labels, picture: image };
+    const image = await picture(jobUrl(jobId) + "/input.png");
+    return { job: job, result: result, byKind: byKind, jobs: jobs, model: model, labels: model.labels, picture: image };
   }
 
   // -- what is shown ----------------------------------------------------------------------------------
@@ -143,13 +148,6 @@
     return high > low ? [low, high] : [low - 1, low + 1];
   }
 
-  function viridis(t) {
-    const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
-    const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
-    const f = x - i;
-    return VIRIDIS[i].map(function (c, j) { return Math.round(c + f * (VIRIDIS[i + 1][j] - c)); });
-  }
-
   function fmt(value) {
     return Number.isInteger(value) || Math.abs(value) >= 100 ? value.toFixed(0) : value.toPrecision(3);
   }
@@ -189,9 +187,14 @@
     });
     context.globalAlpha = 1;
     if (state.patch !== null) {
-      context.strokeStyle = "#ff2d2d";
-      context.lineWidth = 3;
-      context.strokeRect((state.patch % w) * cell + 1.5, Math.floor(state.patch / w) * cell + 1.5, cell - 3, cell - 3);
+      // White inside black: seen over any colour of the map, with any colour vision.
+      const left = (state.patch % w) * cell;
+      const top = Math.floor(state.patch / w) * cell;
+      context.lineWidth = 2;
+      context.strokeStyle = "#000000";
+      context.strokeRect(left + 1, top + 1, cell - 2, cell - 2);
+      context.strokeStyle = "#ffffff";
+      context.strokeRect(left + 3, top + 3, cell - 6, cell - 6);
     }
     canvas.dataset.drawn = values.map(function (v) { return v.toFixed(4); }).join(",");
     $("bar-low").textContent = fmt(low);
@@ -249,7 +252,14 @@
     return element;
   }
 
-  // One line per target over the layers; the emergence layers dashed, the current layer in grey.
+  function lineStyle(k) {
+    const [dashes, name] = LINE_DASHES[k % LINE_DASHES.length];
+    return { colour: LINE_COLOURS[k % LINE_COLOURS.length], dashes: dashes, name: name };
+  }
+
+  // One line per target over the layers, in its colour and dash pattern (lineStyle); its emergence
+  // layer a thin vertical line in its colour with a dot where the target's line crosses it; the
+  // current layer a grey bar.
   function lineChart(svg, series, first, yMax, yLabel) {
     const width = 320;
     const height = 160;
@@ -279,16 +289,22 @@
     const unit = svgElement("text", { x: left + 4, y: 9, "font-size": 10 }, svg);
     unit.textContent = yLabel;
     series.forEach(function (line, k) {
-      const colour = LINE_COLOURS[k % LINE_COLOURS.length];
+      const style = lineStyle(k);
       const points = line.values.map(function (v, i) { return x(i) + "," + y(v); }).join(" ");
-      svgElement("polyline", {
-        points: points, fill: "none", stroke: colour, "stroke-width": k === state.target ? 3 : 1.5,
+      const drawn = svgElement("polyline", {
+        points: points, fill: "none", stroke: style.colour, "stroke-width": k === state.target ? 3 : 1.5,
+        "data-index": line.index,
       }, svg);
-      if (line.emergence !== null && line.emergence - first >= 0) {
-        const at = x(line.emergence - first);
+      if (style.dashes) drawn.setAttribute("stroke-dasharray", style.dashes);
+      const i = line.emergence === null ? -1 : line.emergence - first;
+      if (i >= 0 && i < count) {
+        const at = x(i);
         svgElement("line", {
-          x1: at, y1: y(0), x2: at, y2: y(yMax), stroke: colour, "stroke-dasharray": "4 3", "stroke-width": 1.5,
+          x1: at, y1: y(0), x2: at, y2: y(yMax), stroke: style.colour, "stroke-width": 1, "stroke-opacity": 0.7,
           "data-emergence": line.emergence,
+        }, svg);
+        svgElement("circle", {
+          cx: at, cy: y(line.values[i]), r: 3.5, fill: style.colour, stroke: "#ffffff", "stroke-width": 1,
         }, svg);
       }
     });
@@ -300,25 +316,38 @@
     const emergence = function (t) { return t.emergence_layer; };
     const rankMax = Math.max(1, ...targets.flatMap(function (t) { return t.pooled_ranks; }));
     lineChart($("chart-rank"), targets.map(function (t) {
-      return { values: t.pooled_ranks, emergence: emergence(t) };
+      return { index: t.index, values: t.pooled_ranks, emergence: emergence(t) };
     }), 0, rankMax, "rank");
     const stream = function (t) { return t[state.stream] || t.residual; };
     const first = state.stream === "residual" || !targets[0][state.stream] ? 0 : 1;
     lineChart($("chart-identifiability"), targets.map(function (t) {
-      return { values: stream(t).image_identifiability, emergence: emergence(t) };
+      return { index: t.index, values: stream(t).image_identifiability, emergence: emergence(t) };
     }), first, 1, "identifiability");
     lineChart($("chart-top1"), targets.map(function (t) {
-      return { values: stream(t).image_top1_share, emergence: emergence(t) };
+      return { index: t.index, values: stream(t).image_top1_share, emergence: emergence(t) };
     }), first, 1, "top-1 share");
+    drawLegend(targets);
+  }
+
+  // The legend of the three charts, as text: each target's name, its line's colour and dash
+  // pattern (drawn beside it), and its emergence layer.
+  function drawLegend(targets) {
     const legend = $("legend");
     legend.textContent = "";
     targets.forEach(function (t, k) {
-      const item = document.createElement("span");
-      const swatch = document.createElement("i");
-      swatch.style.background = LINE_COLOURS[k % LINE_COLOURS.length];
-      item.appendChild(swatch);
-      item.appendChild(document.createTextNode(t.label + " (emerges at " +
-        (t.emergence_layer === null ? "no layer" : "layer " + t.emergence_layer) + ")"));
+      const style = lineStyle(k);
+      const item = document.createElement("li");
+      item.dataset.index = String(t.index);
+      const swatch = svgElement("svg", { width: 44, height: 12, viewBox: "0 0 44 12", "aria-hidden": "true" }, item);
+      const line = svgElement("line", { x1: 2, y1: 6, x2: 42, y2: 6, stroke: style.colour, "stroke-width": 2.5 }, swatch);
+      if (style.dashes) line.setAttribute("stroke-dasharray", style.dashes);
+      svgElement("circle", { cx: 22, cy: 6, r: 3.5, fill: style.colour, stroke: "#ffffff", "stroke-width": 1 }, swatch);
+      const name = document.createElement("strong");
+      name.textContent = t.label + " (class " + t.index + ")";
+      item.appendChild(name);
+      const emerges = t.emergence_layer === null ? "does not emerge" : "emerges at layer " + t.emergence_layer + " (the dot)";
+      item.appendChild(document.createTextNode(": " + style.name + " line, " + emerges +
+        (k === state.target ? "; the target shown (thicker line)" : "")));
       legend.appendChild(item);
     });
   }
@@ -382,15 +411,125 @@
     showPatch();
   }
 
+  function addTargetOption(t, k) {
+    const option = document.createElement("option");
+    option.value = String(k);
+    option.textContent = t.label + " (class " + t.index + ", p = " + t.probability.toFixed(3) + ")";
+    $("target").appendChild(option);
+  }
+
+  // -- any class by name --------------------------------------------------------------------------------
+
+  function classStatus(text, isError) {
+    $("class-status").textContent = text;
+    $("class-status").classList.toggle("error", Boolean(isError));
+  }
+
+  // The class a typed name means: a label (any case), or a class index.
+  function classIndex(text) {
+    const wanted = text.trim().toLowerCase();
+    const found = data.labels.findIndex(function (label) { return label.toLowerCase() === wanted; });
+    if (found >= 0) return found;
+    return /^[0-9]+$/.test(wanted) && Number(wanted) < data.labels.length ? Number(wanted) : -1;
+  }
+
+  // Whether the picture the network saw, sent again, is the same input: true when the model's
+  // preprocessing leaves a picture of its input size as it is (no trim, a resize to that very size,
+  // no other crop). Otherwise the second resize and crop would explain another picture.
+  function inputIsReusable() {
+    const steps = data.model.preprocessing;
+    const size = [data.model.input.height, data.model.input.width];
+    const same = function (pair) { return Boolean(pair) && pair[0] === size[0] && pair[1] === size[1]; };
+    const resizeKeeps = same(steps.resize) && (steps.resize_mode !== "shorter" || size[0] === size[1]);
+    return !steps.trim_border && resizeKeeps && (!steps.crop || same(steps.crop));
+  }
+
+  // The form fields of a job's canonical parameters, asking for other targets.
+  function formFields(parameters, targets) {
+    const fields = {};
+    for (const [name, value] of Object.entries(parameters)) {
+      if (value === null || value === undefined || (Array.isArray(value) && !value.length)) continue;
+      fields[name] = Array.isArray(value) ? value.join(",") : String(value);
+    }
+    fields.targets = targets.join(",");
+    return fields;
+  }
+
+  // Explain the same picture for one more class, with each loaded job's own parameters (so every
+  // map kind has it), then merge that target into each result: the selector, maps and charts gain it.
+  async function explainClass(index) {
+    if (!inputIsReusable()) {
+      throw new Error(data.job.model + " resizes or crops its input, so the picture it saw cannot be sent " +
+        "again as it is: submit the original image with this class as a target (the targets field of the API)");
+    }
+    const response = await ClassLens.api(jobUrl(jobId) + "/input.png");
+    if (!response.ok) throw new Error("the input picture cannot be read again (" + response.status + ")");
+    const picture = await response.blob();
+    const queued = [];
+    for (const [kind, job] of Object.entries(data.jobs)) {
+      const form = new FormData();
+      form.append("image", picture, "input.png");
+      form.append("model", job.model);
+      for (const [name, value] of Object.entries(formFields(job.parameters, [index]))) form.append(name, value);
+      queued.push([kind, await json("/v1/explanations", { method: "POST", body: form })]);
+    }
+    const added = [];
+    for (const [kind, job] of queued) {
+      const done = await ClassLens.finished(jobUrl(job.id), job, function (polled) {
+        classStatus("Explaining " + data.labels[index] + ": job " + polled.id + " is " + polled.status + "…");
+      });
+      const found = done.result.targets.find(function (t) { return t.index === index; });
+      if (!found) throw new Error("job " + done.id + " did not explain class " + index);
+      added.push([kind, found]);
+    }
+    // All or nothing: a map kind without the new target would show nothing for it.
+    for (const [kind, found] of added) data.byKind[kind].targets.push(found);
+  }
+
+  async function showClass(event) {
+    event.preventDefault();
+    const text = $("class-name").value;
+    const index = classIndex(text);
+    if (index < 0) {
+      classStatus("No class of " + data.job.model + " is named " + JSON.stringify(text.trim()) + ".", true);
+      return;
+    }
+    let k = data.result.targets.findIndex(function (t) { return t.index === index; });
+    if (k < 0) {
+      $("class-show").disabled = true;
+      classStatus("Explaining " + data.labels[index] + "…");
+      try {
+        await explainClass(index);
+      } catch (error) {
+        classStatus(error.message, true);
+        return;
+      } finally {
+        $("class-show").disabled = false;
+      }
+      k = data.result.targets.length - 1;
+      addTargetOption(data.result.targets[k], k);
+    }
+    state.target = k;
+    $("target").value = String(k);
+    classStatus("Showing " + data.labels[index] + " (class " + index + ").");
+    redraw();
+  }
+
+  function fillClassNames() {
+    const list = $("class-names");
+    for (const label of data.labels) {
+      const option = document.createElement("option");
+      option.value = label;
+      list.appendChild(option);
+    }
+  }
+
   function wire() {
     const targetSelect = $("target");
-    data.result.targets.forEach(function (t, k) {
-      const option = document.createElement("option");
-      option.value = String(k);
-      option.textContent = t.label + " (class " + t.index + ", p = " + t.probability.toFixed(3) + ")";
-      targetSelect.appendChild(option);
-    });
+    data.result.targets.forEach(addTargetOption);
     targetSelect.addEventListener("change", function () { state.target = Number(targetSelect.value); redraw(); });
+    fillClassNames();
+    $("class-form").addEventListener("submit", showClass);
     $("stream").addEventListener("change", function () {
       state.stream = $("stream").value;
       fillKinds();

@@ -119,6 +119,7 @@ def explain(
     with torch.no_grad():
         run = tracer(images, request.sublayers) if tracer else lens.trace(images, sublayers=request.sublayers)
         probabilities = run.logits.softmax(-1)
+        entropy = torch.special.entr(run.logits.float().softmax(-1)).sum(-1)  # [B], nats
         if fixed_targets is not None:
             targets = torch.tensor(fixed_targets, device=images.device).expand(len(images), -1)
         else:
@@ -190,6 +191,8 @@ def explain(
                 prediction=prediction,
                 targets=target_results,
                 token_classes={name: classes[b] for name, classes in token_classes.items()} or None,
+                # Rounded as the maps are: a batch sums its products in another order than one image alone.
+                entropy=round(float(entropy[b]), MAP_DECIMALS),
             )
         )
     return explanations
