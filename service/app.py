@@ -57,7 +57,7 @@ def create_app(
     (:func:`service.auth.auth_policy`), so a server other than ``classlens serve`` must say where it binds.
     """
     from service.quotas import install_rate_limits
-    from service.routes import analyses, audits, explanations, kserve, models, operations, pages
+    from service.routes import analyses, audits, explanations, kserve, models, operations, pages, references
 
     settings = settings or Settings()
     store = store or open_store(settings)
@@ -78,7 +78,7 @@ def create_app(
         celery,
         catalog,
         Contract(settings.openapi_path or SPEC_PATH),
-        Metrics(store, celery, catalog),
+        Metrics(store, celery, catalog, settings),
         auth_policy(settings, host),
     )
 
@@ -96,6 +96,7 @@ def create_app(
     app.register_blueprint(audits.blueprint)
     app.register_blueprint(analyses.blueprint)
     app.register_blueprint(models.blueprint)
+    app.register_blueprint(references.blueprint)
     app.register_blueprint(operations.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(kserve.blueprint)

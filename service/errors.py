@@ -73,9 +73,12 @@ def _image(error: ImageError) -> Problem:
 _REQUEST_STATUSES: dict[str, int] = {
     "unknown_target": 404,
     "no_map": 404,
+    "no_reference": 404,
     "not_ready": 409,
     "model_exists": 409,
     "store_read_only": 409,
+    "other_model": 409,
+    "no_signals": 409,
     "expired": 410,
     "unsupported_weights": 415,
 }

@@ -83,7 +83,7 @@ def finished(app, client, key: str, job_id: str, timeout_s: float = 180) -> dict
 
 def routes(app):
     """Every (endpoint, method, concrete path, OpenAPI path) the app serves: a new route cannot be forgotten."""
-    values = {"id": "some-job", "target": "0", "name": TINY_MODEL, "index": "0"}
+    values = {"id": "some-job", "target": "0", "name": TINY_MODEL, "index": "0", "version": "1"}
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue

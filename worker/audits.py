@@ -28,6 +28,7 @@ from classlens.core.contract import (
     RelevanceLocation,
     TargetExplanation,
 )
+from classlens.core.monitoring import margin, signals
 from worker.lens.regions import central_box
 from worker.runtime import LoadedViT
 
@@ -160,12 +161,6 @@ def top_classes(explained: Explained, k: int) -> list[ClassScore]:
     ]
 
 
-def margin(prediction: Sequence[ClassScore]) -> float:
-    """Top-1 minus top-2 probability: how far the decision is from the runner-up (the top-1 alone for one class)."""
-    runner_up = prediction[1].probability if len(prediction) > 1 else 0.0
-    return round(prediction[0].probability - runner_up, _DECIMALS)
-
-
 def relevance_layer(explanation: Explanation, target: TargetExplanation) -> str:
     """The last block's map when it was computed (audits always ask for it), else the deepest one there is."""
     maps = target.projection_maps
@@ -218,6 +213,7 @@ def audit_row(item: AuditImage, explained: Explained, request: ExplainRequest, l
         region_shares=region_shares(chosen.projection_maps[layer]),
         relevance_by_layer=by_layer,
         map=[[round(value, _DECIMALS) for value in row] for row in chosen.projection_maps[layer]],
+        signals=signals(explained.explanation, explained.targets[top.index]),
     )
 
 

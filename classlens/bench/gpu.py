@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -123,12 +124,11 @@ def checks(device: torch.device, map_bound: float = 1e-3) -> list[dict[str, Any]
         }
     ]
     if device.type == "cuda":
-        from classlens.cli.gpu_workers import visible_gpus
-
-        gpus = visible_gpus()
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+        gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
         results.append(
             {
-                "check": "nvidia-smi's GPUs are the ones torch sees",
+                "check": "nvidia-smi lists the GPUs torch sees",
                 "figures": {"nvidia_smi": len(gpus), "torch": torch.cuda.device_count()},
                 "passed": len(gpus) == torch.cuda.device_count(),
             }

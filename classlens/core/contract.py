@@ -273,6 +273,25 @@ class RelevanceLocation(_Frozen):
     central_share: float | None = Field(description="Share of positive relevance in the central box; null if none.")
 
 
+class Signals(_Frozen):
+    """What monitoring reads of one explanation, about its predicted class only (classlens.core.monitoring.signals)."""
+
+    predicted_index: int
+    map_kind: MapKind = Field(description="The kind of the map that concentration reads.")
+    confidence: float = Field(description="The top-1 probability.")
+    margin: float = Field(description="Top-1 minus top-2 probability (the top-1 probability for a 1-class model).")
+    explained: bool = Field(description="Whether the predicted class was among the explained targets.")
+    emergence_layer: int | None = Field(
+        description="The predicted class's emergence layer; null if never (or not explained)."
+    )
+    identifiability: float | None = Field(
+        description="Mean identifiability of the predicted class over the last layer's image tokens (null: unexplained)"
+    )
+    concentration: float | None = Field(
+        description="Share of the last-block map's positive mass in its top 10 % of tokens; null without map or mass."
+    )
+
+
 class AuditRow(_Frozen):
     file: str
     true_index: int | None
@@ -302,6 +321,7 @@ class AuditRow(_Frozen):
     map: list[list[float]] = Field(
         description="The explained class's map at the last block, the one the location columns read (grid rows x cols)."
     )
+    signals: Signals | None = Field(default=None, description="What monitoring reads of the image's explanation.")
 
 
 class ConfusionCell(_Frozen):

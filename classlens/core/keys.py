@@ -19,6 +19,8 @@ prefix             followed by                     holds
 ``heartbeat:``     ``worker``                      the freshest beat of any worker (``/readyz``)
 ``batch:``         model and parameters' digest    jobs that can share a pass (:mod:`classlens.core.batching`)
 ``stats:``         the counter's name              job and emergence counters (:mod:`classlens.core.stats`)
+``signals:``       model and slot                  one recent explanation's signals (:mod:`classlens.core.monitoring`)
+``reference:``     the model (name@version)        its reference audit's signals (:mod:`classlens.core.monitoring`)
 ``owned:``         the API key id                  that key's unfinished jobs (its cap)
 ``quota-lock:``    the API key id                  the lock that checks that cap
 ``notice:``        a channel (``job:<id>``...)     not a key: the Redis channel notices go out on
@@ -39,6 +41,8 @@ ALIVE = "alive:"
 HEARTBEAT = "heartbeat:"
 BATCH = "batch:"
 STATS = "stats:"
+SIGNALS = "signals:"
+REFERENCE = "reference:"
 OWNED = "owned:"
 QUOTA_LOCK = "quota-lock:"
 NOTICE = "notice:"
@@ -57,6 +61,8 @@ PREFIXES = (
     HEARTBEAT,
     BATCH,
     STATS,
+    SIGNALS,
+    REFERENCE,
     OWNED,
     QUOTA_LOCK,
     NOTICE,

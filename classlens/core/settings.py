@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     # a key's own max_in_flight replaces it.
     max_jobs_in_flight: int = Field(default=16, ge=1)
 
+    # Monitoring (docs/monitoring.md). Predicted classes are counted by label for the first
+    # metrics_max_classes class indices and as "other" beyond, so /metrics stays small for any model.
+    metrics_max_classes: int = Field(default=50, ge=1, le=1000)
+    # Drift against a model version's reference audit: the last drift_window explanations of each
+    # version are kept (bounded) and compared with it, signal by signal, in drift_bins bins cut at the
+    # reference's quantiles; no drift is reported before the window holds drift_min_window explanations.
+    drift_window: int = Field(default=200, ge=1, le=10_000)
+    drift_bins: int = Field(default=10, ge=2, le=50)
+    drift_min_window: int = Field(default=50, ge=1)
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:

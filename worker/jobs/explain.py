@@ -12,7 +12,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
-from classlens.core import stats
+from classlens.core import monitoring, stats
 from classlens.core.contract import ExplainRequest, Job
 from classlens.core.images import decode_image
 from classlens.core.store import StoreError
@@ -94,6 +94,13 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
             finished[job.id] = store.succeed(batched, explanation.model_dump_json().encode())
             for target in explanation.targets:
                 stats.record_emergence(store.store, model=job.model, layer=target.emergence_layer)
+            monitoring.record(
+                store.store,
+                job.model,
+                monitoring.signals(explanation),
+                window=rt.settings.drift_window,
+                max_classes=rt.settings.metrics_max_classes,
+            )
     duration_s = time.monotonic() - started
     for job in running:
         done = finished[job.id]
