@@ -23,8 +23,9 @@ run: $(VENV)/.installed
 
 test: system-deps $(VENV)/.installed lint pytest
 
+# Two pytest-xdist processes on two cores: every fixture starts its own servers on free ports.
 pytest: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # The unit tier: no redis-server, Chromium, dataset or worker processes needed (a few minutes).
 test-fast: $(VENV)/.installed
