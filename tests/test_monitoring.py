@@ -10,9 +10,6 @@ import pytest
 
 from classlens.core import monitoring
 from classlens.core.contract import (
-    AuditAggregates,
-    AuditResult,
-    AuditRow,
     ClassScore,
     Explanation,
     ModelRef,
@@ -21,6 +18,7 @@ from classlens.core.contract import (
     TargetExplanation,
 )
 from classlens.core.store import RedisStore, SqliteStore
+from tests.audit_fixtures import audit_result
 
 DEPTH = 2
 
@@ -200,55 +198,8 @@ def test_drift_compares_every_signal_and_the_class_mix():
 
 
 def test_a_reference_is_made_from_audit_rows_with_signals():
-    row = AuditRow(
-        file="a.png",
-        true_index=None,
-        true_label=None,
-        predicted_index=1,
-        predicted_label="c1",
-        probability=0.9,
-        confidence=0.5,
-        margin=0.1,
-        entropy=1.0,
-        top_k=[],
-        correct=None,
-        predicted_emergence_layer=None,
-        true_emergence_layer=None,
-        explained_index=1,
-        explained_label="c1",
-        peak_row=0,
-        map_kind="identifiability",
-        peak_col=0,
-        peak_ties=1,
-        central_share=None,
-        border_share=None,
-        region_shares=None,
-        relevance_by_layer={},
-        map=[[0.0]],
-    )
-    aggregates = AuditAggregates(
-        images=1,
-        labelled=0,
-        correct=0,
-        accuracy=None,
-        confusion=[],
-        mean_emergence_by_class=[],
-        emergence_histogram={},
-        mean_top1_probability=0.9,
-        mean_margin=None,
-        mean_entropy=None,
-        mean_central_share=None,
-        central_cells_share=0.2,
-    )
-    result = AuditResult(
-        model=ModelRef(name="m", version="1", weights_sha256="0" * 64),
-        layers=DEPTH,
-        grid=(1, 1),
-        map_kind="identifiability",
-        relevance_layer=DEPTH,
-        rows=[row],
-        aggregates=aggregates,
-    )
+    result = audit_result(ModelRef(name="m", version="1", weights_sha256="0" * 64), DEPTH, (1, 1), [None])
+    row = result.rows[0]
     assert monitoring.reference_from_audit("m@1", "a", result) is None  # rows of older code carry no signals
     found = monitoring.signals(explanation([target(3, 1, {"2": PEAKED}, 0.8)]))
     with_signals = result.model_copy(update={"rows": [row.model_copy(update={"signals": found})]})

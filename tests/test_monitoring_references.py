@@ -13,15 +13,13 @@ import pytest
 
 from classlens.core import monitoring
 from classlens.core.contract import (
-    AuditAggregates,
-    AuditResult,
-    AuditRow,
     Job,
     ModelRef,
     Signals,
 )
 from classlens.core.settings import Settings
 from service.app import create_app
+from tests.audit_fixtures import audit_result as built_audit
 from tests.service_fixtures import TINY_MODEL, checked, problem
 
 MODEL = f"{TINY_MODEL}@1"
@@ -52,60 +50,8 @@ def signals(confidence: float, predicted: int = 1) -> Signals:
 
 
 def audit_result(rows_signals: list[Signals | None]) -> bytes:
-    rows = [
-        AuditRow(
-            file=f"{i}.png",
-            true_index=None,
-            true_label=None,
-            predicted_index=1,
-            predicted_label="Trouser",
-            probability=0.5,
-            confidence=0.5,
-            margin=0.1,
-            entropy=1.0,
-            top_k=[],
-            correct=None,
-            predicted_emergence_layer=1,
-            true_emergence_layer=None,
-            explained_index=1,
-            explained_label="Trouser",
-            peak_row=0,
-            map_kind="identifiability",
-            peak_col=0,
-            peak_ties=1,
-            central_share=None,
-            border_share=None,
-            region_shares=None,
-            relevance_by_layer={},
-            map=[[0.0]],
-            signals=found,
-        )
-        for i, found in enumerate(rows_signals)
-    ]
-    aggregates = AuditAggregates(
-        images=len(rows),
-        labelled=0,
-        correct=0,
-        accuracy=None,
-        confusion=[],
-        mean_emergence_by_class=[],
-        emergence_histogram={},
-        mean_top1_probability=0.5,
-        mean_margin=None,
-        mean_entropy=None,
-        mean_central_share=None,
-        central_cells_share=0.2,
-    )
-    result = AuditResult(
-        model=ModelRef(name=TINY_MODEL, version="1", weights_sha256="0" * 64),
-        layers=2,
-        grid=(7, 7),
-        map_kind="identifiability",
-        relevance_layer=2,
-        rows=rows,
-        aggregates=aggregates,
-    )
-    return result.model_dump_json().encode()
+    model = ModelRef(name=TINY_MODEL, version="1", weights_sha256="0" * 64)
+    return built_audit(model, 2, (7, 7), rows_signals, label="Trouser").model_dump_json().encode()
 
 
 def put_audit(app, job_id: str, *, model: str = MODEL, status: str = "succeeded", result: bytes | None = None) -> None:
