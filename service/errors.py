@@ -74,6 +74,7 @@ _REQUEST_STATUSES: dict[str, int] = {
     "unknown_target": 404,
     "no_map": 404,
     "no_reference": 404,
+    "unknown_image": 404,
     "not_ready": 409,
     "model_exists": 409,
     "store_read_only": 409,

@@ -26,7 +26,6 @@ from classlens.core.requests import RequestError
 from service.app import Services, services
 from service.audit_input import from_form, from_json, resolve_labels
 from service.batches import check_images, counting_rejections, read_input, store_images, submit_batch
-from service.errors import Problem
 from service.job_responses import JobResource, resolve_model
 from service.model_info import ModelInfo, model_info
 from service.params import canonical_request, require
@@ -144,12 +143,8 @@ def get_image(id: str, index: int) -> Response:
         raise RequestError("expired", f"the images of audit {job.id} have expired", "Images expired")
     images = AuditManifest.model_validate_json(listed).images
     if not 0 <= index < len(images):
-        raise Problem(
-            404,
-            "Unknown image",
-            f"audit {job.id} has {len(images)} images, numbered 0 to {len(images) - 1}",
-            problem="unknown_image",
-        )
+        numbered = f"numbered 0 to {len(images) - 1}"
+        raise RequestError("unknown_image", f"audit {job.id} has {len(images)} images, {numbered}", "Unknown image")
     data = parts.jobs.image(images[index].image_key)
     if data is None:
         raise RequestError("expired", f"{images[index].file}: the image of audit {job.id} has expired", "Image expired")
