@@ -42,12 +42,14 @@ lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 
 # The lens (ratios to the plain forward pass, peak memory), faithfulness of the maps,
-# and the service (throughput vs the raw worker, cache hits); writes bench-results/*.json.
+# the service (throughput vs the raw worker, cache hits) and memory over many explanations and images;
+# writes bench-results/*.json.
 bench: system-deps $(VENV)/.installed
 	$(PIP_INSTALL) -e ".[$(EXTRAS),bench]"
 	$(BIN)/classlens bench
 	$(BIN)/classlens evaluate
 	$(BIN)/classlens bench-service
+	$(BIN)/classlens bench-memory
 
 # The GPU run (classlens/bench/gpu.py; docs/gpu.md): on a machine whose python3 has a CUDA torch,
 # with what that machine lacks installed from $(GPU_WHEELS) (made here by `make gpu-wheels`).

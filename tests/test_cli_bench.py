@@ -74,3 +74,23 @@ def test_evaluate_one_protocol_with_chefer(tmp_path):
     scores = record["paper"]["chefer"]["positive"]["auc"]
     assert 0.0 <= scores["accuracy"] <= 1.0
     assert "protocol: project" not in result.stdout
+
+
+def test_bench_memory_writes_rss_over_explanations_and_peaks_over_images(tmp_path):
+    out = tmp_path / "memory.json"
+    sizes = ("--img-size", "32", "--analysis-img-size", "32", "--batch", "4")
+    result = run_cli("bench-memory", "--explanations", "6", "--every", "3", "--images", "8", *sizes, "--out", out)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert set(record["explain_rss"]) == {"allocator setting", "glibc defaults"}
+    for figures in record["explain_rss"].values():
+        assert [sample["explanations"] for sample in figures["samples"]] == [3, 6]
+        assert figures["cpu_ms_per_explanation"] > 0
+        assert figures["base_rss_mib"] > 0
+    for methods in record["analysis_peak"].values():
+        assert set(methods) == {"forward", "cka"}
+        for rows in methods.values():
+            [row] = rows
+            assert row["images"] == 8
+            assert row["peak_extra_mib"] >= row["one_batch_peak_mib"] >= 0
+    assert "cka peak extra MiB" in result.stdout

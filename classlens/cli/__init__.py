@@ -10,7 +10,7 @@ import click
 
 from classlens.cli.analyze import analyze_command
 from classlens.cli.audit import audit_command
-from classlens.cli.bench import bench_command
+from classlens.cli.bench import bench_command, bench_memory_command
 from classlens.cli.bench_service import bench_service_command
 from classlens.cli.evaluate import evaluate_command
 from classlens.cli.explain import explain_command
@@ -35,6 +35,7 @@ main.add_command(explain_command)
 main.add_command(analyze_command)
 main.add_command(audit_command)
 main.add_command(bench_command)
+main.add_command(bench_memory_command)
 main.add_command(bench_service_command)
 main.add_command(evaluate_command)
 main.add_command(serve_command)

@@ -161,3 +161,47 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": environment(), "lens": records}, indent=2) + "\n", encoding="utf-8")
     click.echo(f"wrote {out}", err=True)
+
+
+@click.command("bench-memory")
+@click.option("--architecture", default="vit_tiny_patch16_224", show_default=True, help="Random ViT explained.")
+@click.option("--img-size", default=224, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--explanations", default=1000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--every", default=100, show_default=True, type=click.IntRange(1, 1_000_000), help="Sample RSS every N.")
+@click.option(
+    "--images",
+    "image_counts",
+    multiple=True,
+    type=click.IntRange(4, 100_000),
+    default=(128, 256, 512, 1024),
+    show_default=True,
+    help="Image counts of the analysis peak (repeatable).",
+)
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(4, 1024))
+@click.option("--analysis-architecture", default="vit_tiny_patch16_224", show_default=True)
+@click.option("--analysis-img-size", default=112, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/memory.json"))
+def bench_memory_command(**options: Any) -> None:
+    """Worker RSS over many explanations, and CKA's peak over many images, with and without the allocator setting.
+
+    Each figure comes from a fresh interpreter at one thread (classlens/bench/memory.py).
+    """
+    from classlens.bench.lens import environment
+    from classlens.bench.memory import bench_memory, format_table
+
+    click.echo("measuring memory (each figure in a fresh interpreter) ...", err=True)
+    record = bench_memory(
+        options["architecture"],
+        options["img_size"],
+        options["explanations"],
+        options["every"],
+        sorted(set(options["image_counts"])),
+        options["batch"],
+        options["analysis_architecture"],
+        options["analysis_img_size"],
+    )
+    click.echo(format_table(record))
+    out: Path = options["out"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment(), **record}, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"wrote {out}", err=True)

@@ -1,0 +1,195 @@
+"""The memory benchmark: does a worker's memory stay flat over many explanations and over many images?
+
+Two figures, each measured in a fresh interpreter (the allocator's state is per process), with
+the worker's allocator setting (:mod:`worker.allocator`) as it is and without it:
+
+- **resident set over explanations**: a worker's RSS after every ``every`` explanations of
+  the default request, up to ``count``: a leak or a heap that keeps growing shows as a slope;
+- **peak of an analysis over images**: the highest RSS of a full layer x layer CKA over ``N``
+  random images in batches, for each ``N`` asked for, beside the plain forward passes' peak
+  over the same images: an analysis whose memory is flat in ``N`` keeps the same peak.
+
+Every figure is in MiB above the process's resident set once the model is loaded (the explain
+figures: loaded and warm).
+Run with ``classlens bench-memory``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Sequence
+from typing import Any
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE / 2**20
+
+
+def peak_mib() -> float:
+    """The process's highest resident set so far (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prepare(allocator: bool) -> None:
+    """Import the worker side with or without its allocator setting (it is applied on import)."""
+    if not allocator:
+        sys.modules["worker.allocator"] = types.SimpleNamespace(keep_freed_memory=lambda: False)  # type: ignore[assignment]
+    import worker  # noqa: F401
+
+
+def explain_rss(architecture: str, img_size: int, count: int, every: int) -> dict[str, Any]:
+    """In this process: RSS after every ``every`` of ``count`` default explanations of one random image each."""
+    import torch
+
+    from classlens.core.contract import ExplainRequest, ModelRef
+    from worker.lens.explain import explain
+    from worker.random_models import random_vit
+
+    torch.set_num_threads(1)
+    model = random_vit(architecture, img_size=img_size).eval().requires_grad_(False)
+    labels = [f"class {i}" for i in range(model.num_classes)]
+    ref = ModelRef(name=architecture, version="0", weights_sha256="0" * 64)
+    request = ExplainRequest()
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, int(model.patch_embed.proj.in_channels), img_size, img_size)
+    explain(model, torch.randn(*shape, generator=generator), labels, request, ref)  # warm
+    base = resident_mib()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    samples = []
+    start = time.process_time()
+    for done in range(1, count + 1):
+        explain(model, torch.randn(*shape, generator=generator), labels, request, ref)
+        if done % every == 0:
+            samples.append({"explanations": done, "rss_mib": round(resident_mib() - base, 1)})
+    return {
+        "base_rss_mib": round(base, 1),
+        "samples": samples,
+        "minor_faults_per_explanation": round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / count, 1),
+        "cpu_ms_per_explanation": round((time.process_time() - start) / count * 1000, 2),
+    }
+
+
+def analysis_peak(architecture: str, img_size: int, images: int, batch: int, method: str) -> dict[str, Any]:
+    """In this process: the peak RSS of ``method`` (``cka`` or ``forward``) over ``images`` random images."""
+    import torch
+
+    from classlens.bench.analyses import image_batches
+    from worker.analyses.layer_cka import cka_within
+    from worker.random_models import random_vit
+
+    torch.set_num_threads(1)
+    model = random_vit(architecture, img_size=img_size).eval().requires_grad_(False)
+    shape = (int(model.patch_embed.proj.in_channels), img_size, img_size)
+    device = torch.device("cpu")
+
+    def run(count: int) -> None:
+        if method == "cka":
+            cka_within(model, image_batches(count, batch, shape, device), "tokens")
+        else:
+            with torch.no_grad():
+                for chunk in image_batches(count, batch, shape, device):
+                    model(chunk)
+
+    base = resident_mib()
+    run(min(batch, images))  # warm, on one batch: the peak of one batch is the floor of any run
+    warm = peak_mib()
+    run(images)
+    return {
+        "images": images,
+        "base_rss_mib": round(base, 1),
+        # ru_maxrss only rises, so this is the larger of the one-batch and the whole run's peaks:
+        # flat in the number of images means equal to one_batch_peak_mib.
+        "peak_extra_mib": round(peak_mib() - base, 1),
+        "one_batch_peak_mib": round(warm - base, 1),
+        "end_extra_mib": round(resident_mib() - base, 1),
+    }
+
+
+def _in_fresh_process(arguments: Sequence[str]) -> dict[str, Any]:
+    found = subprocess.run(
+        [sys.executable, "-m", "classlens.bench.memory", *arguments], capture_output=True, text=True, check=False
+    )
+    if found.returncode != 0:
+        raise RuntimeError(f"memory measurement {' '.join(arguments)} failed: {found.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(found.stdout.strip().splitlines()[-1])
+    return result
+
+
+def bench_memory(
+    architecture: str,
+    img_size: int,
+    count: int,
+    every: int,
+    image_counts: Sequence[int],
+    batch: int,
+    analysis_architecture: str,
+    analysis_img_size: int,
+) -> dict[str, Any]:
+    """Both figures, with the allocator setting and without it, each in a fresh interpreter."""
+    record: dict[str, Any] = {"explain_rss": {}, "analysis_peak": {}}
+    for allocator in (True, False):
+        setting = "allocator setting" if allocator else "glibc defaults"
+        flag = [] if allocator else ["--no-allocator-setting"]
+        record["explain_rss"][setting] = _in_fresh_process(
+            ["explain-rss", architecture, str(img_size), str(count), str(every), *flag]
+        )
+        record["analysis_peak"][setting] = {
+            method: [
+                _in_fresh_process(
+                    ["analysis-peak", analysis_architecture, str(analysis_img_size), str(n), str(batch), method, *flag]
+                )
+                for n in image_counts
+            ]
+            for method in ("forward", "cka")
+        }
+    record["setup"] = {
+        "explain": {"architecture": architecture, "img_size": img_size, "explanations": count, "every": every},
+        "analysis": {"architecture": analysis_architecture, "img_size": analysis_img_size, "batch": batch},
+        "threads": 1,
+    }
+    return record
+
+
+def format_table(record: dict[str, Any]) -> str:
+    lines = []
+    for setting, figures in record["explain_rss"].items():
+        samples = " ".join(f"{s['explanations']}:{s['rss_mib']:+.1f}" for s in figures["samples"])
+        lines.append(
+            f"explain RSS above warm ({setting}): {samples} MiB; "
+            f"{figures['minor_faults_per_explanation']} minor faults and "
+            f"{figures['cpu_ms_per_explanation']} CPU ms per explanation"
+        )
+    for setting, methods in record["analysis_peak"].items():
+        for method, rows in methods.items():
+            peaks = " ".join(f"{row['images']}:{row['peak_extra_mib']:.1f}" for row in rows)
+            lines.append(f"{method} peak extra MiB by images ({setting}): {peaks}")
+    return "\n".join(lines)
+
+
+def main(arguments: Sequence[str]) -> int:
+    """The measurements one fresh interpreter makes (``bench_memory`` starts them); prints one JSON line."""
+    what, *rest = arguments
+    allocator = "--no-allocator-setting" not in rest
+    rest = [value for value in rest if value != "--no-allocator-setting"]
+    _prepare(allocator)
+    if what == "explain-rss":
+        architecture, img_size, count, every = rest
+        result = explain_rss(architecture, int(img_size), int(count), int(every))
+    else:
+        architecture, img_size, images, batch, method = rest
+        result = analysis_peak(architecture, int(img_size), int(images), int(batch), method)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
