@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.bench.measure import measure_rounds, peak_memory, round_records, summarise
+from classlens.bench.measure import figure_cells, measure_rounds, peak_memory, round_records, summarise
 from worker.analyses.attention_distance import mean_attention_distance
 from worker.analyses.layer_cka import cka_within
 
@@ -112,17 +112,14 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(label: str, records: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'model':<30} {'images':>6} {'batch':>5} {'method':<20} {'thr':>3} {'CPU s':>8} "
-        f"{'x forward [min-max]':>22} {'wall x':>7} {'peak MiB':>9} {'loaded':>6}"
+        f"{'model':<30} {'images':>6} {'batch':>5} {'method':<20} {'thr':>3} {'CPU s':>8} {'peak MiB':>9} "
+        f"{'x forward [min-max]':>20} {'wall x':>7} {'loaded':>7}"
     ]
     for record in records:
         for name, figures in record["methods"].items():
             for threads, at in figures["threads"].items():
-                ratio = at["ratio"]
                 lines.append(
                     f"{label:<30} {record['images']:>6} {record['batch']:>5} {name:<20} {threads:>3} "
-                    f"{at['cpu_ms'] / 1000:>8.3f} {ratio['median']:>8.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]"
-                    f"{'':>2} {at['wall_ratio']['median']:>7.2f} {figures['peak_extra_mib']:>9.1f} "
-                    f"{at['loaded_rounds']:>2}/{at['rounds']:<3}"
+                    f"{at['cpu_ms'] / 1000:>8.3f} {figures['peak_extra_mib']:>9.1f} {figure_cells(at)}"
                 )
     return "\n".join(lines)

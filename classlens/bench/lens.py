@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from classlens.bench.measure import Round, measure_rounds, peak_memory, round_records, spread, summarise
+from classlens.bench.measure import (
+    Round,
+    figure_cells,
+    measure_rounds,
+    peak_memory,
+    round_records,
+    spread,
+    summarise,
+)
 from classlens.core.contract import ExplainRequest, ModelRef
 from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
@@ -182,17 +190,14 @@ def environment() -> dict[str, Any]:
 def format_table(records: list[dict[str, Any]]) -> str:
     """One line per model, batch, method and thread count: the CPU-time ratio's median [min-max], wall beside."""
     lines = [
-        f"{'model':<26} {'batch':>5} {'method':<22} {'thr':>3} {'x forward (CPU) [min-max]':>26} "
-        f"{'wall x':>7} {'CPU ms':>9} {'peak MiB':>9} {'loaded':>6}",
+        f"{'model':<26} {'batch':>5} {'method':<22} {'thr':>3} {'CPU ms':>9} {'peak MiB':>9} "
+        f"{'x forward (CPU) [min-max]':>20} {'wall x':>7} {'loaded':>7}",
     ]
     for record in records:
         for name, figures in record["methods"].items():
             for threads, at in figures["threads"].items():
-                ratio = at["ratio"]
                 lines.append(
                     f"{record['model']:<26} {record['batch']:>5} {name:<22} {threads:>3} "
-                    f"{ratio['median']:>10.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]{'':>4} "
-                    f"{at['wall_ratio']['median']:>7.2f} {at['cpu_ms']:>9.1f} {figures['peak_extra_mib']:>9.1f} "
-                    f"{at['loaded_rounds']:>2}/{at['rounds']:<3}"
+                    f"{at['cpu_ms']:>9.1f} {figures['peak_extra_mib']:>9.1f} {figure_cells(at)}"
                 )
     return "\n".join(lines)

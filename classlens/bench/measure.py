@@ -208,6 +208,15 @@ def summarise(readings: Sequence[Round], reference: str, device: torch.device) -
     return figures
 
 
+def figure_cells(at: Mapping[str, Any]) -> str:
+    """A figure of :func:`summarise` as table cells: ratio median [min-max], wall ratio, loaded/rounds."""
+    ratio = at["ratio"]
+    return (
+        f"{ratio['median']:>8.2f} [{ratio['min']:.2f}-{ratio['max']:.2f}]  "
+        f"{at['wall_ratio']['median']:>7.2f} {at['loaded_rounds']:>3}/{at['rounds']:<3}"
+    )
+
+
 def round_records(readings: Sequence[Round]) -> list[dict[str, Any]]:
     """What each round saw of the machine, for the JSON record."""
     return [
