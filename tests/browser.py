@@ -134,6 +134,20 @@ class Browser:
         assert self.driver.save_screenshot(str(path)), f"no screenshot written to {path}"
         return path
 
+    def screenshots_at_both_sizes(self, name: str) -> Path:
+        """Screenshots at 1280x800 and at a phone's 390x844, the page no wider than the phone; the phone's path.
+
+        The window stays at 390x844, for the caller's own checks of the narrow layout.
+        """
+        from PIL import Image
+
+        for width, height in ((1280, 800), (390, 844)):
+            path = self.screenshot(name, width, height)
+            assert Image.open(path).size == (width, height), f"screenshot {path}"
+        overflow = self.driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen; see {path}"
+        return path
+
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Browser]:

@@ -298,3 +298,13 @@ def watch_progress(store: object, job_id: str, timeout_s: float = 180) -> list[t
             return seen
         time.sleep(0.001)
     pytest.fail(f"job {job_id} did not finish; progress seen: {seen}")
+
+
+def resolve_ref(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` of the OpenAPI ``document`` with its local ``$ref`` chain followed to the definition."""
+    while "$ref" in node:
+        found: Any = document
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            found = found[part]
+        node = found
+    return node

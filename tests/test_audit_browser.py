@@ -213,12 +213,7 @@ def test_the_audit_browser_shows_sorts_and_filters_the_audit_and_opens_a_row(bro
     assert browser.problems() == []
 
     driver.execute_script("window.scrollTo(0, 0)")
-    wide = browser.screenshot("audit", 1280, 800)
-    assert Image.open(wide).size == (1280, 800), f"screenshot {wide}"
-    narrow = browser.screenshot("audit", 390, 844)
-    assert Image.open(narrow).size == (390, 844), f"screenshot {narrow}"
-    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen; see {narrow}"
+    narrow = browser.screenshots_at_both_sizes("audit")
     assert browser.problems() == [], f"see {narrow}"
     driver.set_window_size(1280, 800)
 

@@ -24,6 +24,7 @@ from classlens.core.contract import AnalysisRequest
 from classlens.core.settings import Settings
 from model_store.catalog import BUNDLED_SAMPLES
 from service.app import create_app
+from tests.service_fixtures import resolve_ref
 from worker.analyses.run import run_analysis
 from worker.runtime import load
 
@@ -129,20 +130,11 @@ def test_the_docs_page_renders_every_operation_with_its_request_body_fields(serv
                 continue
             # Swagger UI shows the first media type of a body (the others are one click away in its select).
             for media, content in list(operation.get("requestBody", {}).get("content", {}).items())[:1]:
-                for field in resolved(contract, content["schema"]).get("properties", {}):
+                for field in resolve_ref(contract, content["schema"]).get("properties", {}):
                     if not re.search(rf">\s*{re.escape(field)}\s*<", block):
                         missing.append(f"{method} {path} {media}: {field}")
     assert not missing, missing
     assert "top_k" in blocks["createExplanation"]
-
-
-def resolved(document: dict, schema: dict) -> dict:
-    while "$ref" in schema:
-        node = document
-        for part in schema["$ref"].removeprefix("#/").split("/"):
-            node = node[part]
-        schema = node
-    return schema
 
 
 def test_the_docs_page_shows_the_examples(served_docs):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from classlens.core.settings import Settings
 from service.app import create_app
+from tests.service_fixtures import resolve_ref
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENT = yaml.safe_load((REPO / "openapi.yaml").read_text(encoding="utf-8"))
@@ -29,12 +30,7 @@ NO_EXAMPLE = {"image/png", "image/*", "text/html", "application/yaml", "text/jav
 
 
 def resolve(node: dict[str, Any]) -> dict[str, Any]:
-    while "$ref" in node:
-        found: Any = DOCUMENT
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            found = found[part]
-        node = found
-    return node
+    return resolve_ref(DOCUMENT, node)
 
 
 def operations() -> list[tuple[str, str, dict[str, Any]]]:

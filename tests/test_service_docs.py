@@ -18,6 +18,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from classlens.core.settings import Settings
 from service.app import create_app
+from tests.service_fixtures import resolve_ref
 
 METHODS = ("get", "post", "put", "patch", "delete")
 VENDOR = Path(str(swagger_ui_path))
@@ -137,17 +138,9 @@ def loaded_contract(client, parsed: Page) -> tuple[str, dict]:
 def request_fields(document: dict, operation: dict) -> set[str]:
     """Every parameter and every top-level body property of an operation, every media type."""
 
-    def resolved(node: dict) -> dict:
-        while "$ref" in node:
-            found: dict = document
-            for part in node["$ref"].removeprefix("#/").split("/"):
-                found = found[part]
-            node = found
-        return node
-
-    fields = {resolved(parameter)["name"] for parameter in operation.get("parameters", [])}
+    fields = {resolve_ref(document, parameter)["name"] for parameter in operation.get("parameters", [])}
     for content in operation.get("requestBody", {}).get("content", {}).values():
-        fields |= set(resolved(content["schema"]).get("properties", {}))
+        fields |= set(resolve_ref(document, content["schema"]).get("properties", {}))
     return fields
 
 

@@ -253,12 +253,7 @@ def test_the_viewer_draws_the_explanation_it_was_sent(browser, live_service):  #
     assert canvas.get_attribute("data-layer") == str(depth - 1)
     assert driver.find_element(By.ID, "layer-value").text == str(depth - 1)
 
-    wide = browser.screenshot("viewer", 1280, 800)
-    assert Image.open(wide).size == (1280, 800), f"screenshot {wide}"
-    narrow = browser.screenshot("viewer", 390, 844)
-    assert Image.open(narrow).size == (390, 844), f"screenshot {narrow}"
-    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen; see {narrow}"
+    narrow = browser.screenshots_at_both_sizes("viewer")
     assert canvas.size["width"] > 300, f"the map is {canvas.size['width']} px wide at 390 px; see {narrow}"
     assert browser.problems() == [], f"see {narrow}"
 
