@@ -11,7 +11,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import redis
 
 import worker  # noqa: F401  (torchvision compatibility before timm)
 from classlens.core import fashion_mnist
-from classlens.core.processes import stop_process
+from classlens.core.processes import free_port, stop_process
 from classlens.core.settings import Settings
 from model_store.catalog import BUNDLED_SAMPLES
 
@@ -50,12 +49,6 @@ DEFAULT_EXPLAIN_PARAMETERS = {
     "norm": "fresh",
     "bias": True,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -50,4 +50,13 @@ def test_bench_service_quick_run_writes_positive_figures(tmp_path, tiny_model_ro
     hits = figures["cache_hits"]
     assert hits["requests"] == 4
     assert 0 < hits["p50_ms"] <= hits["p99_ms"]
+    loaded = figures["cache_hits_under_load"]  # the same hits while 2 clients submit new images
+    assert 1 <= loaded["requests"] <= 4
+    assert 0 < loaded["p50_ms"] <= loaded["p99_ms"]
+    assert loaded["clients_beside"] == 2
+    for phase in (figures["service"], batched):  # where each job's CPU went, process by process
+        cpu = phase["cpu_ms_per_job"]
+        assert set(cpu) == {"API", "worker", "redis-server", "clients"}
+        assert cpu["worker"] > 0
+        assert cpu["API"] > 0
     assert TINY_MODEL in result.output  # the table

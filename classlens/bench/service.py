@@ -20,8 +20,8 @@ import http.client
 import io
 import json
 import os
+import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +40,7 @@ from PIL import Image
 from classlens.bench.lens import environment
 from classlens.core.contract import TERMINAL_STATUSES, ExplainRequest
 from classlens.core.images import decode_image
-from classlens.core.processes import stop_process
+from classlens.core.processes import free_port, stop_process
 from model_store.catalog import BUNDLED_ROOT, Catalog, ModelEntry, add_model
 from model_store.manifest import InputSpec
 from service.model_info import model_info
@@ -51,7 +51,7 @@ LOOPBACK = "127.0.0.1"
 RANDOM_VIT = "vit_small_patch16_224"
 RANDOM_VIT_NAME = "vit-small-random"
 # Distinct seeds per phase, so that no image of one phase can be a cache hit in another.
-_RAW_SEED, _WARMUP_SEED, _SERVICE_SEED, _BATCHED_SEED = 1, 2, 3, 4
+_RAW_SEED, _WARMUP_SEED, _SERVICE_SEED, _BATCHED_SEED, _LOADED_SEED = 1, 2, 3, 4, 5
 
 
 class BenchError(RuntimeError):
@@ -140,12 +140,6 @@ def api_default_request(entry: ModelEntry) -> ExplainRequest:
 
 
 # --- the private service ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 def _tail(log: Path, chars: int = 3000) -> str:
@@ -344,8 +338,28 @@ def warm_up_worker(service: Service, model: str, spec: InputSpec, plan: Plan) ->
         client.close()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux ``/proc``; its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_process(service: Service) -> dict[str, float]:
+    """CPU seconds so far of each part of the service, and of this process (the clients)."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        **{name: _cpu_s(process.pid) for name, process in service.processes.items()},
+        "clients": used.ru_utime + used.ru_stime,
+    }
+
+
 def service_throughput(service: Service, model: str, images: Sequence[bytes], plan: Plan) -> dict[str, Any]:
-    """``plan.clients`` threads submit the images (each taken once) until all are explained."""
+    """``plan.clients`` threads submit the images (each taken once) until all are explained.
+
+    Beside the rate it reports where the per-job CPU went: milliseconds of CPU per job of the
+    API, the worker, redis-server and the client threads of this process, read from the
+    processes' own counters before and after the phase.
+    """
     deadline = time.monotonic() + plan.timeout_s
     pending = iter(images)
     lock = threading.Lock()
@@ -377,10 +391,10 @@ def service_throughput(service: Service, model: str, images: Sequence[bytes], pl
     for thread in threads:
         thread.start()
     start_line.wait()
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _cpu_by_process(service)
     for thread in threads:
         thread.join(max(deadline - time.monotonic(), 0) + plan.wait_s + 35)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_after = time.perf_counter() - started, _cpu_by_process(service)
     if errors:
         raise BenchError(f"a client failed: {errors[0]}") from errors[0]
     if any(thread.is_alive() for thread in threads) or len(latencies) != len(images):
@@ -391,16 +405,26 @@ def service_throughput(service: Service, model: str, images: Sequence[bytes], pl
         "images_per_s": round(len(images) / elapsed, 3),
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
         "mean_batch_size": round(statistics.mean(batch_sizes), 2),
+        "cpu_ms_per_job": {
+            name: round((cpu_after[name] - cpu_before[name]) * 1000 / len(images), 2) for name in cpu_before
+        },
     }
 
 
-def cache_hit_latency(service: Service, model: str, cached: Sequence[bytes], plan: Plan) -> dict[str, Any]:
-    """Submit already-explained images again, one after another: every answer must be a 200 from the cache."""
+def cache_hit_latency(
+    service: Service, model: str, cached: Sequence[bytes], plan: Plan, busy: threading.Event | None = None
+) -> dict[str, Any]:
+    """Submit already-explained images again, one after another: every answer must be a 200 from the cache.
+
+    With ``busy``, only while it is set: the hits timed while other clients keep the service working.
+    """
     deadline = time.monotonic() + plan.timeout_s
     client = Client(service, plan.wait_s)
-    seconds = []
+    seconds: list[float] = []
     try:
         for index in range(plan.cache_hits):
+            if busy is not None and not busy.is_set():
+                break
             if time.monotonic() > deadline:
                 raise BenchError(f"only {index} of {plan.cache_hits} cache hits within {plan.timeout_s:.0f} s")
             started = time.perf_counter()
@@ -410,11 +434,37 @@ def cache_hit_latency(service: Service, model: str, cached: Sequence[bytes], pla
                 raise BenchError(f"job {job['id']} was not answered from the cache")
     finally:
         client.close()
+    if not seconds:
+        raise BenchError("no cache hit could be timed while the other clients kept the service busy")
     return {
         "requests": len(seconds),
         "p50_ms": round(statistics.median(seconds) * 1000, 2),
         "p99_ms": round(_percentile(seconds, 99) * 1000, 2),
     }
+
+
+def cache_hits_under_load(
+    service: Service, model: str, cached: Sequence[bytes], fresh: Sequence[bytes], plan: Plan
+) -> dict[str, Any]:
+    """Cache-hit latency while ``plan.clients`` clients submit the ``fresh`` images: a hit on a busy service."""
+    busy, failures = threading.Event(), []
+
+    def load() -> None:
+        try:
+            service_throughput(service, model, fresh, plan)
+        except BaseException as error:  # re-raised below, in the measuring thread
+            failures.append(error)
+        finally:
+            busy.clear()
+
+    busy.set()
+    loader = threading.Thread(target=load, name="bench-load", daemon=True)
+    loader.start()
+    hits = cache_hit_latency(service, model, cached, plan, busy)
+    loader.join(plan.timeout_s + plan.wait_s + 35)
+    if failures:
+        raise BenchError(f"the load beside the cache hits failed: {failures[0]}") from failures[0]
+    return {**hits, "clients_beside": plan.clients}
 
 
 def _percentile(values: Sequence[float], percent: int) -> float:
@@ -457,6 +507,9 @@ def bench_service(
             del loaded  # the worker holds its own copy; this one would only take memory
             served["ratio_to_raw"] = round(served["images_per_s"] / raw["images_per_s"], 3)
             hits = cache_hit_latency(service, entry.reference, images, plan)
+            hits_loaded = cache_hits_under_load(
+                service, entry.reference, images, noise_pngs(spec, max(count, 2 * plan.cache_hits), _LOADED_SEED), plan
+            )
             records.append(
                 {
                     "model": entry.reference,
@@ -464,6 +517,7 @@ def bench_service(
                     "raw": raw,
                     "service": served,
                     "cache_hits": hits,
+                    "cache_hits_under_load": hits_loaded,
                 }
             )
     if plan.batch_max > 1:
@@ -505,20 +559,27 @@ def _batched_phase(
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per model: raw, the service unbatched and batched (the default), CPU per job by process; cache hits."""
+    parts = ("API", "worker", "redis-server", "clients")
     lines = [
-        f"{'model':<24} {'input':<12} {'raw img/s':>10} {'service img/s':>14} {'service/raw':>12} "
-        f"{'hit p50 ms':>11} {'hit p99 ms':>11} {'batched img/s':>14} {'gain':>6} {'mean batch':>11}"
+        f"{'model':<24} {'phase':<22} {'img/s':>8} {'/ raw':>6} {'mean batch':>10} "
+        + " ".join(f"{part + ' ms':>15}" for part in parts)
     ]
     for record in records:
-        raw, served, hits = record["raw"], record["service"], record["cache_hits"]
-        lines.append(
-            f"{record['model']:<24} {record['input']:<12} {raw['images_per_s']:>10.2f} {served['images_per_s']:>14.2f} "
-            f"{served['ratio_to_raw']:>12.2f} {hits['p50_ms']:>11.1f} {hits['p99_ms']:>11.1f}"
-            + (
-                f" {record['batched']['images_per_s']:>14.2f} {record['batched']['gain']:>6.2f}"
-                f" {record['batched']['mean_batch_size']:>11.2f}"
-                if "batched" in record
-                else ""
+        lines.append(f"{record['model']:<24} {'raw, one at a time':<22} {record['raw']['images_per_s']:>8.2f}")
+        phases = [("service, batch 1", record["service"])]
+        if "batched" in record:
+            phases.append(("service, batched", record["batched"]))
+        for name, phase in phases:
+            cpu = phase["cpu_ms_per_job"]
+            lines.append(
+                f"{'':<24} {name:<22} {phase['images_per_s']:>8.2f} {phase['ratio_to_raw']:>6.2f} "
+                f"{phase['mean_batch_size']:>10.2f} " + " ".join(f"{cpu.get(part, 0.0):>15.2f}" for part in parts)
             )
-        )
+        quiet, loaded = record["cache_hits"], record.get("cache_hits_under_load")
+        hits = f"cache hit p50 {quiet['p50_ms']:.1f} ms, p99 {quiet['p99_ms']:.1f} ms quiet"
+        if loaded:
+            beside = loaded["clients_beside"]
+            hits += f"; p50 {loaded['p50_ms']:.1f} ms, p99 {loaded['p99_ms']:.1f} ms beside {beside} clients"
+        lines.append(f"{'':<24} {hits}")
     return "\n".join(lines)

@@ -50,14 +50,6 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
-
-
 def _tail(log: Path, characters: int = 2000) -> str:
     try:
         return log.read_text(errors="replace")[-characters:]
@@ -87,7 +79,7 @@ def embedded_service(settings: Settings) -> Iterator[tuple[str, Callable[[], Non
     from waitress import create_server
 
     from classlens.cli.serve import waitress_options
-    from classlens.core.processes import stop_process
+    from classlens.core.processes import free_port, stop_process
     from service.app import create_app
 
     with tempfile.TemporaryDirectory(prefix="classlens-audit-") as temporary:
@@ -107,7 +99,7 @@ def embedded_service(settings: Settings) -> Iterator[tuple[str, Callable[[], Non
             if worker.poll() is not None:
                 raise click.ClickException(f"the audit worker exited with {worker.returncode}:\n{_tail(log)}")
 
-        port = _free_port()
+        port = free_port()
         server = create_server(
             create_app(private, host=LOOPBACK), host=LOOPBACK, port=port, **waitress_options(private, threads=4)
         )

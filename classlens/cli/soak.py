@@ -46,21 +46,13 @@ import click
 
 from classlens.cli.common import open_catalog, resolve
 from classlens.core.contract import TERMINAL_STATUSES
-from classlens.core.processes import stop_process
+from classlens.core.processes import free_port, stop_process
 from classlens.core.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 # Shares of the clients' requests; the rest submit a new image.
 REPEAT_SHARE, MALFORMED_SHARE = 0.2, 0.1
 WORKER_RESTART_DELAY_S = 2.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 def _rss_kib(pid: int) -> int | None:
@@ -82,7 +74,7 @@ class Deployment:
         if binary is None:
             raise click.ClickException("redis-server is not installed (Debian: apt install redis-server)")
         self.work, self.redis_binary = work, binary
-        self.redis_port, self.api_port = _free_port(), _free_port()
+        self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"redis://{LOOPBACK}:{self.redis_port}/0"
         self.env = {
             **os.environ,

@@ -1,12 +1,20 @@
-"""Child processes the CLI starts (workers, the API, redis-server for benchmarks), stopped gracefully."""
+"""Child processes the CLI starts (workers, the API, redis-server): a free port for each, stopped gracefully."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now, for a child the caller is about to start on ``host``."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
