@@ -78,6 +78,7 @@ def measured(store: RedisStore) -> Iterator[Traffic]:
 @contextmanager
 def private_redis(folder: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own (files under ``folder``): nothing else runs commands on it."""
+    folder.mkdir(parents=True, exist_ok=True)
     server = RedisServer(folder)
     server.start()
     try:
