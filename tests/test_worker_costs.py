@@ -179,3 +179,20 @@ def test_a_single_job_finishes_in_one_round_trip(tmp_path, tiny_model_root, redi
     assert figures.jobs[("analysis", "succeeded")] == 1
     assert figures.duration_buckets["analysis"][0] == (0.05, 1)
     assert rt.jobs.result(job.content_key) == b'{"figures": []}'
+
+
+def test_a_batch_and_its_bookkeeping_on_sqlite(tmp_path, tiny_model_root):
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    rt = make_runtime(store, settings_for(tmp_path, tiny_model_root, batch_max=4, batch_wait_ms=0))
+    jobs = [submit(rt, image, offer=True) for image in IMAGES[:3]]
+    assert explain(rt, jobs[0].id).batch_size == 3
+    finished = [rt.jobs.get(job.id) for job in jobs]
+    assert [job.status if job else None for job in finished] == ["succeeded"] * 3
+    model = jobs[0].model
+    figures = stats.read_model_stats(store, model, 2, ["explanation"])
+    assert figures.jobs[("explanation", "succeeded")] == 3
+    assert sum(figures.emergence.values()) == 3 * 2
+    signals = monitoring.read_stats(store, model, 2, 10, 10)
+    assert sum(signals.classes.values()) == 3
+    assert len(monitoring.read_window(store, model, rt.settings.drift_window)) == 3
+    assert store.get(monitoring._sequence_key(model)) == b"3"  # the ring was put in three times

@@ -111,8 +111,8 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
             status = finished[job.id].status if job.id in finished else "succeeded"  # else: among the explained
             stats.record_job(writes, kind=job.kind, model=job.model, status=status, duration_s=duration_s)
         for job, explanation in explained:
-            batched = job.model_copy(update={"batch_size": len(explained)})
-            finished[job.id] = records.succeed(writes, store, batched, explanation.model_dump_json().encode())
+            result = explanation.model_dump_json().encode()
+            finished[job.id] = records.succeed(writes, store, job, result, batch_size=len(explained))
     return [finished[job.id] for job in jobs]
 
 

@@ -31,8 +31,11 @@ def start(writes: Writes, jobs: JobStore, job: Job) -> Job:
     return update(writes, jobs, job, status="running", started_at=time.time())
 
 
-def succeed(writes: Writes, jobs: JobStore, job: Job, result: bytes) -> Job:
-    """The result under the content key (the cache), then the finished record, then the claim on the key dropped."""
+def succeed(writes: Writes, jobs: JobStore, job: Job, result: bytes, **changes: Any) -> Job:
+    """The result under the content key (the cache), then the finished record, then the claim on the key dropped.
+
+    ``changes``: other fields of the record set with it (a batch's size), in the same copy.
+    """
     writes.set(keys.RESULT + job.content_key, result, jobs.ttl_s)
     finished = update(
         writes,
@@ -42,6 +45,7 @@ def succeed(writes: Writes, jobs: JobStore, job: Job, result: bytes) -> Job:
         finished_at=time.time(),
         progress=Progress(done=job.progress.total, total=job.progress.total),
         error=None,
+        **changes,
     )
     writes.delete_if(keys.INFLIGHT + job.content_key, job.id.encode())
     return finished
