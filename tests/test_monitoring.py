@@ -143,9 +143,11 @@ def test_record_counts_buckets_classes_and_keeps_a_bounded_window(any_store):
     model = f"m-{uuid.uuid4().hex}@1"  # a model of this test's own in the shared redis-server
     found = monitoring.signals(explanation([target(3, 1, {"2": PEAKED}, 0.8)]))
     for _ in range(5):
-        monitoring.record(store, model, found, window=3, max_classes=10)
+        with store.writes() as writes:
+            monitoring.record(writes, model, found, window=3, max_classes=10)
     wide = found.model_copy(update={"predicted_index": 12})
-    monitoring.record(store, model, wide, window=3, max_classes=10)
+    with store.writes() as writes:  # a job's bookkeeping is sent with its other writes
+        monitoring.record(writes, model, wide, window=3, max_classes=10)
     stats = monitoring.read_stats(store, model, DEPTH, 10, 20)
     buckets, total = stats.histograms["confidence"]
     assert dict(buckets)[0.7] == 6

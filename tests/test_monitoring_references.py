@@ -85,10 +85,12 @@ def test_a_reference_is_set_read_compared_and_removed(app):
 
     store = app.extensions["classlens"].store
     for confidence in (0.5, 0.6, 0.7):  # three: below the minimum window of four, no drift yet
-        monitoring.record(store, MODEL, signals(confidence), window=10, max_classes=50)
+        with store.writes() as writes:
+            monitoring.record(writes, MODEL, signals(confidence), window=10, max_classes=50)
     assert checked(app, client.get(ROUTE)).get_json()["drift"] == {}
     assert "classlens_drift_psi{" not in client.get("/metrics").get_data(as_text=True)
-    monitoring.record(store, MODEL, signals(0.8), window=10, max_classes=50)
+    with store.writes() as writes:
+        monitoring.record(writes, MODEL, signals(0.8), window=10, max_classes=50)
     drift = checked(app, client.get(ROUTE)).get_json()["drift"]
     assert set(drift) == set(monitoring.DRIFT_SIGNALS)
     assert drift["predicted_class"] == pytest.approx(0.0)
@@ -100,7 +102,8 @@ def test_a_reference_is_set_read_compared_and_removed(app):
 
     # Live traffic of another class and a lower confidence: both signals drift.
     for _ in range(10):
-        monitoring.record(store, MODEL, signals(0.15, predicted=7), window=10, max_classes=50)
+        with store.writes() as writes:
+            monitoring.record(writes, MODEL, signals(0.15, predicted=7), window=10, max_classes=50)
     drift = checked(app, client.get(ROUTE)).get_json()["drift"]
     assert drift["predicted_class"] > 1
     assert drift["confidence"] > 1

@@ -9,7 +9,8 @@ Three parts, all torch-free:
 - :func:`record` keeps them in the store as :mod:`classlens.core.stats` keeps its figures: a few
   integer counters (histogram buckets, predicted classes, emergence layers) that the API exports
   at scrape time, and a bounded window of the most recent explanations of each model version (a
-  ring of ``drift_window`` slots, one ``INCR`` and one ``SET`` per explanation).
+  ring of ``drift_window`` slots, one step per explanation). Its writes go with the job's other
+  bookkeeping (:meth:`~classlens.core.store.Store.writes`): no round trip of their own.
 - A **reference** is a finished audit marked as the baseline of a model version; its rows' signals
   are copied into the store (:func:`save_reference`), so it outlives the audit's result. At scrape
   time :func:`drift` compares the window with it, signal by signal, by the population stability
@@ -29,7 +30,7 @@ import numpy as np
 
 from classlens.core import keys
 from classlens.core.contract import AuditResult, ClassScore, Explanation, Signals, TargetExplanation
-from classlens.core.store import Store
+from classlens.core.store import Store, Writes
 
 # Upper bounds of the histograms of signals that lie in [0, 1]; +Inf is implied.
 SIGNAL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -123,32 +124,37 @@ def _sequence_key(model: str) -> str:
     return f"{keys.STATS}window_sequence:{model}"
 
 
+def _slots(model: str) -> str:
+    """The window's slots of ``model`` are this and the slot's number."""
+    return f"{keys.SIGNALS}{model}:"
+
+
 def _slot_key(model: str, slot: int) -> str:
-    return f"{keys.SIGNALS}{model}:{slot}"
+    return f"{_slots(model)}{slot}"
 
 
 def reference_key(model: str) -> str:
     return f"{keys.REFERENCE}{model}"
 
 
-def record(store: Store, model: str, found: Signals, *, window: int, max_classes: int) -> None:
+def record(writes: Writes, model: str, found: Signals, *, window: int, max_classes: int) -> None:
     """Count ``found`` for ``model`` (name@version) and put it in the model's window of ``window`` slots.
 
     Each histogram keeps the count of its own bucket only (cumulated when read), so one value costs
-    two writes whatever the buckets; the window is a ring, so it never holds more than ``window``.
+    two writes whatever the buckets; the window is a ring (:meth:`~classlens.core.store.Writes.put_in_ring`),
+    so it never holds more than ``window``.
     """
     for name in HISTOGRAM_SIGNALS:
         value = getattr(found, name)
         if value is None:
             continue
         bound = next((b for b in SIGNAL_BUCKETS if value <= b), math.inf)
-        store.incr(_bucket_key(name, model, bound))
-        store.incr(_sum_key(name, model), round(value * _MICRO))
-    store.incr(_class_key(model, class_slot(found.predicted_index, max_classes)))
+        writes.incr(_bucket_key(name, model, bound))
+        writes.incr(_sum_key(name, model), round(value * _MICRO))
+    writes.incr(_class_key(model, class_slot(found.predicted_index, max_classes)))
     if found.explained:
-        store.incr(_emergence_key(model, found.emergence_layer))
-    sequence = store.incr(_sequence_key(model))
-    store.set(_slot_key(model, (sequence - 1) % window), found.model_dump_json().encode(), FOREVER_S)
+        writes.incr(_emergence_key(model, found.emergence_layer))
+    writes.put_in_ring(_sequence_key(model), _slots(model), window, found.model_dump_json().encode(), FOREVER_S)
 
 
 def _count(store: Store, key: str) -> int:

@@ -2,7 +2,8 @@
 
 The workers are other processes (other machines, with Redis), so a Prometheus registry in
 the API cannot see their jobs. Instead each finished job bumps a few integer counters in
-the store (atomic ``INCRBY``), and the API's ``/metrics`` reads them at scrape time.
+the store (atomic ``INCRBY``, sent with the job's other bookkeeping through
+:meth:`~classlens.core.store.Store.writes`), and the API's ``/metrics`` reads them at scrape time.
 Counter names are derived from the catalog (models, their depth), so no key listing is needed.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from classlens.core import keys
-from classlens.core.store import Store
+from classlens.core.store import Store, Writes
 
 # Upper bounds (seconds) of the job-duration histogram; +Inf is implied.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -42,18 +43,18 @@ def _emergence_key(model: str, layer: int | str) -> str:
     return f"{keys.STATS}emergence:{model}:{layer}"
 
 
-def record_job(store: Store, *, kind: str, model: str, status: str, duration_s: float) -> None:
+def record_job(writes: Writes, *, kind: str, model: str, status: str, duration_s: float) -> None:
     """Count a finished job and its run time (cumulative histogram buckets, sum in milliseconds)."""
-    store.incr(jobs_key(kind, model, status))
+    writes.incr(jobs_key(kind, model, status))
     for bound in (*DURATION_BUCKETS, math.inf):
         if duration_s <= bound:
-            store.incr(_duration_key(kind, model, bound))
-    store.incr(_duration_sum_key(kind, model), round(duration_s * 1000))
+            writes.incr(_duration_key(kind, model, bound))
+    writes.incr(_duration_sum_key(kind, model), round(duration_s * 1000))
 
 
-def record_emergence(store: Store, *, model: str, layer: int | None) -> None:
+def record_emergence(writes: Writes, *, model: str, layer: int | None) -> None:
     """Count the layer at which an explained class emerged (``never`` when it did not)."""
-    store.incr(_emergence_key(model, NEVER if layer is None else layer))
+    writes.incr(_emergence_key(model, NEVER if layer is None else layer))
 
 
 def _count(store: Store, key: str) -> int:

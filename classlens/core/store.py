@@ -16,6 +16,9 @@ clients).
 
 Values are bytes: callers decide the encoding (JSON for records, raw bytes for images).
 Every back-end failure is a :class:`StoreError`, which the API answers with a 503.
+
+Bookkeeping that needs no answer (a finished job's records and counters) goes through
+:meth:`Store.writes`: one pipeline, one round trip, with Redis; one transaction with SQLite.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -88,6 +92,15 @@ class Store(Protocol):
 
     def listen(self, channel: str) -> AbstractContextManager[Listener]:
         """Listen on ``channel`` from now on; re-read what you wait for *after* entering, then wait."""
+        ...
+
+    def writes(self) -> AbstractContextManager[Writes]:
+        """Writes collected in a block and sent together when it ends: one round trip, or one transaction.
+
+        For bookkeeping that needs no answer (counters, a finished job's records): nothing is
+        written when the block raises, and what it wrote is applied in order. A Redis pipeline
+        (``transaction=False``) is not atomic; SQLite applies it in one transaction.
+        """
         ...
 
 
@@ -233,6 +246,15 @@ class RedisStore:
         finally:
             pubsub.close()
 
+    @contextmanager
+    def writes(self) -> Iterator[Writes]:
+        with self._client.pipeline(transaction=False) as pipe:
+            yield _RedisWrites(pipe)
+            try:
+                pipe.execute()  # retried on a refused connection like every other command (_reconnecting)
+            except redis.RedisError as error:
+                raise StoreError(f"redis: {error}") from error
+
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 # Lists: one row per item, in insertion order (seq); a list's items share its latest expiry.
@@ -305,8 +327,14 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``): what happens inside is atomic for every other process."""
+        """One write transaction (``BEGIN IMMEDIATE``): what happens inside is atomic for every other process.
+
+        Within a transaction already open (:meth:`writes`), it is part of that one.
+        """
         connection = self._connection()
+        if connection.in_transaction:  # inside writes(): part of its transaction, committed with it
+            yield connection
+            return
         try:
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -385,9 +413,107 @@ class SqliteStore:
         lists = self._run("DELETE FROM lists WHERE expires <= ?", (now,)).rowcount
         return lists + self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount
 
+    @contextmanager
+    def writes(self) -> Iterator[Writes]:
+        batch = _SqliteWrites(self)
+        yield batch
+        with self._transaction():  # the methods' own transactions (push) join this one
+            for write in batch.pending:
+                write()
+
 
 def open_store(settings: Settings) -> Store:
     """Redis when ``settings.redis_url`` is set, else SQLite under the data dir."""
     if settings.redis_url:
         return RedisStore(settings.redis_url)
     return SqliteStore(settings.data_dir / "store.sqlite3")
+
+
+# --- Writes sent together (Store.writes) ------------------------------------------------------------------
+
+
+class Writes(Protocol):
+    """The writes :meth:`Store.writes` collects, applied in order when its block ends; none answers."""
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    def incr(self, key: str, amount: int = 1) -> None: ...
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    def delete_if(self, key: str, value: bytes) -> None: ...
+
+    def notify(self, channel: str) -> None: ...
+
+    def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
+        """Add 1 to ``counter`` (n), then set ``slot_prefix + str((n - 1) % size)``: a ring of ``size`` slots.
+
+        Both in one step, since the slot depends on the counter's new value: the n-th value put
+        in the ring replaces the one put ``size`` values before it.
+        """
+        ...
+
+
+# The ring's two steps on the server. The slot's key is made from the counter, so it cannot be among KEYS
+# (one Redis, not a cluster).
+_PUT_IN_RING = (
+    "local n = redis.call('INCR', KEYS[1]) "
+    "redis.call('SET', ARGV[1] .. ((n - 1) % tonumber(ARGV[2])), ARGV[3], 'PX', ARGV[4]) "
+    "return n"
+)
+
+
+class _RedisWrites:
+    """Commands queued on a pipeline: the same commands as :class:`RedisStore`'s methods, sent at once."""
+
+    def __init__(self, pipe: redis.client.Pipeline):
+        self._pipe = pipe
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._pipe.set(key, value, px=_milliseconds(ttl_s))
+
+    def incr(self, key: str, amount: int = 1) -> None:
+        self._pipe.incrby(key, amount)
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._pipe.rpush(key, value)
+        self._pipe.pexpire(key, _milliseconds(ttl_s))
+
+    def delete_if(self, key: str, value: bytes) -> None:
+        self._pipe.eval(_DELETE_IF, 1, key, value)
+
+    def notify(self, channel: str) -> None:
+        self._pipe.publish(keys.NOTICE + channel, b"")  # the notice RedisStore.notify publishes
+
+    def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
+        self._pipe.eval(_PUT_IN_RING, 1, counter, slot_prefix, size, value, _milliseconds(ttl_s))
+
+
+class _SqliteWrites:
+    """Writes kept until the block ends, then made by :class:`SqliteStore`'s own methods in one transaction."""
+
+    def __init__(self, store: SqliteStore):
+        self._store = store
+        self.pending: list[Callable[[], object]] = []
+
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.pending.append(partial(self._store.set, key, value, ttl_s))
+
+    def incr(self, key: str, amount: int = 1) -> None:
+        self.pending.append(partial(self._store.incr, key, amount))
+
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.pending.append(partial(self._store.push, key, value, ttl_s))
+
+    def delete_if(self, key: str, value: bytes) -> None:
+        self.pending.append(partial(self._store.delete_if, key, value))
+
+    def notify(self, channel: str) -> None:
+        self.pending.append(partial(self._store.notify, channel))
+
+    def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
+        def put() -> None:
+            n = self._store.incr(counter)
+            self._store.set(f"{slot_prefix}{(n - 1) % size}", value, ttl_s)
+
+        self.pending.append(put)

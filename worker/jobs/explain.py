@@ -3,6 +3,10 @@
 With ``batch_max > 1`` a job's worker takes companions (other queued jobs of the same model and
 parameters, :mod:`classlens.core.batching`) and explains all their images in one forward pass;
 each job still ends on its own terms.
+
+The store is asked as little as the work allows: the batch's jobs are started in one round trip,
+and their successes, counters and monitoring signals are written in one more
+(:meth:`~classlens.core.store.Store.writes`, :mod:`worker.jobs.records`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from classlens.core import monitoring, stats
-from classlens.core.contract import ExplainRequest, Job
+from classlens.core.contract import TERMINAL_STATUSES, ExplainRequest, Explanation, Job
 from classlens.core.images import decode_image
 from classlens.core.store import StoreError
 from model_store.catalog import ModelChangedError, ModelEntry
+from worker.jobs import records
 from worker.jobs.failures import record_failure
-from worker.jobs.runtime import Runtime, resume
+from worker.jobs.runtime import Runtime, look_up, resume
 from worker.lens.explain import ExplainError
 
 
@@ -28,8 +33,8 @@ def explain_job(rt: Runtime, job_id: str) -> Job | None:
     With ``batch_max > 1`` the job is explained together with other queued jobs of the same
     model and parameters, in one forward pass (:mod:`classlens.core.batching`).
     """
-    job, needs_work = resume(rt, job_id)
-    if job is None or not needs_work:
+    job = look_up(rt, job_id)
+    if job is None or job.status in TERMINAL_STATUSES:
         return job
     batches = rt.batches
     if not batches.claim(job.id):
@@ -38,7 +43,7 @@ def explain_job(rt: Runtime, job_id: str) -> Job | None:
         return job
     others: list[Job] = []
     try:
-        job, needs_work = resume(rt, job.id)  # it may have finished between the first look and the claim
+        job, needs_work = resume(rt, job.id)  # finished since the first look, or its result already stored
         if job is None or not needs_work:
             return job
         if rt.settings.batch_max > 1:
@@ -63,7 +68,8 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
     """
     store = rt.jobs
     started = time.monotonic()
-    running = [store.start(job) for job in jobs]
+    with store.store.writes() as writes:
+        running = [records.start(writes, store, job) for job in jobs]
     finished: dict[str, Job] = {}
     ready, images = [], []
     for job in running:
@@ -74,13 +80,13 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
             raise  # not the job's fault: the task runs it again once the store answers
         except Exception as error:
             finished[job.id] = record_failure(rt, job, error)
-    explanations = []
+    explained: list[tuple[Job, Explanation]] = []
     try:
         if ready:
             request = ExplainRequest.model_validate(ready[0].parameters)
             model = rt.models.get(ready[0].model, fingerprint=ready[0].fingerprints.get(ready[0].model))
             ready, images = _same_model(rt, ready, images, model.entry, finished)
-            explanations = model.explain(images, request) if ready else []
+            explained = list(zip(ready, model.explain(images, request) if ready else [], strict=True))
     except SoftTimeLimitExceeded:
         detail = f"the explanation took longer than {rt.settings.task_soft_time_limit_s} s"
         finished |= {job.id: store.fail(job, "Time limit exceeded", detail) for job in ready}
@@ -88,23 +94,25 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
         raise
     except Exception as error:
         finished |= {job.id: record_failure(rt, job, error) for job in ready}
-    else:
-        for job, explanation in zip(ready, explanations, strict=True):
-            batched = job.model_copy(update={"batch_size": len(ready)})
-            finished[job.id] = store.succeed(batched, explanation.model_dump_json().encode())
+    duration_s = time.monotonic() - started
+    # Counters first, records last: whoever a record's notice wakes finds the counters already made.
+    with store.store.writes() as writes:
+        for job, explanation in explained:
             for target in explanation.targets:
-                stats.record_emergence(store.store, model=job.model, layer=target.emergence_layer)
+                stats.record_emergence(writes, model=job.model, layer=target.emergence_layer)
             monitoring.record(
-                store.store,
+                writes,
                 job.model,
                 monitoring.signals(explanation),
                 window=rt.settings.drift_window,
                 max_classes=rt.settings.metrics_max_classes,
             )
-    duration_s = time.monotonic() - started
-    for job in running:
-        done = finished[job.id]
-        stats.record_job(store.store, kind=done.kind, model=done.model, status=done.status, duration_s=duration_s)
+        for job in running:
+            status = finished[job.id].status if job.id in finished else "succeeded"  # else: among the explained
+            stats.record_job(writes, kind=job.kind, model=job.model, status=status, duration_s=duration_s)
+        for job, explanation in explained:
+            result = explanation.model_dump_json().encode()
+            finished[job.id] = records.succeed(writes, store, job, result, batch_size=len(explained))
     return [finished[job.id] for job in jobs]
 
 

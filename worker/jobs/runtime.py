@@ -108,6 +108,18 @@ def requeue(rt: Runtime, job_id: str) -> None:
         send_job(rt.celery, rt.settings, job)
 
 
+def look_up(rt: Runtime, job_id: str) -> Job | None:
+    """The job's record; None (with a warning) when it is gone (expired).
+
+    A task's first look, one read: a finished job (a batch companion's own message, a redelivery) ends
+    its task here, and an unfinished one is looked at again by :func:`resume` once claimed.
+    """
+    job = rt.jobs.get(job_id)
+    if job is None:
+        log.warning("job %s no longer exists; dropping its task", job_id)
+    return job
+
+
 def resume(rt: Runtime, job_id: str) -> tuple[Job | None, bool]:
     """The job and whether it still needs work.
 
@@ -115,9 +127,8 @@ def resume(rt: Runtime, job_id: str) -> tuple[Job | None, bool]:
     redelivery after the result was written, or an equal job computed it; the job is
     then marked succeeded): ``(job, False)``. Otherwise ``(job, True)``.
     """
-    job = rt.jobs.get(job_id)
+    job = look_up(rt, job_id)
     if job is None:
-        log.warning("job %s no longer exists; dropping its task", job_id)
         return None, False
     if job.status in TERMINAL_STATUSES:
         return job, False

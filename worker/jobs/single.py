@@ -8,10 +8,11 @@ from collections.abc import Callable
 from celery.exceptions import SoftTimeLimitExceeded
 
 from classlens.core import stats
-from classlens.core.contract import Job
+from classlens.core.contract import TERMINAL_STATUSES, Job, Progress
 from classlens.core.store import StoreError
+from worker.jobs import records
 from worker.jobs.failures import record_failure
-from worker.jobs.runtime import Runtime, resume
+from worker.jobs.runtime import Runtime, look_up, resume
 
 
 def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: Callable[[Job], bytes]) -> Job | None:
@@ -23,8 +24,8 @@ def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: 
     record is read again before it is finished.
     """
     jobs = rt.jobs
-    job, needs_work = resume(rt, job_id)
-    if job is None or not needs_work:
+    job = look_up(rt, job_id)
+    if job is None or job.status in TERMINAL_STATUSES:
         return job
     if not rt.batches.claim(job_id):
         return job  # a live worker runs it (see explain_job)
@@ -32,8 +33,12 @@ def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: 
         job, needs_work = resume(rt, job_id)
         if job is None or not needs_work:
             return job
-        job = jobs.progress(jobs.start(job), 0)
+        with jobs.store.writes() as writes:
+            # What jobs.progress(jobs.start(job), 0) writes, as one record.
+            progress = Progress(done=0, total=job.progress.total)
+            job = records.update(writes, jobs, job, status="running", started_at=time.time(), progress=progress)
         started = time.monotonic()
+        result: bytes | None = None
         try:
             result = compute(job)
         except SoftTimeLimitExceeded:
@@ -44,11 +49,15 @@ def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: 
             raise  # not the job's fault: the task runs it again once the store answers
         except Exception as error:
             job = record_failure(rt, jobs.get(job.id) or job, error)
-        else:
-            job = jobs.succeed(jobs.get(job.id) or job, result)
-        stats.record_job(
-            jobs.store, kind=job.kind, model=job.model, status=job.status, duration_s=time.monotonic() - started
-        )
+        duration_s = time.monotonic() - started
+        if result is not None:
+            job = jobs.get(job.id) or job  # with the progress ``compute`` recorded
+        # One round trip: the counters, then (when it succeeded) the records, as explain_job writes them.
+        with jobs.store.writes() as writes:
+            status = job.status if result is None else "succeeded"
+            stats.record_job(writes, kind=job.kind, model=job.model, status=status, duration_s=duration_s)
+            if result is not None:
+                job = records.succeed(writes, jobs, job, result)
         return job
     finally:
         rt.batches.release([job_id])
