@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from worker.lens.workspace import Workspace, empty
+
 if TYPE_CHECKING:  # the projection imports this module
     from worker.lens.projection import CentredStreams
 
@@ -113,6 +115,32 @@ class TensorSink(Protocol):
     def append(self, tensor: torch.Tensor, /) -> None: ...
 
 
+class _Slots:
+    """A :class:`TensorSink` that copies the ``i``-th tensor it receives into ``buffer[:, i]``.
+
+    The buffer ``[B, slots, ...]`` is taken from a workspace when the first tensor arrives
+    (its shape is known then), so the trace's streams are written where they are kept rather
+    than held as a list of the model's own outputs and stacked after the pass.
+    """
+
+    def __init__(self, workspace: Workspace | None, name: str, slots: int):
+        self.workspace, self.name, self.slots = workspace, name, slots
+        self.buffer: torch.Tensor | None = None
+        self.filled = 0
+
+    def append(self, tensor: torch.Tensor) -> None:
+        if self.buffer is None:
+            shape = (tensor.shape[0], self.slots, *tensor.shape[1:])
+            self.buffer = empty(self.workspace, self.name, shape, tensor.dtype, tensor.device)
+        self.buffer[:, self.filled].copy_(tensor)
+        self.filled += 1
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is None or self.filled != self.slots:
+            raise RuntimeError(f"the trace saw {self.filled} of the {self.slots} tensors of {self.name}")
+        return self.buffer
+
+
 def _tensor(output: Any) -> torch.Tensor:
     """A module's main output: Hugging Face attention modules return ``(hidden, weights)``."""
     return output[0] if isinstance(output, tuple) else output
@@ -125,7 +153,7 @@ def save_output(store: TensorSink) -> Callable[[nn.Module, Any, Any], None]:
     return hook
 
 
-def _save_input(store: list[torch.Tensor]) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+def _save_input(store: TensorSink) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         store.append(args[0] if args else next(iter(kwargs.values())))
 
@@ -230,6 +258,7 @@ class LensModel(ABC):
         sublayers: bool = True,
         attention_probs: bool = False,
         for_attention_gradients: bool = False,
+        workspace: Workspace | None = None,
     ) -> Trace:
         """One forward pass with the residual stream, sublayer outputs and (optionally) attention probabilities.
 
@@ -237,8 +266,14 @@ class LensModel(ABC):
         cuts the graph between blocks (each block's input is detached), so that a
         loss computed from block ``b``'s output has gradients with respect to
         ``A_b`` only through block ``b``: the gradient relevance map needs exactly that.
+
+        With a ``workspace`` (and without gradients) the streams are copied, as the pass
+        produces them, into its buffers (:mod:`worker.lens.workspace`): the same values, in
+        memory that the next call reuses, valid while the caller holds the workspace's lease.
         """
         blocks = self.blocks()
+        if workspace is not None and not torch.is_grad_enabled():
+            return self._trace_into(workspace, images, sublayers=sublayers, attention_probs=attention_probs)
         embedded: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
         attention: list[torch.Tensor] = []
@@ -263,6 +298,36 @@ class LensModel(ABC):
             residual=torch.stack([embedded[0], *outputs], dim=1),
             attention=torch.stack(attention, dim=1) if sublayers else None,
             mlp=torch.stack(mlp, dim=1) if sublayers else None,
+            attention_probs=probs or None,
+        )
+
+    def _trace_into(
+        self, workspace: Workspace, images: torch.Tensor, *, sublayers: bool, attention_probs: bool
+    ) -> Trace:
+        """:meth:`trace` without gradients, the streams written into ``workspace``'s buffers."""
+        blocks = self.blocks()
+        depth = len(blocks)
+        residual = _Slots(workspace, "residual", depth + 1)
+        attention = _Slots(workspace, "attention", depth)
+        mlp = _Slots(workspace, "mlp", depth)
+        probs: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            # Appended in the order the pass runs: x_0 as block 1's input, then each block's output.
+            stack.enter_context(_hooked_with_kwargs(blocks[0], _save_input(residual)))
+            for block in blocks:
+                stack.enter_context(hooked(block, save_output(residual)))
+                if sublayers:
+                    attention_branch, mlp_branch = self.branches(block)
+                    stack.enter_context(hooked(attention_branch, save_output(attention)))
+                    stack.enter_context(hooked(mlp_branch, save_output(mlp)))
+            if attention_probs:
+                stack.enter_context(self.attention_probabilities(probs))
+            logits = self.logits(images)
+        return Trace(
+            logits=logits,
+            residual=residual.result(),
+            attention=attention.result() if sublayers else None,
+            mlp=mlp.result() if sublayers else None,
             attention_probs=probs or None,
         )
 

@@ -8,7 +8,8 @@ that one set of logits: more targets cost comparisons, not forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import cast
 
 import numpy as np
@@ -36,6 +37,7 @@ from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings, StreamLogits
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
 from worker.lens.vit import inspect_vit
+from worker.lens.workspace import Workspace
 
 # Computes the trace of a batch of images (``sublayers``: with ``a_b`` and ``m_b``) without
 # gradients, e.g. an ONNX explainer graph (:class:`worker.onnx_explainer.OnnxExplainer`).
@@ -96,12 +98,15 @@ def explain(
     model_ref: ModelRef,
     *,
     tracer: Tracer | None = None,
+    workspace: Workspace | None = None,
 ) -> list[Explanation]:
     """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image.
 
     ``tracer`` replaces the torch forward pass (not the gradient map nor the baseline
     maps, which run the model itself): the streams may come from anywhere that reproduces
-    :func:`trace`, and everything after them is the same code.
+    :func:`trace`, and everything after them is the same code. ``workspace`` (one per
+    loaded model: :mod:`worker.lens.workspace`) keeps the large buffers and the projection
+    from one call to the next; the results are the same with it or without.
     """
     lens = open_model(model)
     spec = lens.spec
@@ -110,14 +115,14 @@ def explain(
         raise ExplainError(f"{len(labels)} labels for a model with {spec.num_classes} classes")
     layers = check_layers(request.layers if request.layers is not None else [spec.depth], spec.depth)
     fixed_targets = resolve_targets(request.targets, labels) if request.targets else None
-    try:
-        projection = ClassProjection(lens, ProjectionSettings(norm=request.norm, bias=request.bias))
-    except UnsupportedModelError as error:
-        raise ExplainError(str(error)) from error
     depth, prefix = spec.depth, spec.num_prefix
 
-    with torch.no_grad():
-        run = tracer(images, request.sublayers) if tracer else lens.trace(images, sublayers=request.sublayers)
+    with _leased(workspace) as buffers, torch.no_grad():
+        projection = _projection(lens, ProjectionSettings(norm=request.norm, bias=request.bias), buffers)
+        if tracer:
+            run = tracer(images, request.sublayers)
+        else:
+            run = lens.trace(images, sublayers=request.sublayers, workspace=buffers)
         probabilities = run.logits.softmax(-1)
         entropy = torch.special.entr(run.logits.float().softmax(-1)).sum(-1)  # [B], nats
         if fixed_targets is not None:
@@ -125,7 +130,7 @@ def explain(
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        stream_logits = projection.of_trace(run, request.sublayers)
+        stream_logits = projection.of_trace(run, request.sublayers, buffers)
         token_ranks = stream_logits.ranks(targets)  # [B, K, S, T]
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)
@@ -196,6 +201,30 @@ def explain(
             )
         )
     return explanations
+
+
+@contextmanager
+def _leased(workspace: Workspace | None) -> Iterator[Workspace | None]:
+    if workspace is None:
+        yield None
+        return
+    with workspace.lease() as buffers:
+        yield buffers
+
+
+def _projection(lens: LensModel, settings: ProjectionSettings, workspace: Workspace | None) -> ClassProjection:
+    """The projection of ``lens`` under ``settings``, built once per workspace (``E_c`` reads frozen weights)."""
+
+    def build() -> ClassProjection:
+        try:
+            return ClassProjection(lens, settings)
+        except UnsupportedModelError as error:
+            raise ExplainError(str(error)) from error
+
+    if workspace is None:
+        return build()
+    projection: ClassProjection = workspace.built(("projection", id(lens.model), settings), build)
+    return projection
 
 
 def _token_classes(logits: StreamLogits, prefix: int, k: int) -> dict[str, list[list[list[int]]]]:

@@ -43,6 +43,7 @@ from torch import nn
 from worker.lens.adapter import LensModel, Readout, Trace, UnsupportedModelError
 from worker.lens.families import open_model
 from worker.lens.ranks import class_rank
+from worker.lens.workspace import Workspace
 
 NormMode = Literal["fresh", "cached"]
 
@@ -134,23 +135,28 @@ class ClassProjection:
         return self._linear(self.readouts[0].head, self.normalise(v, scale_from))
 
     def streams(
-        self, residual: torch.Tensor, attention: torch.Tensor | None = None, mlp: torch.Tensor | None = None
+        self,
+        residual: torch.Tensor,
+        attention: torch.Tensor | None = None,
+        mlp: torch.Tensor | None = None,
+        workspace: Workspace | None = None,
     ) -> torch.Tensor:
         """Logits of every token of every stream, ``[B, S, T, C]``.
 
         ``residual`` ``[B, L + 1, T, D]`` (``x_0 .. x_L``); with ``attention`` and ``mlp``
         (``[B, L, T, D]`` each) the streams are ``x_0 .. x_L, a_1 .. a_L, m_1 .. m_L``.
-        Equal to calling the projection on each stream (within float32 rounding).
+        Equal to calling the projection on each stream (within float32 rounding). With a
+        ``workspace`` the logits are written into its buffer (:meth:`centred`).
         """
         last = residual[:, -1:]  # the cached-scale reference, for every stream
         if attention is None or mlp is None:
             return self(residual, last)
         if not isinstance(self.final_norm, nn.LayerNorm):  # no closed form: project each stream
             return self(torch.cat([residual, attention, mlp], dim=1), last)
-        centred, scales = self.centred(residual, attention, mlp)
+        centred, scales = self.centred(residual, attention, mlp, workspace)
         return self.finish(centred, scales, scales[:, self.spec.depth : self.spec.depth + 1])
 
-    def of_trace(self, run: Trace, sublayers: bool = True) -> StreamLogits:
+    def of_trace(self, run: Trace, sublayers: bool = True, workspace: Workspace | None = None) -> StreamLogits:
         """The stream logits of a trace; finished from the graph's centred products when it has them.
 
         Those products are finished in place (:meth:`finish`), so the trace gives them up: its
@@ -161,7 +167,7 @@ class ClassProjection:
             if run.scales is not None:
                 raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
-            return StreamLogits.split(self.streams(run.residual, attention, mlp), self.spec.depth)
+            return StreamLogits.split(self.streams(run.residual, attention, mlp, workspace), self.spec.depth)
         if run.scales is None:
             raise ValueError("a trace with E_c v products needs their scales s(v)")
         centred, run.centred = run.centred, None
@@ -172,16 +178,25 @@ class ClassProjection:
         return StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
 
     def centred(
-        self, residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor
+        self,
+        residual: torch.Tensor,
+        attention: torch.Tensor,
+        mlp: torch.Tensor,
+        workspace: Workspace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The settings-free half of :meth:`streams`: ``E_c v`` ``[B, S, T, C]`` and ``s(v)`` ``[B, S, T]``.
 
         What an ONNX explainer graph computes (:func:`centred_stream_logits`); this is
-        the same arithmetic for torch, written into preallocated memory.
+        the same arithmetic for torch, written into preallocated memory: the workspace's
+        ``"logits"`` buffer when there is one.
         """
         batch, depth, tokens, _ = attention.shape
         weight = self.centred_embedding
-        out = residual.new_empty(batch, 1 + 3 * depth, tokens, weight.shape[0])
+        shape = (batch, 1 + 3 * depth, tokens, weight.shape[0])
+        if workspace is None:
+            out = residual.new_empty(shape)
+        else:
+            out = workspace.empty("logits", shape, residual.dtype, residual.device)
         classes = weight.shape[0]
 
         def product(streams: torch.Tensor, into: torch.Tensor) -> None:
