@@ -33,7 +33,7 @@ running sum of ``E_c x_0`` and the sublayers' ``E_c a_j + E_c m_j``, so only
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Self, cast
 
 import torch
@@ -66,6 +66,8 @@ class Streams:
     residual: torch.Tensor  # [B, L + 1, ...]: x_0 .. x_L
     attention: torch.Tensor | None = None  # [B, L, ...]: a_1 .. a_L
     mlp: torch.Tensor | None = None  # [B, L, ...]: m_1 .. m_L
+    # [B, S, ...]: the tensor the parts are views of, when they came from one (:meth:`split`).
+    whole: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def parts(self) -> list[torch.Tensor]:
         """The tensors in the streams' order (``x``, then ``a``, then ``m``), the sublayers when present."""
@@ -75,8 +77,8 @@ class Streams:
     def split(cls, whole: torch.Tensor, depth: int) -> Self:
         """Views of a tensor whose dimension 1 runs over the streams (``[B, S, ...]``), one per kind of stream."""
         if whole.shape[1] == depth + 1:
-            return cls(whole)
-        return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :])
+            return cls(whole, whole=whole)
+        return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :], whole=whole)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,12 @@ class StreamLogits(Streams):
     """The logits ``[B, S_kind, T, C]`` at every token of each kind of stream, under a projection's settings."""
 
     def ranks(self, targets: torch.Tensor) -> torch.Tensor:
-        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`)."""
+        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`).
+
+        Counted over the streams in one call when they are one tensor; each rank is a count, so the same.
+        """
+        if self.whole is not None:
+            return class_rank(self.whole, targets)
         return torch.cat([class_rank(part, targets) for part in self.parts()], dim=2)
 
 
