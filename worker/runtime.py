@@ -143,7 +143,8 @@ class LoadedViT(LoadedModel):
     onnx: OnnxExplainer | None = None
     # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
     half: Tracer | None = None
-    # The buffers and projections its explain calls reuse (bounded: worker.lens.workspace).
+    # The buffers and projections its explain calls reuse (bounded: worker.lens.workspace; not counted
+    # in ModelCache.footprint, which counts weights).
     workspace: Workspace = field(default_factory=Workspace)
 
     @property

@@ -107,6 +107,9 @@ class Trace:
     # the norm's scale s(v) of every stream, [B, S, T] in the order x, a, m.
     centred: CentredStreams | None = None
     scales: torch.Tensor | None = None
+    # [B, S, T, D]: x, a and m in one tensor, when the trace wrote them into one buffer (residual,
+    # attention and mlp are then views of it).
+    streams: torch.Tensor | None = None
 
 
 class TensorSink(Protocol):
@@ -115,30 +118,44 @@ class TensorSink(Protocol):
     def append(self, tensor: torch.Tensor, /) -> None: ...
 
 
-class _Slots:
-    """A :class:`TensorSink` that copies the ``i``-th tensor it receives into ``buffer[:, i]``.
+class _StreamBuffer:
+    """One ``[B, S, T, D]`` buffer for every stream of a trace, taken from a workspace when ``x_0`` arrives.
 
-    The buffer ``[B, slots, ...]`` is taken from a workspace when the first tensor arrives
-    (its shape is known then), so the trace's streams are written where they are kept rather
-    than held as a list of the model's own outputs and stacked after the pass.
+    The streams in :meth:`~worker.lens.projection.ClassProjection.streams`'s order (``x_0 .. x_L``,
+    then ``a_1 .. a_L``, ``m_1 .. m_L``), so that what reads them all (the norm's scales) reads one tensor.
     """
 
-    def __init__(self, workspace: Workspace | None, name: str, slots: int):
-        self.workspace, self.name, self.slots = workspace, name, slots
+    def __init__(self, workspace: Workspace | None, streams: int):
+        self.workspace, self.streams = workspace, streams
         self.buffer: torch.Tensor | None = None
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None:
+            shape = (tensor.shape[0], self.streams, *tensor.shape[1:])
+            self.buffer = empty(self.workspace, "streams", shape, tensor.dtype, tensor.device)
+        return self.buffer
+
+
+class _Slots:
+    """A :class:`TensorSink` that copies the ``i``-th tensor it receives into stream ``start + i`` of a buffer.
+
+    The streams are written, as the pass produces them, where they are kept, rather than held
+    as a list of the model's own outputs and stacked after the pass.
+    """
+
+    def __init__(self, streams: _StreamBuffer, start: int, slots: int):
+        self.streams, self.start, self.slots = streams, start, slots
         self.filled = 0
 
     def append(self, tensor: torch.Tensor) -> None:
-        if self.buffer is None:
-            shape = (tensor.shape[0], self.slots, *tensor.shape[1:])
-            self.buffer = empty(self.workspace, self.name, shape, tensor.dtype, tensor.device)
-        self.buffer[:, self.filled].copy_(tensor)
+        self.streams.of(tensor)[:, self.start + self.filled].copy_(tensor)
         self.filled += 1
 
     def result(self) -> torch.Tensor:
-        if self.buffer is None or self.filled != self.slots:
-            raise RuntimeError(f"the trace saw {self.filled} of the {self.slots} tensors of {self.name}")
-        return self.buffer
+        """``[B, slots, T, D]``: a view of the streams' buffer."""
+        if self.streams.buffer is None or self.filled != self.slots:
+            raise RuntimeError(f"the trace saw {self.filled} of the {self.slots} tensors of a stream")
+        return self.streams.buffer[:, self.start : self.start + self.slots]
 
 
 def _tensor(output: Any) -> torch.Tensor:
@@ -307,9 +324,10 @@ class LensModel(ABC):
         """:meth:`trace` without gradients, the streams written into ``workspace``'s buffers."""
         blocks = self.blocks()
         depth = len(blocks)
-        residual = _Slots(workspace, "residual", depth + 1)
-        attention = _Slots(workspace, "attention", depth)
-        mlp = _Slots(workspace, "mlp", depth)
+        streams = _StreamBuffer(workspace, 1 + 3 * depth if sublayers else depth + 1)
+        residual = _Slots(streams, 0, depth + 1)
+        attention = _Slots(streams, depth + 1, depth)
+        mlp = _Slots(streams, 2 * depth + 1, depth)
         probs: list[torch.Tensor] = []
         with ExitStack() as stack:
             # Appended in the order the pass runs: x_0 as block 1's input, then each block's output.
@@ -329,6 +347,7 @@ class LensModel(ABC):
             attention=attention.result() if sublayers else None,
             mlp=mlp.result() if sublayers else None,
             attention_probs=probs or None,
+            streams=streams.buffer,
         )
 
 

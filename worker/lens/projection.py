@@ -147,20 +147,22 @@ class ClassProjection:
         attention: torch.Tensor | None = None,
         mlp: torch.Tensor | None = None,
         workspace: Workspace | None = None,
+        whole: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every token of every stream, ``[B, S, T, C]``.
 
         ``residual`` ``[B, L + 1, T, D]`` (``x_0 .. x_L``); with ``attention`` and ``mlp``
         (``[B, L, T, D]`` each) the streams are ``x_0 .. x_L, a_1 .. a_L, m_1 .. m_L``.
         Equal to calling the projection on each stream (within float32 rounding). With a
-        ``workspace`` the logits are written into its buffer (:meth:`centred`).
+        ``workspace`` the logits are written into its buffer; ``whole`` is the three streams in one
+        tensor, when the caller has them so (:meth:`centred`).
         """
         last = residual[:, -1:]  # the cached-scale reference, for every stream
         if attention is None or mlp is None:
             return self(residual, last)
         if not isinstance(self.final_norm, nn.LayerNorm):  # no closed form: project each stream
             return self(torch.cat([residual, attention, mlp], dim=1), last)
-        centred, scales = self.centred(residual, attention, mlp, workspace)
+        centred, scales = self.centred(residual, attention, mlp, workspace, whole)
         return self.finish(centred, scales, scales[:, self.spec.depth : self.spec.depth + 1])
 
     def of_trace(self, run: Trace, sublayers: bool = True, workspace: Workspace | None = None) -> StreamLogits:
@@ -174,7 +176,8 @@ class ClassProjection:
             if run.scales is not None:
                 raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
-            return StreamLogits.split(self.streams(run.residual, attention, mlp, workspace), self.spec.depth)
+            whole = run.streams if sublayers else None
+            return StreamLogits.split(self.streams(run.residual, attention, mlp, workspace, whole), self.spec.depth)
         if run.scales is None:
             raise ValueError("a trace with E_c v products needs their scales s(v)")
         centred, run.centred = run.centred, None
@@ -190,12 +193,14 @@ class ClassProjection:
         attention: torch.Tensor,
         mlp: torch.Tensor,
         workspace: Workspace | None = None,
+        whole: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The settings-free half of :meth:`streams`: ``E_c v`` ``[B, S, T, C]`` and ``s(v)`` ``[B, S, T]``.
 
         What an ONNX explainer graph computes (:func:`centred_stream_logits`); this is
         the same arithmetic for torch, written into preallocated memory: the workspace's
-        ``"logits"`` buffer when there is one.
+        ``"logits"`` buffer when there is one. ``whole`` (``[B, S, T, D]``, the streams of which
+        the others are views) lets the scales be one reduction rather than three and a copy.
         """
         batch, depth, tokens, _ = attention.shape
         weight = self.centred_embedding
@@ -216,7 +221,8 @@ class ClassProjection:
             product(mlp[b], out[b, 1 + 2 * depth :])
             torch.add(out[b, 1 + depth : 1 + 2 * depth], out[b, 1 + 2 * depth :], out=out[b, 1 : 1 + depth])
             out[b, : 1 + depth].cumsum_(0)
-        return out, stream_scales(residual, attention, mlp, self.eps)
+        scales = stream_scales(residual, attention, mlp, self.eps) if whole is None else _scale(whole, self.eps)
+        return out, scales
 
     def finish(self, centred: torch.Tensor, scales: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Stream logits from ``E_c v`` ``[B, S', T, C]`` under this projection's settings, in place.

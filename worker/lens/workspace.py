@@ -1,8 +1,8 @@
 """What the explain calls of one loaded model reuse: the large output buffers and the projections.
 
-An explanation writes a few tensors of tens of megabytes: the traced streams ``x_b``, ``a_b``,
-``m_b`` (``[B, L + 1, T, D]`` and ``[B, L, T, D]``) and the logits of every stream
-(``[B, S, T, C]``: 28 MiB for one 224x224 image on a 1,000-class ViT with 12 blocks). A plain
+An explanation writes two tensors of tens of megabytes: the traced streams ``x_b``, ``a_b``,
+``m_b`` (``[B, S, T, D]``: 21 MiB for one 224x224 image on ViT-B/16) and the logits of every
+stream (``[B, S, T, C]``: 28 MiB with 1,000 classes). A plain
 forward pass allocates nothing that large, so glibc's allocator serves its blocks from the heap;
 blocks this size it ``mmap``-s and returns to the kernel on free, or trims off the heap's top,
 and then every call faults its pages in again and the kernel zeroes each one. Keeping those
@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-# Enough for the streams and logits of a batch of 4 to 5 images on a 1,000-class ViT-B/16.
-DEFAULT_MAX_BYTES = 256 * 2**20
+# Enough for the streams and logits of a batch of 8 images (a worker's default batch of explain
+# jobs) on a 1,000-class ViT-B/16 at 224x224: 392 MiB, 49 MiB for one image.
+DEFAULT_MAX_BYTES = 512 * 2**20
 
 
 class Workspace:
