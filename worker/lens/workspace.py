@@ -69,7 +69,7 @@ class Workspace:
 
         Two buffers of one call need two names: asking for a name again hands out the same memory.
         """
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         block = self._blocks.get(name)
         if block is None or block.device != device or block.numel() < size:
             others = self.bytes_held - (0 if block is None else block.numel())
