@@ -18,7 +18,7 @@ import functools
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, overload
 
 import torch
@@ -35,6 +35,7 @@ from worker.lens.adapter import LensModel, Trace, UnsupportedModelError, ViTSpec
 from worker.lens.explain import Tracer, explain
 from worker.lens.families import open_model
 from worker.lens.vit import inspect_vit
+from worker.lens.workspace import Workspace
 from worker.model_loader import load_model
 from worker.onnx_explainer import OnnxExplainer, has_explainer, onnxruntime_available
 from worker.preprocess import preprocess
@@ -142,6 +143,9 @@ class LoadedViT(LoadedModel):
     onnx: OnnxExplainer | None = None
     # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
     half: Tracer | None = None
+    # The buffers and projections its explain calls reuse (bounded: worker.lens.workspace; not counted
+    # in ModelCache.footprint, which counts weights).
+    workspace: Workspace = field(default_factory=Workspace)
 
     @property
     def spec(self) -> ViTSpec:
@@ -165,7 +169,9 @@ class LoadedViT(LoadedModel):
         for the model, and ``CLASSLENS_ONNX=off`` leaves every request to the half forward.
         """
         tracer = self.onnx.trace if self.onnx is not None and not request.needs_gradients else self.half
-        return explain(self.lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer)
+        return explain(
+            self.lens, self.preprocess(images), self.labels, request, self.ref, tracer=tracer, workspace=self.workspace
+        )
 
 
 @overload

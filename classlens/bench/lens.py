@@ -39,6 +39,7 @@ from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection
+from worker.lens.workspace import Workspace
 from worker.random_models import random_vit
 
 
@@ -90,9 +91,12 @@ def onnxruntime_methods(
         plain = open_session(plain_path.read_bytes(), subject.label, device, threads)
         explainer = OnnxExplainer.unregistered(explainer_path.read_bytes(), subject.label, device, threads)
     feed = {INPUT_NAME: np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)}
+    workspace = Workspace()
     return {
         "onnx_forward": lambda: plain.run(None, feed),
-        "onnx_explain": lambda: explain(model, images, subject.labels, request, subject.ref, tracer=explainer.trace),
+        "onnx_explain": lambda: explain(
+            model, images, subject.labels, request, subject.ref, tracer=explainer.trace, workspace=workspace
+        ),
     }
 
 
@@ -116,6 +120,7 @@ def bench_model(
     depth = len(model.blocks)
     request = ExplainRequest(top_k=3, layers=list(range(depth + 1)), sublayers=True)
     projection = ClassProjection(model)
+    workspace = Workspace()
     with torch.no_grad():
         top3 = model(images).topk(3, dim=-1).indices
 
@@ -125,7 +130,8 @@ def bench_model(
 
     methods: dict[str, Callable[[], object]] = {
         "forward": forward,
-        "explain": lambda: explain(model, images, subject.labels, request, subject.ref),
+        # As a worker explains: the buffers and the projection kept from call to call.
+        "explain": lambda: explain(model, images, subject.labels, request, subject.ref, workspace=workspace),
         "gradient_map": lambda: gradient_relevance(images, top3, projection),
         "grad_cam": lambda: grad_cam(model, images, top3),
     }

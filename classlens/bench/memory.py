@@ -1,16 +1,19 @@
 """The memory benchmark: does a worker's memory stay flat over many explanations and over many images?
 
-Two figures, each measured in a fresh interpreter (the allocator's state is per process), with
-the worker's allocator setting (:mod:`worker.allocator`) as it is and without it:
+Two figures, each measured in a fresh interpreter (the C library's allocator state is per
+process), of the worker as it is (glibc's allocator as it comes; the loaded model's
+workspace, :mod:`worker.lens.workspace`, keeps an explanation's large buffers):
 
 - **resident set over explanations**: a worker's RSS after every ``every`` explanations of
-  the default request, up to ``count``: a leak or a heap that keeps growing shows as a slope;
+  the default request, up to ``count``, in MiB above the model's own forward-pass peak (the
+  loaded model's RSS after plain forward passes of the same image): what the lens holds beyond
+  what the model needs anyway. A leak or a heap that keeps growing shows as a slope; the
+  workspace's buffers are reported beside it;
 - **peak of an analysis over images**: the highest RSS of a full layer x layer CKA over ``N``
   random images in batches, for each ``N`` asked for, beside the plain forward passes' peak
-  over the same images: an analysis whose memory is flat in ``N`` keeps the same peak.
+  over the same images: an analysis whose memory is flat in ``N`` keeps the same peak. In MiB
+  above the process's resident set once the model is loaded.
 
-Every figure is in MiB above the process's resident set once the model is loaded (the explain
-figures: loaded and warm).
 Run with ``classlens bench-memory``.
 """
 
@@ -22,7 +25,6 @@ import resource
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,19 +41,35 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _prepare(allocator: bool) -> None:
-    """Import the worker side with or without its allocator setting (it is applied on import)."""
-    if not allocator:
-        sys.modules["worker.allocator"] = types.SimpleNamespace(keep_freed_memory=lambda: False)  # type: ignore[assignment]
-    import worker  # noqa: F401
+def reset_peak() -> None:
+    """Start the process's peak resident set afresh (Linux: ``/proc/self/clear_refs``, then read ``VmHWM``)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def high_water_mib() -> float:
+    """The highest resident set since :func:`reset_peak` (``ru_maxrss`` cannot be reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def explain_rss(architecture: str, img_size: int, count: int, every: int) -> dict[str, Any]:
-    """In this process: RSS after every ``every`` of ``count`` default explanations of one random image each."""
+    """In this process: RSS after every ``every`` of ``count`` default explanations of one random image each.
+
+    As a worker explains: one model, its workspace kept from call to call.
+    """
     import torch
 
     from classlens.core.contract import ExplainRequest, ModelRef
     from worker.lens.explain import explain
+    from worker.lens.workspace import Workspace
     from worker.random_models import random_vit
 
     torch.set_num_threads(1)
@@ -61,19 +79,27 @@ def explain_rss(architecture: str, img_size: int, count: int, every: int) -> dic
     request = ExplainRequest()
     generator = torch.Generator().manual_seed(0)
     shape = (1, int(model.patch_embed.proj.in_channels), img_size, img_size)
-    explain(model, torch.randn(*shape, generator=generator), labels, request, ref)  # warm
-    base = resident_mib()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loaded = resident_mib()
+    reset_peak()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(*shape, generator=generator))
+    forward_peak = high_water_mib()
+    workspace = Workspace()
+    explain(model, torch.randn(*shape, generator=generator), labels, request, ref, workspace=workspace)  # warm
+    faults = minor_faults()
     samples = []
     start = time.process_time()
     for done in range(1, count + 1):
-        explain(model, torch.randn(*shape, generator=generator), labels, request, ref)
+        explain(model, torch.randn(*shape, generator=generator), labels, request, ref, workspace=workspace)
         if done % every == 0:
-            samples.append({"explanations": done, "rss_mib": round(resident_mib() - base, 1)})
+            samples.append({"explanations": done, "rss_mib": round(resident_mib() - forward_peak, 1)})
     return {
-        "base_rss_mib": round(base, 1),
+        "base_rss_mib": round(loaded, 1),
+        "forward_peak_mib": round(forward_peak - loaded, 1),
+        "workspace_mib": round(workspace.bytes_held / 2**20, 1),
         "samples": samples,
-        "minor_faults_per_explanation": round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / count, 1),
+        "minor_faults_per_explanation": round((minor_faults() - faults) / count, 1),
         "cpu_ms_per_explanation": round((time.process_time() - start) / count * 1000, 2),
     }
 
@@ -134,23 +160,19 @@ def bench_memory(
     analysis_architecture: str,
     analysis_img_size: int,
 ) -> dict[str, Any]:
-    """Both figures, with the allocator setting and without it, each in a fresh interpreter."""
-    record: dict[str, Any] = {"explain_rss": {}, "analysis_peak": {}}
-    for allocator in (True, False):
-        setting = "allocator setting" if allocator else "glibc defaults"
-        flag = [] if allocator else ["--no-allocator-setting"]
-        record["explain_rss"][setting] = _in_fresh_process(
-            ["explain-rss", architecture, str(img_size), str(count), str(every), *flag]
-        )
-        record["analysis_peak"][setting] = {
+    """Both figures, each in a fresh interpreter."""
+    record: dict[str, Any] = {
+        "explain_rss": _in_fresh_process(["explain-rss", architecture, str(img_size), str(count), str(every)]),
+        "analysis_peak": {
             method: [
                 _in_fresh_process(
-                    ["analysis-peak", analysis_architecture, str(analysis_img_size), str(n), str(batch), method, *flag]
+                    ["analysis-peak", analysis_architecture, str(analysis_img_size), str(n), str(batch), method]
                 )
                 for n in image_counts
             ]
             for method in ("forward", "cka")
-        }
+        },
+    }
     record["setup"] = {
         "explain": {"architecture": architecture, "img_size": img_size, "explanations": count, "every": every},
         "analysis": {"architecture": analysis_architecture, "img_size": analysis_img_size, "batch": batch},
@@ -160,27 +182,25 @@ def bench_memory(
 
 
 def format_table(record: dict[str, Any]) -> str:
-    lines = []
-    for setting, figures in record["explain_rss"].items():
-        samples = " ".join(f"{s['explanations']}:{s['rss_mib']:+.1f}" for s in figures["samples"])
-        lines.append(
-            f"explain RSS above warm ({setting}): {samples} MiB; "
-            f"{figures['minor_faults_per_explanation']} minor faults and "
-            f"{figures['cpu_ms_per_explanation']} CPU ms per explanation"
-        )
-    for setting, methods in record["analysis_peak"].items():
-        for method, rows in methods.items():
-            peaks = " ".join(f"{row['images']}:{row['peak_extra_mib']:.1f}" for row in rows)
-            lines.append(f"{method} peak extra MiB by images ({setting}): {peaks}")
+    figures = record["explain_rss"]
+    samples = " ".join(f"{s['explanations']}:{s['rss_mib']:+.1f}" for s in figures["samples"])
+    lines = [
+        f"explain RSS above the forward pass's peak ({figures['forward_peak_mib']:.1f} MiB above the loaded model): "
+        f"{samples} MiB, of which the workspace {figures['workspace_mib']:.1f} MiB; "
+        f"{figures['minor_faults_per_explanation']} minor faults and "
+        f"{figures['cpu_ms_per_explanation']} CPU ms per explanation"
+    ]
+    for method, rows in record["analysis_peak"].items():
+        peaks = " ".join(f"{row['images']}:{row['peak_extra_mib']:.1f}" for row in rows)
+        lines.append(f"{method} peak extra MiB by images: {peaks}")
     return "\n".join(lines)
 
 
 def main(arguments: Sequence[str]) -> int:
     """The measurements one fresh interpreter makes (``bench_memory`` starts them); prints one JSON line."""
     what, *rest = arguments
-    allocator = "--no-allocator-setting" not in rest
-    rest = [value for value in rest if value != "--no-allocator-setting"]
-    _prepare(allocator)
+    import worker  # noqa: F401  (the torchvision compatibility step, as in a worker)
+
     if what == "explain-rss":
         architecture, img_size, count, every = rest
         result = explain_rss(architecture, int(img_size), int(count), int(every))

@@ -182,7 +182,7 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
 @click.option("--analysis-img-size", default=112, show_default=True, type=click.IntRange(16, 1024))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench-results/memory.json"))
 def bench_memory_command(**options: Any) -> None:
-    """Worker RSS over many explanations, and CKA's peak over many images, with and without the allocator setting.
+    """Worker RSS over many explanations above the model's forward-pass peak, and CKA's peak over many images.
 
     Each figure comes from a fresh interpreter at one thread (classlens/bench/memory.py).
     """

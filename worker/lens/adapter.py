@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from worker.lens.workspace import Workspace, empty
+
 if TYPE_CHECKING:  # the projection imports this module
     from worker.lens.projection import CentredStreams
 
@@ -105,12 +107,55 @@ class Trace:
     # the norm's scale s(v) of every stream, [B, S, T] in the order x, a, m.
     centred: CentredStreams | None = None
     scales: torch.Tensor | None = None
+    # [B, S, T, D]: x, a and m in one tensor, when the trace wrote them into one buffer (residual,
+    # attention and mlp are then views of it).
+    streams: torch.Tensor | None = None
 
 
 class TensorSink(Protocol):
     """Where hooks put what they capture: a list, or anything that reduces tensors as they come."""
 
     def append(self, tensor: torch.Tensor, /) -> None: ...
+
+
+class _StreamBuffer:
+    """One ``[B, S, T, D]`` buffer for every stream of a trace, taken from a workspace when ``x_0`` arrives.
+
+    The streams in :meth:`~worker.lens.projection.ClassProjection.streams`'s order (``x_0 .. x_L``,
+    then ``a_1 .. a_L``, ``m_1 .. m_L``), so that what reads them all (the norm's scales) reads one tensor.
+    """
+
+    def __init__(self, workspace: Workspace | None, streams: int):
+        self.workspace, self.streams = workspace, streams
+        self.buffer: torch.Tensor | None = None
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None:
+            shape = (tensor.shape[0], self.streams, *tensor.shape[1:])
+            self.buffer = empty(self.workspace, "streams", shape, tensor.dtype, tensor.device)
+        return self.buffer
+
+
+class _Slots:
+    """A :class:`TensorSink` that copies the ``i``-th tensor it receives into stream ``start + i`` of a buffer.
+
+    The streams are written, as the pass produces them, where they are kept, rather than held
+    as a list of the model's own outputs and stacked after the pass.
+    """
+
+    def __init__(self, streams: _StreamBuffer, start: int, slots: int):
+        self.streams, self.start, self.slots = streams, start, slots
+        self.filled = 0
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self.streams.of(tensor)[:, self.start + self.filled].copy_(tensor)
+        self.filled += 1
+
+    def result(self) -> torch.Tensor:
+        """``[B, slots, T, D]``: a view of the streams' buffer."""
+        if self.streams.buffer is None or self.filled != self.slots:
+            raise RuntimeError(f"the trace saw {self.filled} of the {self.slots} tensors of a stream")
+        return self.streams.buffer[:, self.start : self.start + self.slots]
 
 
 def _tensor(output: Any) -> torch.Tensor:
@@ -125,7 +170,7 @@ def save_output(store: TensorSink) -> Callable[[nn.Module, Any, Any], None]:
     return hook
 
 
-def _save_input(store: list[torch.Tensor]) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+def _save_input(store: TensorSink) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         store.append(args[0] if args else next(iter(kwargs.values())))
 
@@ -230,6 +275,7 @@ class LensModel(ABC):
         sublayers: bool = True,
         attention_probs: bool = False,
         for_attention_gradients: bool = False,
+        workspace: Workspace | None = None,
     ) -> Trace:
         """One forward pass with the residual stream, sublayer outputs and (optionally) attention probabilities.
 
@@ -237,8 +283,14 @@ class LensModel(ABC):
         cuts the graph between blocks (each block's input is detached), so that a
         loss computed from block ``b``'s output has gradients with respect to
         ``A_b`` only through block ``b``: the gradient relevance map needs exactly that.
+
+        With a ``workspace`` (and without gradients) the streams are copied, as the pass
+        produces them, into its buffers (:mod:`worker.lens.workspace`): the same values, in
+        memory that the next call reuses, valid while the caller holds the workspace's lease.
         """
         blocks = self.blocks()
+        if workspace is not None and not torch.is_grad_enabled():
+            return self._trace_into(workspace, images, sublayers=sublayers, attention_probs=attention_probs)
         embedded: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
         attention: list[torch.Tensor] = []
@@ -264,6 +316,38 @@ class LensModel(ABC):
             attention=torch.stack(attention, dim=1) if sublayers else None,
             mlp=torch.stack(mlp, dim=1) if sublayers else None,
             attention_probs=probs or None,
+        )
+
+    def _trace_into(
+        self, workspace: Workspace, images: torch.Tensor, *, sublayers: bool, attention_probs: bool
+    ) -> Trace:
+        """:meth:`trace` without gradients, the streams written into ``workspace``'s buffers."""
+        blocks = self.blocks()
+        depth = len(blocks)
+        streams = _StreamBuffer(workspace, 1 + 3 * depth if sublayers else depth + 1)
+        residual = _Slots(streams, 0, depth + 1)
+        attention = _Slots(streams, depth + 1, depth)
+        mlp = _Slots(streams, 2 * depth + 1, depth)
+        probs: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            # Appended in the order the pass runs: x_0 as block 1's input, then each block's output.
+            stack.enter_context(_hooked_with_kwargs(blocks[0], _save_input(residual)))
+            for block in blocks:
+                stack.enter_context(hooked(block, save_output(residual)))
+                if sublayers:
+                    attention_branch, mlp_branch = self.branches(block)
+                    stack.enter_context(hooked(attention_branch, save_output(attention)))
+                    stack.enter_context(hooked(mlp_branch, save_output(mlp)))
+            if attention_probs:
+                stack.enter_context(self.attention_probabilities(probs))
+            logits = self.logits(images)
+        return Trace(
+            logits=logits,
+            residual=residual.result(),
+            attention=attention.result() if sublayers else None,
+            mlp=mlp.result() if sublayers else None,
+            attention_probs=probs or None,
+            streams=streams.buffer,
         )
 
 

@@ -8,8 +8,9 @@ that one set of logits: more targets cost comparisons, not forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection, ProjectionSettings, StreamLogits
 from worker.lens.ranks import class_rank, emergence_layer, identifiability
 from worker.lens.vit import inspect_vit
+from worker.lens.workspace import Workspace
 
 # Computes the trace of a batch of images (``sublayers``: with ``a_b`` and ``m_b``) without
 # gradients, e.g. an ONNX explainer graph (:class:`worker.onnx_explainer.OnnxExplainer`).
@@ -74,17 +76,31 @@ def check_images(images: torch.Tensor, lens: LensModel) -> None:
         )
 
 
-def _rounded(values: np.ndarray) -> list[list[float]]:
+def _rounded(values: np.ndarray) -> list[Any]:
+    """Map values as nested lists, rounded to the contract's decimals; one conversion for a whole batch of maps."""
     return np.round(values.astype(np.float64), MAP_DECIMALS).tolist()
 
 
-def _stream_stats(ranks: np.ndarray, spec: ViTSpec) -> StreamStats:
-    """``ranks``: ``[layers, T]`` for one image and one target."""
-    image = ranks[:, spec.num_prefix :]
+def _image_token_stats(ranks: np.ndarray, spec: ViTSpec) -> tuple[list[Any], list[Any]]:
+    """Identifiability and top-1 share over the image tokens of every stream, each ``[B][K][S]``, from ``[B, K, S, T]``.
+
+    Computed once for the whole batch; each image's, target's and stream's row is the
+    same reduction as on its own (numpy reduces every row of the last axis alike).
+    """
+    image = ranks[..., spec.num_prefix :]
+    identifiability = np.round(1.0 - image.mean(-1) / spec.num_classes, 6).tolist()
+    top1_share = np.round((image == 0).mean(-1), 6).tolist()
+    return identifiability, top1_share
+
+
+def _stream_stats(
+    prefix_ranks: list[list[int]], identifiability: list[float], top1_share: list[float], spec: ViTSpec
+) -> StreamStats:
+    """One stream's figures for one image and target: ``prefix_ranks`` ``[P][layers]``, the others per layer."""
     return StreamStats(
-        prefix_ranks={name: ranks[:, i].tolist() for i, name in enumerate(spec.prefix_tokens)},
-        image_identifiability=np.round(1.0 - image.mean(-1) / spec.num_classes, 6).tolist(),
-        image_top1_share=np.round((image == 0).mean(-1), 6).tolist(),
+        prefix_ranks=dict(zip(spec.prefix_tokens, prefix_ranks, strict=True)),
+        image_identifiability=identifiability,
+        image_top1_share=top1_share,
     )
 
 
@@ -96,12 +112,15 @@ def explain(
     model_ref: ModelRef,
     *,
     tracer: Tracer | None = None,
+    workspace: Workspace | None = None,
 ) -> list[Explanation]:
     """Explain a batch of preprocessed images ``[B, C, H, W]``; one :class:`Explanation` per image.
 
     ``tracer`` replaces the torch forward pass (not the gradient map nor the baseline
     maps, which run the model itself): the streams may come from anywhere that reproduces
-    :func:`trace`, and everything after them is the same code.
+    :func:`trace`, and everything after them is the same code. ``workspace`` (one per
+    loaded model: :mod:`worker.lens.workspace`) keeps the large buffers and the projection
+    from one call to the next; the results are the same with it or without.
     """
     lens = open_model(model)
     spec = lens.spec
@@ -110,22 +129,22 @@ def explain(
         raise ExplainError(f"{len(labels)} labels for a model with {spec.num_classes} classes")
     layers = check_layers(request.layers if request.layers is not None else [spec.depth], spec.depth)
     fixed_targets = resolve_targets(request.targets, labels) if request.targets else None
-    try:
-        projection = ClassProjection(lens, ProjectionSettings(norm=request.norm, bias=request.bias))
-    except UnsupportedModelError as error:
-        raise ExplainError(str(error)) from error
     depth, prefix = spec.depth, spec.num_prefix
 
-    with torch.no_grad():
-        run = tracer(images, request.sublayers) if tracer else lens.trace(images, sublayers=request.sublayers)
-        probabilities = run.logits.softmax(-1)
-        entropy = torch.special.entr(run.logits.float().softmax(-1)).sum(-1)  # [B], nats
+    with _leased(workspace) as buffers, torch.no_grad():
+        projection = _projection(lens, ProjectionSettings(norm=request.norm, bias=request.bias), buffers)
+        if tracer:
+            run = tracer(images, request.sublayers)
+        else:
+            run = lens.trace(images, sublayers=request.sublayers, workspace=buffers)
+        probabilities = run.logits.softmax(-1)  # float32: every tracer returns float32 logits
+        entropy = torch.special.entr(probabilities).sum(-1)  # [B], nats
         if fixed_targets is not None:
             targets = torch.tensor(fixed_targets, device=images.device).expand(len(images), -1)
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        stream_logits = projection.of_trace(run, request.sublayers)
+        stream_logits = projection.of_trace(run, request.sublayers, buffers)
         token_ranks = stream_logits.ranks(targets)  # [B, K, S, T]
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)
@@ -139,42 +158,61 @@ def explain(
         raise ExplainError(f"the gradient map is not available for this model: {error}") from error
     baselines = {name: baseline_map(lens, name, images, targets).cpu() for name in request.baseline_maps}
 
-    # The response is built on the CPU: one copy of each tensor from the device, not one per value.
-    token_ranks_np = token_ranks.cpu().numpy()
-    map_values = map_values.cpu()
-    gradient = None if gradient is None else gradient.detach().cpu()
+    # The response is built on the CPU: one copy of each tensor from the device, and one conversion
+    # of each to Python values for the whole batch, not one per value.
+    token_ranks_np = token_ranks.cpu().numpy()  # [B, K, S, T]
+    identifiability, top1_share = _image_token_stats(token_ranks_np, spec)
+    prefix_ranks = token_ranks_np[..., :prefix].swapaxes(-1, -2).tolist()  # [B][K][P][S]
     h, w = spec.grid
+    batch, per_image = targets.shape
+    maps = _rounded(map_values.cpu().numpy().reshape(batch, per_image, len(layers), h, w))
+    gradient_maps = (
+        None if gradient is None else _rounded(gradient.detach().cpu().numpy().reshape(batch, per_image, h, w))
+    )
+    baseline_values = {
+        name: _rounded(values.numpy().reshape(batch, per_image, h, w)) for name, values in baselines.items()
+    }
+    logits, probability = run.logits.cpu().tolist(), probabilities.cpu().tolist()
+    top = probabilities.topk(min(5, spec.num_classes)).indices.cpu().tolist()
+    target_lists = targets.cpu().tolist()
+    output_rank_lists = output_ranks.tolist()
+    pooled_rank_lists = pooled_ranks.tolist()
+    emergence_lists = emergence.tolist()
+    streams = {"residual": slice(0, depth + 1)}
+    if request.sublayers:
+        streams |= {"attention": slice(depth + 1, 2 * depth + 1), "mlp": slice(2 * depth + 1, 3 * depth + 1)}
     explanations = []
-    for b in range(len(images)):
+    for b in range(batch):
         prediction = [
-            ClassScore(index=int(i), label=labels[int(i)], probability=float(p), logit=float(run.logits[b, i]))
-            for p, i in zip(*probabilities[b].topk(min(5, spec.num_classes)), strict=True)
+            ClassScore(index=i, label=labels[i], probability=probability[b][i], logit=logits[b][i]) for i in top[b]
         ]
         target_results = []
-        for k, target in enumerate(targets[b].tolist()):
-            ranks = token_ranks_np[b, k]
-            emerged = int(emergence[b, k])
+        for k, target in enumerate(target_lists[b]):
+            emerged = emergence_lists[b][k]
+            stats = {
+                name: _stream_stats(
+                    [ranks[rows] for ranks in prefix_ranks[b][k]],
+                    identifiability[b][k][rows],
+                    top1_share[b][k][rows],
+                    spec,
+                )
+                for name, rows in streams.items()
+            }
             target_results.append(
                 TargetExplanation(
                     index=target,
                     label=labels[target],
-                    probability=float(probabilities[b, target]),
-                    logit=float(run.logits[b, target]),
-                    rank=int(output_ranks[b, k]),
+                    probability=probability[b][target],
+                    logit=logits[b][target],
+                    rank=output_rank_lists[b][k],
                     emergence_layer=emerged if emerged >= 0 else None,
-                    pooled_ranks=pooled_ranks[b, k].tolist(),
-                    residual=_stream_stats(ranks[: depth + 1], spec),
-                    attention=_stream_stats(ranks[depth + 1 : 2 * depth + 1], spec) if request.sublayers else None,
-                    mlp=_stream_stats(ranks[2 * depth + 1 :], spec) if request.sublayers else None,
-                    projection_maps={
-                        str(layer): _rounded(map_values[b, k, i].reshape(h, w).numpy())
-                        for i, layer in enumerate(layers)
-                    },
-                    gradient_map=None if gradient is None else _rounded(gradient[b, k].reshape(h, w).numpy()),
-                    baseline_maps={
-                        name: _rounded(values[b, k].reshape(h, w).numpy()) for name, values in baselines.items()
-                    }
-                    or None,
+                    pooled_ranks=pooled_rank_lists[b][k],
+                    residual=stats["residual"],
+                    attention=stats.get("attention"),
+                    mlp=stats.get("mlp"),
+                    projection_maps={str(layer): maps[b][k][i] for i, layer in enumerate(layers)},
+                    gradient_map=None if gradient_maps is None else gradient_maps[b][k],
+                    baseline_maps={name: values[b][k] for name, values in baseline_values.items()} or None,
                 )
             )
         explanations.append(
@@ -196,6 +234,30 @@ def explain(
             )
         )
     return explanations
+
+
+@contextmanager
+def _leased(workspace: Workspace | None) -> Iterator[Workspace | None]:
+    if workspace is None:
+        yield None
+        return
+    with workspace.lease() as buffers:
+        yield buffers
+
+
+def _projection(lens: LensModel, settings: ProjectionSettings, workspace: Workspace | None) -> ClassProjection:
+    """The projection of ``lens`` under ``settings``, built once per workspace (``E_c`` reads frozen weights)."""
+
+    def build() -> ClassProjection:
+        try:
+            return ClassProjection(lens, settings)
+        except UnsupportedModelError as error:
+            raise ExplainError(str(error)) from error
+
+    if workspace is None:
+        return build()
+    projection: ClassProjection = workspace.built(("projection", id(lens.model), settings), build)
+    return projection
 
 
 def _token_classes(logits: StreamLogits, prefix: int, k: int) -> dict[str, list[list[list[int]]]]:

@@ -33,7 +33,7 @@ running sum of ``E_c x_0`` and the sublayers' ``E_c a_j + E_c m_j``, so only
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Self, cast
 
 import torch
@@ -43,6 +43,7 @@ from torch import nn
 from worker.lens.adapter import LensModel, Readout, Trace, UnsupportedModelError
 from worker.lens.families import open_model
 from worker.lens.ranks import class_rank
+from worker.lens.workspace import Workspace
 
 NormMode = Literal["fresh", "cached"]
 
@@ -65,6 +66,8 @@ class Streams:
     residual: torch.Tensor  # [B, L + 1, ...]: x_0 .. x_L
     attention: torch.Tensor | None = None  # [B, L, ...]: a_1 .. a_L
     mlp: torch.Tensor | None = None  # [B, L, ...]: m_1 .. m_L
+    # [B, S, ...]: the tensor the parts are views of, when they came from one (:meth:`split`).
+    whole: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def parts(self) -> list[torch.Tensor]:
         """The tensors in the streams' order (``x``, then ``a``, then ``m``), the sublayers when present."""
@@ -74,8 +77,8 @@ class Streams:
     def split(cls, whole: torch.Tensor, depth: int) -> Self:
         """Views of a tensor whose dimension 1 runs over the streams (``[B, S, ...]``), one per kind of stream."""
         if whole.shape[1] == depth + 1:
-            return cls(whole)
-        return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :])
+            return cls(whole, whole=whole)
+        return cls(whole[:, : depth + 1], whole[:, depth + 1 : 2 * depth + 1], whole[:, 2 * depth + 1 :], whole=whole)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,12 @@ class StreamLogits(Streams):
     """The logits ``[B, S_kind, T, C]`` at every token of each kind of stream, under a projection's settings."""
 
     def ranks(self, targets: torch.Tensor) -> torch.Tensor:
-        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`)."""
+        """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`).
+
+        Counted over the streams in one call when they are one tensor; each rank is a count, so the same.
+        """
+        if self.whole is not None:
+            return class_rank(self.whole, targets)
         return torch.cat([class_rank(part, targets) for part in self.parts()], dim=2)
 
 
@@ -134,23 +142,30 @@ class ClassProjection:
         return self._linear(self.readouts[0].head, self.normalise(v, scale_from))
 
     def streams(
-        self, residual: torch.Tensor, attention: torch.Tensor | None = None, mlp: torch.Tensor | None = None
+        self,
+        residual: torch.Tensor,
+        attention: torch.Tensor | None = None,
+        mlp: torch.Tensor | None = None,
+        workspace: Workspace | None = None,
+        whole: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every token of every stream, ``[B, S, T, C]``.
 
         ``residual`` ``[B, L + 1, T, D]`` (``x_0 .. x_L``); with ``attention`` and ``mlp``
         (``[B, L, T, D]`` each) the streams are ``x_0 .. x_L, a_1 .. a_L, m_1 .. m_L``.
-        Equal to calling the projection on each stream (within float32 rounding).
+        Equal to calling the projection on each stream (within float32 rounding). With a
+        ``workspace`` the logits are written into its buffer; ``whole`` is the three streams in one
+        tensor, when the caller has them so (:meth:`centred`).
         """
         last = residual[:, -1:]  # the cached-scale reference, for every stream
         if attention is None or mlp is None:
             return self(residual, last)
         if not isinstance(self.final_norm, nn.LayerNorm):  # no closed form: project each stream
             return self(torch.cat([residual, attention, mlp], dim=1), last)
-        centred, scales = self.centred(residual, attention, mlp)
+        centred, scales = self.centred(residual, attention, mlp, workspace, whole)
         return self.finish(centred, scales, scales[:, self.spec.depth : self.spec.depth + 1])
 
-    def of_trace(self, run: Trace, sublayers: bool = True) -> StreamLogits:
+    def of_trace(self, run: Trace, sublayers: bool = True, workspace: Workspace | None = None) -> StreamLogits:
         """The stream logits of a trace; finished from the graph's centred products when it has them.
 
         Those products are finished in place (:meth:`finish`), so the trace gives them up: its
@@ -161,7 +176,8 @@ class ClassProjection:
             if run.scales is not None:
                 raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
-            return StreamLogits.split(self.streams(run.residual, attention, mlp), self.spec.depth)
+            whole = run.streams if sublayers else None
+            return StreamLogits.split(self.streams(run.residual, attention, mlp, workspace, whole), self.spec.depth)
         if run.scales is None:
             raise ValueError("a trace with E_c v products needs their scales s(v)")
         centred, run.centred = run.centred, None
@@ -172,16 +188,27 @@ class ClassProjection:
         return StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
 
     def centred(
-        self, residual: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor
+        self,
+        residual: torch.Tensor,
+        attention: torch.Tensor,
+        mlp: torch.Tensor,
+        workspace: Workspace | None = None,
+        whole: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The settings-free half of :meth:`streams`: ``E_c v`` ``[B, S, T, C]`` and ``s(v)`` ``[B, S, T]``.
 
         What an ONNX explainer graph computes (:func:`centred_stream_logits`); this is
-        the same arithmetic for torch, written into preallocated memory.
+        the same arithmetic for torch, written into preallocated memory: the workspace's
+        ``"logits"`` buffer when there is one. ``whole`` (``[B, S, T, D]``, the streams of which
+        the others are views) lets the scales be one reduction rather than three and a copy.
         """
         batch, depth, tokens, _ = attention.shape
         weight = self.centred_embedding
-        out = residual.new_empty(batch, 1 + 3 * depth, tokens, weight.shape[0])
+        shape = (batch, 1 + 3 * depth, tokens, weight.shape[0])
+        if workspace is None:
+            out = residual.new_empty(shape)
+        else:
+            out = workspace.empty("logits", shape, residual.dtype, residual.device)
         classes = weight.shape[0]
 
         def product(streams: torch.Tensor, into: torch.Tensor) -> None:
@@ -194,7 +221,8 @@ class ClassProjection:
             product(mlp[b], out[b, 1 + 2 * depth :])
             torch.add(out[b, 1 + depth : 1 + 2 * depth], out[b, 1 + 2 * depth :], out=out[b, 1 : 1 + depth])
             out[b, : 1 + depth].cumsum_(0)
-        return out, stream_scales(residual, attention, mlp, self.eps)
+        scales = stream_scales(residual, attention, mlp, self.eps) if whole is None else _scale(whole, self.eps)
+        return out, scales
 
     def finish(self, centred: torch.Tensor, scales: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Stream logits from ``E_c v`` ``[B, S', T, C]`` under this projection's settings, in place.

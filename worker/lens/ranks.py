@@ -92,9 +92,9 @@ def emergence_layer(pooled_ranks: torch.Tensor) -> torch.Tensor:
 
     ``pooled_ranks``: ``[..., L + 1]`` ranks per layer (index 0 = the embedding ``x_0``).
     """
-    top1 = pooled_ranks == 0
-    # Walking back from the last layer, a layer counts while every later one is top-1.
-    stays_top1 = top1.flip(-1).to(torch.int64).cumprod(-1).flip(-1).bool()
-    layers = stays_top1.shape[-1]
-    first = torch.where(stays_top1, torch.arange(layers, device=pooled_ranks.device), layers).min(-1).values
-    return torch.where(first == layers, torch.full_like(first, -1), first)
+    layers = pooled_ranks.shape[-1]
+    positions = torch.arange(layers, device=pooled_ranks.device)
+    # The class stays top-1 from the layer after the last one where it is not; -1 means it is top-1 everywhere.
+    last_miss = torch.where(pooled_ranks != 0, positions, -1).amax(-1)
+    first = last_miss + 1
+    return torch.where(first == layers, -1, first)
