@@ -10,9 +10,11 @@ Redis (``REDIS_URL`` set) and embedded on one machine (SQLite under the data dir
   writes themselves, at most once a minute per process, so the file does not grow forever.
 
 Long polls wait on a :meth:`Store.listen` channel instead of re-reading a key on a timer:
-Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests; SQLite has
-no notifications, so there a listener simply sleeps a short interval (one machine, few
-clients).
+Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests. One thread per
+process reads every notice from one pattern subscription and wakes the waiters of each
+channel, so a long poll costs no command and no connection of its own (:class:`_RedisListener`).
+SQLite has no notifications, so there a listener simply sleeps a short interval (one
+machine, few clients).
 
 Values are bytes: callers decide the encoding (JSON for records, raw bytes for images).
 Every back-end failure is a :class:`StoreError`, which the API answers with a 503.
@@ -106,15 +108,111 @@ class _SleepingListener:
         time.sleep(max(0.0, min(self.interval_s, timeout_s)))
 
 
-class _RedisListener:
-    def __init__(self, pubsub: redis.client.PubSub):
-        self._pubsub = pubsub
+class _Waiter:
+    """One :meth:`RedisStore.listen` in progress: its event is set by a notice on its channel."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
 
     def wait(self, timeout_s: float) -> None:
+        # Cleared after waking, before the caller looks again: a notice from then on sets it anew.
+        self.event.wait(max(0.0, timeout_s))
+        self.event.clear()
+
+
+class _RedisListener:
+    """Every notice to one process, through one PubSub connection that one daemon thread reads.
+
+    A long poll costs no Redis command of its own: the thread holds a pattern subscription to
+    every notice channel (``notice:*``) and wakes the waiters registered on a channel through
+    their events. A notice published while the subscription is not live (the first moments,
+    or a Redis restart until redis-py has reconnected and subscribed again) is lost, so each
+    confirmation of the subscription, and each failure, wakes every waiter to look again:
+    nobody sleeps through a change. The thread ends after :attr:`idle_s` without waiters, and
+    the next waiter starts another; a forked child starts its own.
+    """
+
+    poll_s = 1.0  # how often an idle thread looks up from the socket (to notice it may stop)
+    idle_s = 30.0
+    retry_s = 0.2  # after a failure, before connecting again
+
+    def __init__(self, client: redis.Redis):
+        self._client = client
+        self._pattern = keys.NOTICE + "*"
+        self._pid = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._waiters: dict[bytes, set[_Waiter]] = {}
+        self._thread: threading.Thread | None = None
+
+    def waiting(self) -> int:
+        """How many waiters are registered now (nothing is left behind by those that returned)."""
+        with self._lock:
+            return sum(len(waiters) for waiters in self._waiters.values())
+
+    @contextmanager
+    def listen(self, channel: str) -> Iterator[Listener]:
+        if self._pid != os.getpid():  # a forked child: the parent's thread and waiters are not here
+            self._reset()
+        name, waiter = (keys.NOTICE + channel).encode(), _Waiter()
+        with self._lock:
+            self._waiters.setdefault(name, set()).add(waiter)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="classlens-notices", daemon=True)
+                self._thread.start()
         try:
-            self._pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.0, timeout_s))
-        except redis.RedisError as error:
-            raise StoreError(f"redis: {error}") from error
+            yield waiter
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(name)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[name]
+
+    def _wake(self, name: bytes | None) -> None:
+        """Wake the waiters on channel ``name``, or every waiter (None)."""
+        with self._lock:
+            groups = self._waiters.values() if name is None else [self._waiters.get(name, set())]
+            for waiters in groups:
+                for waiter in waiters:
+                    waiter.event.set()
+
+    def _stop_if_idle(self, idle_since: float) -> bool:
+        """End the thread (True) after :attr:`idle_s` without waiters; decided under the lock that registers them."""
+        with self._lock:
+            if self._waiters or time.monotonic() - idle_since < self.idle_s:
+                return False
+            self._thread = None
+            return True
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.psubscribe(self._pattern)
+                while True:
+                    message = pubsub.get_message(timeout=self.poll_s)
+                    if message is not None:
+                        if message["type"] == "pmessage":
+                            self._wake(bytes(message["channel"]))
+                        elif message["type"] == "psubscribe":  # live from now on (also after a reconnect)
+                            self._wake(None)
+                    if self.waiting():
+                        idle_since = time.monotonic()
+                    elif self._stop_if_idle(idle_since):
+                        return
+            except Exception:  # never let the thread die with waiters on it; they look again and see the error
+                self._wake(None)
+                if self._stop_if_idle(idle_since):
+                    return
+                time.sleep(self.retry_s)
+            finally:
+                pubsub.close()
 
 
 # Compare-and-delete in one step on the server: a claim is dropped only by (or for) the holder it names.
@@ -144,6 +242,7 @@ class RedisStore:
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=_reconnecting()
         )
+        self._listener = _RedisListener(self._client)
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -219,19 +318,8 @@ class RedisStore:
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
-    @contextmanager
-    def listen(self, channel: str) -> Iterator[Listener]:
-        pubsub = self._client.pubsub()
-        try:
-            try:
-                # Subscribed once this returns: a notice published after it is delivered.
-                pubsub.subscribe(keys.NOTICE + channel)
-                pubsub.get_message(timeout=self.timeout_s)
-            except redis.RedisError as error:
-                raise StoreError(f"redis: {error}") from error
-            yield _RedisListener(pubsub)
-        finally:
-            pubsub.close()
+    def listen(self, channel: str) -> AbstractContextManager[Listener]:
+        return self._listener.listen(channel)
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
