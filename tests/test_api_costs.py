@@ -5,15 +5,35 @@ Each saving is asserted as a count, so that a change that adds a round trip fail
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 import redis
 
+from classlens.core.settings import Settings
 from classlens.core.store import RedisStore
+from service.openapi import VerdictMemo
+from tests.service_fixtures import TINY_MODEL, b64, problem, sample_png
+
+DB = 15  # a Redis database of this module's own
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, redis_url, tiny_model_root):
+    """The real app with no worker: what is accepted stays queued, and no long poll waits."""
+    return Settings(
+        redis_url=f"{redis_url}/{DB}",
+        model_dirs=[tiny_model_root],
+        data_dir=tmp_path_factory.mktemp("costs"),
+        max_wait_s=0,
+    )
+
 
 # Commands the counting itself issues: never part of a count.
 _OWN = {"info", "config|resetstat", "config"}
@@ -132,3 +152,82 @@ def test_a_long_poll_of_a_finished_job_issues_no_command(redis_url):
     finished = jobs.succeed(job, b"{}")
     counted = commands_during(redis_url, lambda: jobs.wait(finished, 0.1))
     assert counted == Counter(), counted
+
+
+# -- validation that does not re-check a new image's bytes ----------------------------------------------
+
+
+def _images(count: int) -> list[str]:
+    """``count`` distinct valid images, base64-encoded (the tiny model's samples, each with other trailing bytes)."""
+    return [b64(sample_png() + bytes(n)) for n in range(count)]
+
+
+def test_a_new_image_with_remembered_fields_reuses_the_verdict(app, client):
+    contract = app.extensions["classlens"].contract
+    first, *others = _images(4)
+    assert client.post("/v1/explanations", json={"image": first, "model": TINY_MODEL, "top_k": 2}).status_code == 202
+    entries, misses = len(contract.memo), contract.memo.misses
+    for image in others:
+        response = client.post("/v1/explanations", json={"image": image, "model": TINY_MODEL, "top_k": 2})
+        assert response.status_code == 202, response.get_json()
+    assert contract.memo.misses == misses, "each new image found the verdict"
+    assert len(contract.memo) == entries, "new images add nothing to the memo"
+    # Any other field still counts: a new verdict (openapi-core checks it).
+    client.post("/v1/explanations", json={"image": first, "model": TINY_MODEL, "top_k": 3})
+    assert len(contract.memo) == entries + 1
+
+
+@pytest.mark.parametrize(
+    ("image", "says"),
+    [("QUJD", None), ("ab", "too short"), ("not base64!", "does not match"), (12, "is not of type 'string'")],
+)
+def test_a_bad_image_field_is_refused_exactly_as_openapi_core_refuses_it(app, client, image, says):
+    """Whether or not the rest of the body was accepted before with a good image, the verdict is openapi-core's."""
+    contract = app.extensions["classlens"].contract
+    fields = {"model": TINY_MODEL, "top_k": 2}
+    client.post("/v1/explanations", json={"image": _images(1)[0], **fields})  # the rest is remembered as good
+    body = {"image": image, **fields}
+    remembered = client.post("/v1/explanations", json=body)
+    contract.memo = VerdictMemo()  # as if this body were the first request the API ever saw
+    fresh = client.post("/v1/explanations", json=body)
+    if says is None:  # valid by the schema (4 base64 characters), not an image: refused by the decoder
+        assert remembered.status_code == fresh.status_code == 422
+        assert problem(app, remembered, 422)["problem"] != "invalid_body"
+    else:
+        refused = problem(app, remembered, 422, "invalid_body")
+        assert any(detail.startswith("image: ") and says in detail for detail in refused["errors"]), refused
+    assert remembered.get_json() == fresh.get_json()
+
+
+def test_a_refusal_is_never_reused_for_another_image(app, client):
+    """A refusal may quote the body; it stays keyed by the exact body, so another image gets its own verdict."""
+    one, two = _images(2)
+    refused = problem(app, client.post("/v1/explanations", json={"image": one, "model": TINY_MODEL, "top_k": 99}), 422)
+    again = problem(app, client.post("/v1/explanations", json={"image": two, "model": TINY_MODEL, "top_k": 99}), 422)
+    assert refused["errors"] == again["errors"]  # the same fields refused, but each verdict is its own
+    assert one[:40] not in json.dumps(again)
+
+
+def test_the_memo_stays_bounded_under_distinct_bodies(app, client):
+    contract = app.extensions["classlens"].contract
+    contract.memo = VerdictMemo(max_entries=5, max_bytes=10_000)
+    image = _images(1)[0]
+    for top_k in range(1, 21):  # accepted bodies, each with other fields
+        client.post("/v1/explanations", json={"image": image, "model": TINY_MODEL, "top_k": top_k})
+    for top_k in range(100, 120):  # refused ones
+        client.post("/v1/explanations", json={"image": image, "model": TINY_MODEL, "top_k": top_k})
+    assert len(contract.memo) <= 5
+    assert contract.memo.size_bytes <= 10_000
+
+
+def test_a_file_part_s_name_does_not_change_the_verdict(app, client):
+    contract = app.extensions["classlens"].contract
+
+    def post(name: str) -> int:
+        data = {"image": (io.BytesIO(sample_png()), name), "model": TINY_MODEL, "top_k": "2"}
+        return client.post("/v1/explanations", data=data, content_type="multipart/form-data").status_code
+
+    assert post("a.png") in {200, 202}
+    misses = contract.memo.misses
+    assert post("another name.png") in {200, 202}
+    assert contract.memo.misses == misses
