@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from classlens.core import keys
 from classlens.core.settings import Settings
 from classlens.core.store import RedisStore
 from service.openapi import VerdictMemo
@@ -37,6 +38,41 @@ def settings(tmp_path_factory, redis_url, tiny_model_root):
 
 # Commands the counting itself issues: never part of a count.
 _OWN = {"info", "config|resetstat", "config"}
+
+
+COUNTED = "classlens-counted"  # the client name of the stores whose round trips are counted
+
+
+@pytest.fixture(scope="module")
+def store(settings):
+    """The app's store, under a client name of its own, so that only its round trips are counted."""
+    return RedisStore(f"{settings.redis_url}?client_name={COUNTED}")
+
+
+class RoundTrips:
+    """Round trips by the counted stores: each packed send is one (a pipeline sends its commands at once)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def during(self, action: Callable[[], object]) -> int:
+        before = self.count
+        action()
+        return self.count - before
+
+
+@pytest.fixture
+def round_trips(monkeypatch) -> RoundTrips:
+    counter = RoundTrips()
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(connection, command, check_health=True):
+        if getattr(connection, "client_name", None) == COUNTED:
+            counter.count += 1
+        return send(connection, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    return counter
 
 
 def commands_during(url: str, action: Callable[[], object]) -> Counter[str]:
@@ -231,3 +267,100 @@ def test_a_file_part_s_name_does_not_change_the_verdict(app, client):
     misses = contract.memo.misses
     assert post("another name.png") in {200, 202}
     assert contract.memo.misses == misses
+
+
+# -- fewer store round trips per job -----------------------------------------------------------------------
+
+
+def test_a_new_explanation_costs_six_round_trips(app, client, round_trips):
+    """Look-up (result and owner: one MGET), the image, the job's record and both claims (one pipeline),
+    the hand-over claim's release with the owner (one pipeline), and the batch offer (a list push and its
+    notice). It took ten before: the cache was read twice and every write was a trip of its own."""
+    first, second = _images(2)
+    assert client.post("/v1/explanations", json={"image": first, "model": TINY_MODEL, "top_k": 2}).status_code == 202
+    trips = round_trips.during(
+        lambda: client.post("/v1/explanations", json={"image": second, "model": TINY_MODEL, "top_k": 2})
+    )
+    assert trips == 6
+
+
+def _jobs(store: RedisStore):
+    from classlens.core.jobs import JobStore
+
+    return JobStore(store, ttl_s=60, inflight_ttl_s=60)
+
+
+def _submit(jobs, key: str, owner: str | None = None):
+    return jobs.submit(
+        kind="explanation",
+        model="m@1",
+        parameters={},
+        key=key,
+        image_key=None,
+        enqueue=lambda job: None,
+        owner=owner,
+        looked_up=jobs.lookup(key),
+    )
+
+
+def test_a_cache_hit_costs_two_round_trips_and_reads_the_result_once(store, round_trips):
+    """One look-up (result and owner) and the caller's own record; it took four (result twice, owner, record)."""
+    jobs = _jobs(store)
+    key = uuid.uuid4().hex
+    jobs.succeed(_submit(jobs, key, owner="a").job, b'{"done": true}')
+    submission = None
+
+    def hit() -> None:
+        nonlocal submission
+        submission = _submit(jobs, key, owner="a")
+
+    assert round_trips.during(hit) == 2
+    assert submission is not None
+    assert submission.outcome == "cached"
+    assert submission.result == b'{"done": true}'
+    assert submission.cached, "the same owner is told its answer came from the cache"
+    assert not _submit(jobs, key, owner="b").cached, "another owner is not"
+
+
+def test_a_long_poll_reads_the_record_and_the_result_together(settings, store, round_trips):
+    """After listening, and after each notice: one MGET of the record and the result (the result read once).
+
+    Before, each look was a GET of the record, and the response read the result again: three trips here.
+    """
+    jobs = _jobs(store)
+    job = _submit(jobs, uuid.uuid4().hex).job
+    with store.listen("warm-up") as listener:  # the listener thread runs already, as in a serving API
+        listener.wait(0.2)
+    store.get("warm-up")  # and a connection for commands (the listener holds one of the pool's own)
+    worker = _jobs(RedisStore(settings.redis_url))  # another client: its trips are not the poll's
+    done = threading.Timer(0.3, lambda: worker.succeed(job, b'{"done": true}'))
+    outcome: list[tuple[object, bytes | None]] = []
+
+    def poll() -> None:
+        outcome.append(jobs.wait_for_result(job, 10))
+
+    done.start()
+    trips = round_trips.during(poll)
+    done.join()
+    polled, result = outcome[0]
+    assert polled.status == "succeeded"
+    assert result == b'{"done": true}'
+    assert trips == 2
+
+
+def test_a_lost_race_for_a_claim_costs_one_trip_to_learn_the_winner(store, round_trips):
+    """The loser drops its record and hand-over claim and reads the winner's claim in one trip."""
+    jobs = _jobs(store)
+    key = uuid.uuid4().hex
+    winner = _submit(jobs, key).job
+    joined = None
+
+    def lose() -> None:
+        nonlocal joined
+        joined = _submit(jobs, key)
+
+    # look-up, the pipeline that loses the claim, the pipeline that reads it, the winner's record, its claim
+    assert round_trips.during(lose) == 5
+    assert joined is not None
+    assert (joined.outcome, joined.job.id) == ("joined", winner.id)
+    assert store.keys(keys.CLAIM) == [], "no hand-over claim is left behind"

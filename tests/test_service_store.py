@@ -12,7 +12,7 @@ import pytest
 from classlens.core import keys
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import JobStore, content_key
-from classlens.core.store import RedisStore, SqliteStore
+from classlens.core.store import Get, RedisStore, SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ class ReadsTheClaimTogether:
 
     ``first`` waits after its first read of ``claim`` until ``second`` has read it too, then goes on;
     ``second`` waits after its first read until ``first`` is done (``first_done``). The other calls
-    go straight to the store.
+    go straight to the store. A claim read in a :meth:`round_trip` counts as read once the trip is back.
     """
 
     def __init__(self, store, claim):
@@ -147,6 +147,17 @@ class ReadsTheClaimTogether:
 
     def get(self, key):
         value = self._store.get(key)
+        self._after_reading(key)
+        return value
+
+    def round_trip(self, commands):
+        answers = self._store.round_trip(commands)
+        for command in commands:
+            if isinstance(command, Get):
+                self._after_reading(command.key)
+        return answers
+
+    def _after_reading(self, key):
         me = threading.current_thread().name
         if key == self._claim and me not in self._read:
             self._read.add(me)
@@ -155,7 +166,6 @@ class ReadsTheClaimTogether:
             else:
                 self.second_read.set()
                 assert self.first_done.wait(10)
-        return value
 
 
 def test_two_submitters_that_find_the_same_stale_claim_queue_one_job(store):

@@ -26,10 +26,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -80,6 +81,20 @@ class Store(Protocol):
         """Remove and return up to ``count`` values from the head of the list at ``key`` (oldest first), atomically."""
         ...
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in order (None for each missing or expired one), in one round trip."""
+        ...
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """Run ``commands`` in order, in one round trip where the back-end can; each one's answer, in order.
+
+        Each command answers as the method of its name does (:class:`Set` None, :class:`SetIfAbsent`
+        and :class:`DeleteIf` a bool, :class:`Get` the value or None). In order, not atomically:
+        what one command decides cannot change what a later one does (a caller that needs that
+        looks at the answers and sends another trip).
+        """
+        ...
+
     def ping(self) -> None:
         """Return when the store answers; :class:`StoreError` otherwise."""
         ...
@@ -91,6 +106,60 @@ class Store(Protocol):
     def listen(self, channel: str) -> AbstractContextManager[Listener]:
         """Listen on ``channel`` from now on; re-read what you wait for *after* entering, then wait."""
         ...
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+
+
+@dataclass(frozen=True)
+class Set:
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class SetIfAbsent:
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclass(frozen=True)
+class DeleteIf:
+    key: str
+    value: bytes
+
+
+# One command of :meth:`Store.round_trip`: what the method of the same name does.
+Command = Get | Set | SetIfAbsent | Delete | DeleteIf
+
+
+def run_each(store: Store, commands: Sequence[Command]) -> list[Any]:
+    """:meth:`Store.round_trip` by the store's own methods, one after the other (a back-end without pipelines)."""
+    answers: list[Any] = []
+    for command in commands:
+        match command:
+            case Get(key):
+                answers.append(store.get(key))
+            case Set(key, value, ttl_s):
+                store.set(key, value, ttl_s)
+                answers.append(None)
+            case SetIfAbsent(key, value, ttl_s):
+                answers.append(store.set_if_absent(key, value, ttl_s))
+            case Delete(key):
+                store.delete(key)
+                answers.append(None)
+            case DeleteIf(key, value):
+                answers.append(store.delete_if(key, value))
+    return answers
 
 
 class Listener(Protocol):
@@ -229,6 +298,12 @@ def _reconnecting() -> Retry:
     return Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=5, supported_errors=(redis.ConnectionError,))
 
 
+def _bytes(value: object) -> bytes | None:
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)  # type: ignore[call-overload]
+
+
 def _milliseconds(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
@@ -249,9 +324,7 @@ class RedisStore:
             value = self._client.get(key)
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
-        if value is None:
-            return None
-        return value.encode() if isinstance(value, str) else bytes(value)
+        return _bytes(value)
 
     def set(self, key: str, value: bytes, ttl_s: float) -> None:
         try:
@@ -305,6 +378,47 @@ class RedisStore:
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
         return [v.encode() if isinstance(v, str) else bytes(v) for v in values or []]
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            values = self._client.mget(list(keys))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        return [_bytes(value) for value in values]
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline (no MULTI: commands in order, one round trip)."""
+        if not commands:
+            return []
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    match command:
+                        case Get(key):
+                            pipe.get(key)
+                        case Set(key, value, ttl_s):
+                            pipe.set(key, value, px=_milliseconds(ttl_s))
+                        case SetIfAbsent(key, value, ttl_s):
+                            pipe.set(key, value, px=_milliseconds(ttl_s), nx=True)
+                        case Delete(key):
+                            pipe.delete(key)
+                        case DeleteIf(key, value):
+                            pipe.eval(_DELETE_IF, 1, key, value)
+                replies = pipe.execute()
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        answers: list[Any] = []
+        for command, reply in zip(commands, replies, strict=True):
+            match command:
+                case Get():
+                    answers.append(_bytes(reply))
+                case SetIfAbsent() | DeleteIf():
+                    answers.append(bool(reply))
+                case _:
+                    answers.append(None)
+        return answers
 
     def ping(self) -> None:
         try:
@@ -456,6 +570,21 @@ class SqliteStore:
             (key, amount, amount),
         ).fetchone()
         return int(row[0])
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        marks = ",".join("?" * len(keys))
+        rows = self._run(
+            f"SELECT key, value FROM kv WHERE key IN ({marks}) AND (expires IS NULL OR expires > ?)",
+            (*keys, time.time()),
+        ).fetchall()
+        found = {str(row[0]): row[1] for row in rows}
+        return [_bytes(found.get(key)) for key in keys]
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """One process and a local file: no trip to save, so each command runs as its method does."""
+        return run_each(self, commands)
 
     def ping(self) -> None:
         self._run("SELECT 1", ())
