@@ -126,6 +126,10 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._parsed(self.store.get(keys.JOB + job_id))
 
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """:meth:`get` of each id, in order, with the records read in one trip."""
+        return [self._parsed(data) for data in self.store.get_many([keys.JOB + job_id for job_id in job_ids])]
+
     def _parsed(self, data: bytes | None) -> Job | None:
         """A stored record as a job (a follower as its leader stands), or None."""
         if data is None:
