@@ -298,7 +298,8 @@ class JobStore:
         In round trips: the record, the claim on ``key`` and the job's hand-over claim (see
         :meth:`_enqueue`; nobody else knows the new id, so it is always this job's) are written in one;
         the owner of the result (``made-for:``) is written with the hand-over claim's release, once the
-        job is queued. A cache hit in between reads no owner, and so tells nobody ``cached: true``.
+        job is queued. A cache hit in between finds no owner, so a caller with a key is told ``cached: false``
+        (never another key's ``true``).
         """
         job = _queued(
             new_job_id(),
