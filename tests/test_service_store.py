@@ -12,7 +12,7 @@ import pytest
 from classlens.core import keys
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import JobStore, content_key
-from classlens.core.store import Get, RedisStore, SqliteStore
+from classlens.core.store import Delete, DeleteIf, Get, RedisStore, Set, SetIfAbsent, SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -381,3 +381,25 @@ def test_sqlite_first_write_purges_what_an_earlier_run_left(tmp_path):
     SqliteStore(path, purge_every_s=3600).push("list", b"item", 60)
     assert _rows(path) == 2  # expires, and the list item
     assert earlier.purge_expired() == 0
+
+
+def test_get_many_and_round_trip_answer_as_the_single_commands_do(store):
+    a, b, c = key(), key(), key()
+    store.set(a, b"one", 60)
+    assert store.get_many([a, b, a]) == [b"one", None, b"one"]
+    assert store.get_many([]) == []
+    answers = store.round_trip(
+        [
+            Set(b, b"two", 60),
+            SetIfAbsent(b, b"not this", 60),
+            SetIfAbsent(c, b"three", 60),
+            Get(b),
+            DeleteIf(a, b"other"),
+            DeleteIf(a, b"one"),
+            Delete(c),
+            Get(c),
+        ]
+    )
+    assert answers == [None, False, True, b"two", False, True, None, None]
+    assert store.get_many([a, b, c]) == [None, b"two", None]
+    assert store.round_trip([]) == []
