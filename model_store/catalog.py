@@ -91,6 +91,20 @@ class ModelEntry:
         return self.manifest.reference
 
     def labels(self) -> list[str]:
+        """The labels, read from disk once per entry (every request of a model needs them).
+
+        An entry is the catalog's reading of one manifest: a refresh that finds a model changed makes
+        new entries, which read their labels afresh. One reading also keeps the labels and the
+        :attr:`result_fingerprint` made from them in agreement.
+        """
+        return list(self._labels)
+
+    @cached_property
+    def _labels(self) -> tuple[str, ...]:
+        return tuple(self.labels_on_disk())
+
+    def labels_on_disk(self) -> list[str]:
+        """The labels file as it is now (what :meth:`Catalog.verify` checks), not the entry's reading of it."""
         return read_labels(self.folder / self.manifest.labels.file, self.manifest.labels.count)
 
     def artifact_path(self, role: str = "weights") -> Path:
@@ -354,7 +368,7 @@ class Catalog:
                 except ArtifactError as error:
                     problems.append(str(error))
             try:
-                entry.labels()
+                entry.labels_on_disk()
             except (OSError, ManifestError) as error:
                 problems.append(str(error))
             results.append(VerifyResult(entry.reference, not problems, tuple(problems)))

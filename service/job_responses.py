@@ -140,5 +140,5 @@ class JobResource:
     def polled(self, job_id: str) -> Response:
         """``GET /<id>``: the job, long-polled for up to ``?wait=`` seconds, always 200."""
         parts = services()
-        job = parts.jobs.wait(self.find(parts, job_id), wait_seconds(parts))
-        return self.respond(parts, job, status=200)
+        job, result = parts.jobs.wait_for_result(self.find(parts, job_id), wait_seconds(parts))
+        return self.respond(parts, job, status=200, result=result)

@@ -12,7 +12,10 @@ openapi-core walks the document (resolving ``$ref`` after ``$ref``) on every cal
 costs several milliseconds a request, most of a cache hit. A verdict depends only on what
 it reads (method, path, query, media type and body, with file parts standing for
 themselves), so verdicts are memoised on exactly that: a repeated request shape, such as
-a client's usual parameters with a new image, is checked once. The memo is bounded twice:
+a client's usual parameters with a new image, is checked once. A JSON body's ``image`` string
+is the exception that would defeat that (every image is new): it is checked on its own against
+its schema on every request (:class:`ImageFields`), and a body whose image passes is remembered
+by the rest of the body only, so its verdict is reused whatever the image. The memo is bounded twice:
 at most :data:`MEMO_MAX_ENTRIES` verdicts and :data:`MEMO_MAX_BYTES` of them. Its keys are
 digests of the shape (a 1 MB form field is not kept as a key), and each verdict's messages
 are cut to :data:`MAX_DETAIL_CHARS` (jsonschema quotes the offending value whole, so a
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
@@ -51,6 +55,7 @@ from openapi_core.validation.request.exceptions import (
     RequestBodyValidationError,
 )
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
+from openapi_schema_validator import OAS30ReadValidator, OAS31Validator
 from werkzeug.datastructures import MultiDict
 
 from classlens.core.settings import Settings
@@ -65,15 +70,20 @@ MAX_ERRORS = 20  # messages listed per verdict: enough to fix a request, not one
 MAX_DETAIL_CHARS = 500  # per validation message; the full value the client sent is theirs already
 
 
+# What a file part stands for in a multipart body's validation: the same text for every file.
+FILE_PART = "(file)"
+
+
 def _parsed_form(value: bytes, **parameters: str) -> MultiDict[str, Any]:
     """The current request's form fields as Werkzeug parsed them; a file part stands for itself by a text.
 
     The schema can only say that a file is there (``format: binary``); its bytes are checked by
-    ``decode_image``, so they are neither copied nor handed to the JSON Schema validator.
+    ``decode_image``, so they are neither copied nor handed to the JSON Schema validator. Neither
+    its bytes nor its name change the verdict, so a new image (or a new file name) reuses it.
     """
     fields: MultiDict[str, Any] = MultiDict(current_request.form.items(multi=True))
-    for name, upload in current_request.files.items(multi=True):
-        fields.add(name, f"(file {upload.filename or ''})")
+    for name, _ in current_request.files.items(multi=True):
+        fields.add(name, FILE_PART)
     return fields
 
 
@@ -213,6 +223,73 @@ class VerdictMemo:
                 self._bytes -= dropped
 
 
+IMAGE_FIELD = "image"
+# A JSON body schema whose top level has only these keywords decides its ``image`` property alone
+# (no oneOf, if/then, dependencies...): an image valid by its own schema cannot change the verdict.
+_PLAIN_OBJECT = {"type", "required", "additionalProperties", "properties", "description", "title", "examples"}
+
+
+def _local(document: dict[str, Any], schema: Any) -> Any:
+    """``schema``, or what its local ``$ref`` names (one level deep: enough for a body and its fields)."""
+    if isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and schema["$ref"].startswith("#/"):
+        found: Any = document
+        for part in schema["$ref"][2:].split("/"):
+            found = found[part]
+        return found
+    return schema
+
+
+class ImageFields:
+    """The one check of a JSON body's ``image`` string, on every request, against the contract's own schema for it.
+
+    Built from ``openapi.yaml``: for each operation whose JSON body is a plain object (see
+    :data:`_PLAIN_OBJECT`) with an ``image`` string property, that property's schema (type, length,
+    pattern, format), checked with the validator openapi-core uses for OpenAPI 3.1. Where the image
+    passes, the rest of the body alone decides the verdict, so :class:`Contract` remembers the
+    verdict by the rest only; an image that fails is left to openapi-core, so the refusal is the
+    same problem+json as for any body.
+    """
+
+    def __init__(self, document: dict[str, Any]):
+        self._validators: dict[tuple[str, str], Any] = {}
+        for path, operations in (document.get("paths") or {}).items():
+            for method, operation in operations.items():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                content = _local(document, operation["requestBody"]).get("content", {})
+                body = _local(document, content.get("application/json", {}).get("schema"))
+                if not isinstance(body, dict) or not set(body) <= _PLAIN_OBJECT or body.get("type") != "object":
+                    continue
+                image = _local(document, (body.get("properties") or {}).get(IMAGE_FIELD))
+                if isinstance(image, dict) and image.get("type") == "string" and "$ref" not in repr(image):
+                    validator = OAS31Validator(image, format_checker=OAS30ReadValidator.FORMAT_CHECKER)
+                    self._validators[(method.upper(), path)] = validator
+
+    @property
+    def operations(self) -> set[tuple[str, str]]:
+        """``(METHOD, /path/{template})`` of every operation whose body has such an ``image`` field."""
+        return set(self._validators)
+
+    def rest_if_valid(self, request: Request) -> dict[str, Any] | None:
+        """The JSON body without its ``image``, when the request has one and it passes its schema; else None."""
+        if request.mimetype != "application/json" or request.url_rule is None:
+            return None
+        validator = self._validators.get((request.method, _template(request.url_rule.rule)))
+        if validator is None:
+            return None
+        body = request.get_json(silent=True)  # parsed once: the handler reads Flask's cached copy
+        if not isinstance(body, dict) or not isinstance(body.get(IMAGE_FIELD), str):
+            return None
+        if not validator.is_valid(body[IMAGE_FIELD]):
+            return None
+        return {name: value for name, value in body.items() if name != IMAGE_FIELD}
+
+
+def _template(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: ``/v1/jobs/<id>`` and ``/<int:n>`` become ``/v1/jobs/{id}`` and ``/{n}``."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
 class Contract:
     """``openapi.yaml``: its text (served as is), its parsed form and its validator."""
 
@@ -226,18 +303,31 @@ class Contract:
         )
         self.openapi = OpenAPI.from_dict(self.document, config=config)
 
+        self.images = ImageFields(self.document)
         self.memo = VerdictMemo()
 
     def validate(self, request: Request) -> None:
-        """Raise a :class:`Problem` unless ``request`` fits the contract (an unknown route is left to Flask)."""
+        """Raise a :class:`Problem` unless ``request`` fits the contract (an unknown route is left to Flask).
+
+        A body whose ``image`` passes :class:`ImageFields` is looked up by the rest of it, under which
+        only acceptances are kept: a refusal may quote the body, image included, so it stays keyed by
+        the exact body and is never handed to a request with another image.
+        """
         if request.routing_exception is not None or request.url_rule is None:
             return
         check_request(request, _settings())
+        rest = self.images.rest_if_valid(request)
+        without_image = None if rest is None else _without_image_key(request, rest)
+        if without_image is not None and self.memo.get(without_image) == (True, None):
+            return
         key = _shape_key(request)
         found, verdict = self.memo.get(key)
         if not found:
             verdict = self._check_current_request()
-            self.memo.put(key, verdict)
+            if verdict is None and without_image is not None:
+                self.memo.put(without_image, None)
+            else:
+                self.memo.put(key, verdict)
         if verdict is not None:  # a fresh exception each time: a memoised one would collect tracebacks
             raise Problem(verdict.status, verdict.title, verdict.detail, problem=verdict.problem, **verdict.extra)
 
@@ -252,7 +342,7 @@ def _shape(request: Request) -> Hashable:
     """Everything the contract's verdict depends on: no header or cookie is declared, security is service.auth's."""
     if request.mimetype == MULTIPART:
         fields = tuple(request.form.items(multi=True))
-        files = tuple((name, upload.filename) for name, upload in request.files.items(multi=True))
+        files = tuple(name for name, _ in request.files.items(multi=True))  # each stands for FILE_PART
         body: Hashable = (fields, files)
     else:
         body = hashlib.sha256(request.get_data(cache=True)).digest()
@@ -262,6 +352,13 @@ def _shape(request: Request) -> Hashable:
 def _shape_key(request: Request) -> bytes:
     """A digest of :func:`_shape`: the memo keeps 32 bytes per shape, however large its form fields."""
     return hashlib.sha256(repr(_shape(request)).encode()).digest()
+
+
+def _without_image_key(request: Request, rest: dict[str, Any]) -> bytes:
+    """A digest of :func:`_shape` with a valid ``image`` left out (``rest`` is the body without it)."""
+    body = json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    shape = (request.method, request.path, request.query_string, request.mimetype, f"{IMAGE_FIELD} valid", body)
+    return hashlib.sha256(repr(shape).encode()).digest()
 
 
 _DEFAULT_SETTINGS: list[Settings] = []

@@ -68,12 +68,11 @@ def install_rate_limits(app: Flask, parts: Services) -> Limiter | None:
 
 
 def _unfinished(parts: Services, ids: list[str]) -> list[str]:
-    left = []
-    for job_id in ids:
-        job = parts.jobs.get(job_id)
-        if job is not None and job.status not in TERMINAL_STATUSES:
-            left.append(job_id)
-    return left
+    """The ids of ``ids`` whose jobs are queued or running (the records read in one trip)."""
+    jobs = parts.jobs.get_many(ids)
+    return [
+        job_id for job_id, job in zip(ids, jobs, strict=True) if job is not None and job.status not in TERMINAL_STATUSES
+    ]
 
 
 @contextmanager
@@ -87,8 +86,7 @@ def _locked(parts: Services, key_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if parts.store.get(lock) == token:
-            parts.store.delete(lock)
+        parts.store.delete_if(lock, token)  # only our own: a lock that lapsed may be another request's now
 
 
 @contextmanager

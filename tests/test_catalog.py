@@ -201,3 +201,21 @@ def test_a_disabled_version_in_an_earlier_root_shadows_the_later_one(store_copy,
     catalog = Catalog([store_copy, BUNDLED_ROOT])
     with pytest.raises(ModelDisabledError):
         catalog.resolve("fmnist-vit@2")  # the user disabled it: the bundled copy does not come back
+
+
+def test_labels_are_read_once_per_entry_and_afresh_after_a_refresh_finds_the_model_changed(store_copy):
+    catalog = Catalog([store_copy], refresh_s=0)
+    folder = store_copy / "fmnist-vit" / "1"
+    labels = catalog.resolve("fmnist-vit@1").labels()
+    assert labels[1] == "Trouser"
+    labels.append("changed by the caller")  # a copy: the entry's reading stays as it was
+    (folder / "labels.txt").rename(folder / "labels.moved")
+    assert catalog.resolve("fmnist-vit@1").labels()[1] == "Trouser", "not read from disk again"
+    assert not catalog.verify("fmnist-vit@1")[0].ok, "verify looks at the file itself"
+    renamed = [f"class {n}" for n in range(10)]
+    (folder / "labels.txt").write_text("\n".join(renamed) + "\n", encoding="utf-8")
+    manifest = read_manifest(folder / "manifest.yaml")
+    write_manifest(manifest.model_copy(update={"description": "relabelled"}), folder / "manifest.yaml")
+    relabelled = catalog.resolve("fmnist-vit@1")  # the refresh found the manifest changed: a new entry
+    assert relabelled.labels()[1] == "class 1"
+    assert catalog.verify("fmnist-vit@1")[0].ok

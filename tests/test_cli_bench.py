@@ -20,7 +20,12 @@ def test_bench_writes_cpu_time_ratios_at_each_thread_count(tmp_path, bundled_cat
     [record] = json.loads(out.read_text())["lens"]
     assert record["model"] == bundled_catalog.resolve("fmnist-vit").reference
     assert record["batch"] == 2
-    assert set(record["methods"]) == {"forward", "explain", "gradient_map", "grad_cam", "onnx_forward", "onnx_explain"}
+    methods = {"forward", "explain", "floor", "gradient_map", "grad_cam", "onnx_forward", "onnx_explain"}
+    assert set(record["methods"]) == methods
+    # The explanation's work beyond its class products, per thread count (a figure, not a bound).
+    assert set(record["explain_above_floor"]) == {"1", "2"}
+    for threads, above in record["explain_above_floor"].items():
+        assert above["min"] <= above["median"] <= above["max"], threads
     for name, method in record["methods"].items():
         assert set(method["threads"]) == {"1", "2"}, name
         for at in method["threads"].values():

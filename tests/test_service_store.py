@@ -12,7 +12,7 @@ import pytest
 from classlens.core import keys
 from classlens.core.contract import ExplainRequest
 from classlens.core.jobs import JobStore, content_key
-from classlens.core.store import RedisStore, SqliteStore
+from classlens.core.store import Delete, DeleteIf, Get, RedisStore, Set, SetIfAbsent, SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ class ReadsTheClaimTogether:
 
     ``first`` waits after its first read of ``claim`` until ``second`` has read it too, then goes on;
     ``second`` waits after its first read until ``first`` is done (``first_done``). The other calls
-    go straight to the store.
+    go straight to the store. A claim read in a :meth:`round_trip` counts as read once the trip is back.
     """
 
     def __init__(self, store, claim):
@@ -147,6 +147,17 @@ class ReadsTheClaimTogether:
 
     def get(self, key):
         value = self._store.get(key)
+        self._after_reading(key)
+        return value
+
+    def round_trip(self, commands):
+        answers = self._store.round_trip(commands)
+        for command in commands:
+            if isinstance(command, Get):
+                self._after_reading(command.key)
+        return answers
+
+    def _after_reading(self, key):
         me = threading.current_thread().name
         if key == self._claim and me not in self._read:
             self._read.add(me)
@@ -155,7 +166,6 @@ class ReadsTheClaimTogether:
             else:
                 self.second_read.set()
                 assert self.first_done.wait(10)
-        return value
 
 
 def test_two_submitters_that_find_the_same_stale_claim_queue_one_job(store):
@@ -371,3 +381,25 @@ def test_sqlite_first_write_purges_what_an_earlier_run_left(tmp_path):
     SqliteStore(path, purge_every_s=3600).push("list", b"item", 60)
     assert _rows(path) == 2  # expires, and the list item
     assert earlier.purge_expired() == 0
+
+
+def test_get_many_and_round_trip_answer_as_the_single_commands_do(store):
+    a, b, c = key(), key(), key()
+    store.set(a, b"one", 60)
+    assert store.get_many([a, b, a]) == [b"one", None, b"one"]
+    assert store.get_many([]) == []
+    answers = store.round_trip(
+        [
+            Set(b, b"two", 60),
+            SetIfAbsent(b, b"not this", 60),
+            SetIfAbsent(c, b"three", 60),
+            Get(b),
+            DeleteIf(a, b"other"),
+            DeleteIf(a, b"one"),
+            Delete(c),
+            Get(c),
+        ]
+    )
+    assert answers == [None, False, True, b"two", False, True, None, None]
+    assert store.get_many([a, b, c]) == [None, b"two", None]
+    assert store.round_trip([]) == []

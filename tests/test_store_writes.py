@@ -127,7 +127,7 @@ def _one_round_trip(store: RedisStore) -> None:
     assert traffic.commands["incrby"] == 20
     assert traffic.commands["set"] == 2  # one by the client, one by the ring's script
     assert traffic.commands["rpush"] == traffic.commands["pexpire"] == 1
-    assert traffic.commands["eval"] == 2
+    assert traffic.commands["eval"] == 3  # the push, the compare-and-delete and the ring, each a script
     assert traffic.commands["publish"] == 1
 
 

@@ -24,7 +24,6 @@ from classlens.core.store import RedisStore, SqliteStore, Store
 from model_store.catalog import Catalog
 from tests.round_trips import measured, private_redis
 from tests.service_fixtures import SAMPLES, TINY_MODEL
-from worker.jobs import records
 from worker.jobs.explain import explain_job
 from worker.jobs.runtime import Runtime
 from worker.jobs.single import run_single
@@ -136,16 +135,17 @@ def test_a_batch_is_started_and_finished_in_one_round_trip_each(tmp_path, tiny_m
 
 
 @pytest.mark.parametrize("backend", ["redis", "sqlite"])
-def test_the_records_written_together_are_those_of_the_job_store(backend, tmp_path, tiny_model_root, redis_store):
+def test_records_written_on_a_callers_block_are_those_written_alone(backend, tmp_path, tiny_model_root, redis_store):
     store: Store = redis_store if backend == "redis" else SqliteStore(tmp_path / "store.sqlite3")
     rt = make_runtime(store, settings_for(tmp_path, tiny_model_root))
     alone, together = submit(rt, IMAGES[0]), submit(rt, IMAGES[1])
     jobs = rt.jobs
     by_store = jobs.succeed(jobs.start(alone), b'{"result": 1}')
     with store.writes() as writes:
-        started = records.start(writes, jobs, together)
+        started = jobs.start(together, writes=writes)
+        assert jobs.get(together.id) == together  # queued on the caller's block, not yet sent
     with store.writes() as writes:
-        by_writes = records.succeed(writes, jobs, started, b'{"result": 1}')
+        by_writes = jobs.succeed(started, b'{"result": 1}', writes=writes)
 
     def comparable(job: Job | None) -> dict[str, object]:
         assert job is not None

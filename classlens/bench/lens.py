@@ -2,7 +2,8 @@
 
 In one run, on the same model and batch: the plain forward pass, a full explain
 (all layers, all tokens, sublayers, top-3 targets, projection maps at every
-layer), the gradient relevance map, Grad-CAM and Captum's Integrated Gradients
+layer), its floor (the forward pass plus the class products alone, :mod:`classlens.bench.floor`),
+the gradient relevance map, Grad-CAM and Captum's Integrated Gradients
 (50 steps), and with the onnx extra the forward pass and explain on onnxruntime.
 Each as a ratio of process CPU time to the forward pass at 1 and at 2 threads, with
 its min / median / max over interleaved rounds and the load each round saw
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from classlens.bench.floor import forward_and_products
 from classlens.bench.measure import (
     Round,
     figure_cells,
@@ -134,6 +136,8 @@ def bench_model(
         "explain": lambda: explain(model, images, subject.labels, request, subject.ref, workspace=workspace),
         "gradient_map": lambda: gradient_relevance(images, top3, projection),
         "grad_cam": lambda: grad_cam(model, images, top3),
+        # The floor: what an explanation would cost if only its class products were added to the forward.
+        "floor": forward_and_products(model, images),
     }
     repeats = dict.fromkeys(methods, rounds) | {"gradient_map": max(3, rounds // 2), "grad_cam": max(3, rounds // 2)}
     if with_ig:
@@ -155,15 +159,26 @@ def bench_model(
             name: {
                 "threads": by_count,
                 "peak_extra_mib": round(peaks[name] / 2**20, 1),
-                "targets": 1 if name == "integrated_gradients" else (None if name == "forward" else 3),
+                "targets": 1 if name == "integrated_gradients" else (None if name in ("forward", "floor") else 3),
             }
             for name, by_count in figures.items()
         },
         "rounds": round_records(readings),
     }
+    record["explain_above_floor"] = explain_above_floor(readings, device)
     if with_onnx:
         record["onnxruntime"] = onnxruntime_gains(readings, device)
     return record
+
+
+def explain_above_floor(readings: Sequence[Round], device: torch.device) -> dict[str, dict[str, float]]:
+    """Per thread count, ``(explain - floor) / forward`` within each round: work beyond the class products."""
+    primary = "wall_s" if device.type == "cuda" else "cpu_s"
+    above: dict[str, dict[str, float]] = {}
+    for threads in sorted({reading.threads for reading in readings}):
+        at = [getattr(reading, primary) for reading in readings if reading.threads == threads]
+        above[str(threads)] = spread([(times["explain"] - times["floor"]) / times["forward"] for times in at])
+    return above
 
 
 def onnxruntime_gains(readings: Sequence[Round], device: torch.device) -> dict[str, dict[str, dict[str, float]]]:
@@ -206,4 +221,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
                     f"{record['model']:<26} {record['batch']:>5} {name:<22} {threads:>3} "
                     f"{at['cpu_ms']:>9.1f} {figures['peak_extra_mib']:>9.1f} {figure_cells(at)}"
                 )
+        for threads, above in record.get("explain_above_floor", {}).items():
+            lines.append(
+                f"{record['model']:<26} {record['batch']:>5} {'explain - floor':<22} {threads:>3} "
+                f"{'':>9} {'':>9} {above['median']:>11.2f} [{above['min']:.2f}-{above['max']:.2f}] x forward"
+            )
     return "\n".join(lines)

@@ -12,6 +12,11 @@ A content key names a result by everything it depends on: the lens version
 preprocessing, architecture, structure), the input's digest and the canonical parameters.
 Equal requests share one result and one computation, and a result can never answer for
 another model, another labelling or an older method.
+
+The API's side reads and writes what one job needs in as few store round trips as the
+semantics allow (:meth:`Store.round_trip`, :meth:`Store.get_many`): the cache is looked up
+once (result and owner together), a new job's record, its in-flight claim and its hand-over
+claim go in one trip, and a long poll reads the record and the result together.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +35,7 @@ from pydantic import ValidationError
 
 from classlens.core import contract, keys, leases
 from classlens.core.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
-from classlens.core.store import Store
+from classlens.core.store import Command, Delete, DeleteIf, Get, Set, SetIfAbsent, Store, Writes
 
 Outcome = Literal["cached", "joined", "queued"]
 
@@ -78,6 +84,14 @@ def _queued(job_id: str, kind: JobKind, model: str, parameters: Mapping[str, Any
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """What the cache held under a content key when it was looked up: the result, and whose submission made it."""
+
+    result: bytes | None
+    made_for: str  # the owner ('' for none) whose submission first computed it
+
+
+@dataclass(frozen=True)
 class Submission:
     """What became of a submitted request: a finished job from the cache, a joined one, or a new one."""
 
@@ -111,7 +125,14 @@ class JobStore:
     # -- records -------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        data = self.store.get(keys.JOB + job_id)
+        return self._parsed(self.store.get(keys.JOB + job_id))
+
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """:meth:`get` of each id, in order, with the records read in one trip."""
+        return [self._parsed(data) for data in self.store.get_many([keys.JOB + job_id for job_id in job_ids])]
+
+    def _parsed(self, data: bytes | None) -> Job | None:
+        """A stored record as a job (a follower as its leader stands), or None."""
         if data is None:
             return None
         try:
@@ -159,43 +180,71 @@ class JobStore:
             return running
         return self._followed(self.save(fresh.model_copy(update={"follows": running.id})))
 
-    def _made_for(self, key: str) -> str:
-        """The owner whose submission first computed the result under ``key`` ('' for none)."""
-        found = self.store.get(keys.MADE_FOR + key)
-        return found.decode() if found is not None else ""
+    def lookup(self, key: str) -> Lookup:
+        """The cache under ``key``: its result and whose submission computed it, in one trip."""
+        result, made_for = self.store.get_many([keys.RESULT + key, keys.MADE_FOR + key])
+        return Lookup(result, made_for.decode() if made_for is not None else "")
 
     def save(self, job: Job) -> Job:
         self.store.set(keys.JOB + job.id, job.model_dump_json().encode(), self.ttl_s)
         return job
 
-    def update(self, job: Job, **changes: Any) -> Job:
-        """Save the changed job and wake whoever long-polls it."""
-        updated = self.save(job.model_copy(update={**changes, "updated_at": time.time()}))
-        self.store.notify(keys.JOB + job.id)
+    def update(self, job: Job, *, writes: Writes | None = None, **changes: Any) -> Job:
+        """Save the changed job and wake whoever long-polls it, in one round trip.
+
+        With ``writes``, queued on that block instead, to reach the store with the caller's other
+        writes (a worker sends a job's record, result and counters together).
+        """
+        updated = job.model_copy(update={**changes, "updated_at": time.time()})
+        with self._writing(writes) as block:
+            block.set(keys.JOB + job.id, updated.model_dump_json().encode(), self.ttl_s)
+            block.notify(keys.JOB + job.id)
         return updated
+
+    @contextmanager
+    def _writing(self, writes: Writes | None) -> Iterator[Writes]:
+        """``writes`` when the caller has a block open; else a block of this call's own."""
+        if writes is not None:
+            yield writes
+            return
+        with self.store.writes() as own:
+            yield own
 
     def wait(self, job: Job, seconds: float) -> Job:
         """The job once it is finished, or as it is after ``seconds`` (a long poll, woken by :meth:`update`)."""
+        return self.wait_for_result(job, seconds)[0]
+
+    def wait_for_result(self, job: Job, seconds: float) -> tuple[Job, bytes | None]:
+        """:meth:`wait`, with the result of a job found succeeded (read with its record), else None.
+
+        None also when the job was finished already on entry: nothing was read, the caller reads it.
+        """
         if job.status in TERMINAL_STATUSES or seconds <= 0 or self._no_waiters:
-            return job
+            return job, None
         if self._waiters is None:
             return self._wait(job, seconds)
         if not self._waiters.acquire(blocking=False):
-            return self.get(job.id) or job  # every long-poll slot is taken: the job as it is now
+            return self._now(job)  # every long-poll slot is taken: the job as it is now
         try:
             return self._wait(job, seconds)
         finally:
             self._waiters.release()
 
-    def _wait(self, job: Job, seconds: float) -> Job:
+    def _now(self, job: Job) -> tuple[Job, bytes | None]:
+        """The job as it stands and, when it succeeded, its result: one trip (the key is the job's own)."""
+        record, result = self.store.get_many([keys.JOB + job.id, keys.RESULT + job.content_key])
+        now = self._parsed(record) or job
+        return now, result if now.status == "succeeded" else None
+
+    def _wait(self, job: Job, seconds: float) -> tuple[Job, bytes | None]:
         deadline = time.monotonic() + seconds
         # A follower changes only when its leader does: listen to the leader's notices.
         with self.store.listen(keys.JOB + (job.follows or job.id)) as changes:
-            job = self.get(job.id) or job  # read after listening: a change from now on wakes us
+            job, result = self._now(job)  # read after listening: a change from now on wakes us
             while job.status not in TERMINAL_STATUSES and (remaining := deadline - time.monotonic()) > 0:
                 changes.wait(remaining)
-                job = self.get(job.id) or job
-        return job
+                job, result = self._now(job)
+        return job, result
 
     def _put_blob(self, prefix: str, data: bytes) -> str:
         """Store ``data`` under ``<prefix><its sha256>`` (content-addressed) and return the digest."""
@@ -244,6 +293,7 @@ class JobStore:
         inflight_ttl_s: float | None = None,
         fingerprints: Mapping[str, str] | None = None,
         owner: str | None = None,
+        looked_up: Lookup | None = None,
     ) -> Submission:
         """A cached result, the job already computing ``key``, or a new job handed to ``enqueue``.
 
@@ -258,6 +308,14 @@ class JobStore:
         the worker checks its own catalog against them (:attr:`Job.fingerprints`).
         ``owner`` (the API key's id) owns the job record returned, whatever the outcome: a cache hit or a
         join across owners gives the caller a record of its own (:meth:`_join_as`), never another's job.
+        ``looked_up`` is :meth:`lookup` of ``key`` when the caller has just made it (to decide whether to
+        decode the image): the first attempt goes by it instead of looking again.
+
+        In round trips: the record, the claim on ``key`` and the job's hand-over claim (see
+        :meth:`_enqueue`; nobody else knows the new id, so it is always this job's) are written in one;
+        the owner of the result (``made-for:``) is written with the hand-over claim's release, once the
+        job is queued. A cache hit in between finds no owner, so a caller with a key is told ``cached: false``
+        (never another key's ``true``).
         """
         job = _queued(
             new_job_id(),
@@ -271,22 +329,31 @@ class JobStore:
             owner=owner,
         )
         now = job.created_at
+        claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
+        record, guard = job.model_dump_json().encode(), keys.CLAIM + job.id
         for _ in range(3):
-            cached = self.result(key)
-            if cached is not None:
+            found, looked_up = looked_up or self.lookup(key), None
+            if found.result is not None:
                 done = job.model_copy(
                     update={"status": "succeeded", "finished_at": now, "progress": Progress(done=total, total=total)}
                 )
-                foreign = self._made_for(key) != (owner or "")
-                return Submission(self.save(done), "cached", cached, foreign=foreign)
-            self.save(job)
-            claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
-            if self.store.set_if_absent(keys.INFLIGHT + key, job.id.encode(), claim_ttl_s):
-                self.store.set(keys.MADE_FOR + key, (owner or "").encode(), self.ttl_s)
-                self._enqueue(job, enqueue)
+                foreign = found.made_for != (owner or "")
+                return Submission(self.save(done), "cached", found.result, foreign=foreign)
+            handover = leases.handover_holder().encode()
+            _, claimed_key, guarded = self.store.round_trip(
+                [
+                    Set(keys.JOB + job.id, record, self.ttl_s),  # first: whoever reads the claim finds the job
+                    SetIfAbsent(keys.INFLIGHT + key, job.id.encode(), claim_ttl_s),
+                    SetIfAbsent(guard, handover, self.ttl_s),
+                ]
+            )
+            if claimed_key:
+                made_for = Set(keys.MADE_FOR + key, (owner or "").encode(), self.ttl_s)
+                self._enqueue(job, enqueue, handover=handover if guarded else None, then=[made_for])
                 return Submission(job, "queued")
-            self.store.delete(keys.JOB + job.id)
-            claimed = self.store.get(keys.INFLIGHT + key)
+            _, _, claimed = self.store.round_trip(
+                [Delete(keys.JOB + job.id), DeleteIf(guard, handover), Get(keys.INFLIGHT + key)]
+            )
             running = self.get(claimed.decode()) if claimed else None
             if running is not None and running.status not in TERMINAL_STATUSES:
                 if leases.drop_if_abandoned(self.store, running.id):
@@ -318,46 +385,71 @@ class JobStore:
         self._enqueue(job, enqueue)
         return job
 
-    def _enqueue(self, job: Job, enqueue: Callable[[Job], None]) -> None:
+    def _enqueue(
+        self,
+        job: Job,
+        enqueue: Callable[[Job], None],
+        *,
+        handover: bytes | None = None,
+        then: Sequence[Command] = (),
+    ) -> None:
         """Hand ``job`` to the queue; a job the queue refuses is failed (never left queued) and the error raised.
 
         While it is handed over, the job carries a claim by this (heartbeat-less) process: should the
         store go away before the job is either queued or failed, or this process die, the claim stays
         behind abandoned, and a worker's reaper queues the job once the store answers again
         (:mod:`classlens.core.leases`), instead of leaving it ``queued`` with no message.
+        ``handover`` is that claim when the caller took it already; ``then`` are writes to send with
+        its release, once the job is queued (one trip for both).
         """
-        guard, mine = keys.CLAIM + job.id, leases.handover_holder().encode()
-        # Never over a worker's claim (a job queued again after its worker died may be taken already).
-        guarded = self.store.set_if_absent(guard, mine, self.ttl_s)
+        guard = keys.CLAIM + job.id
+        if handover is None:
+            mine = leases.handover_holder().encode()
+            # Never over a worker's claim (a job queued again after its worker died may be taken already).
+            guarded = self.store.set_if_absent(guard, mine, self.ttl_s)
+        else:
+            mine, guarded = handover, True
+        release = [DeleteIf(guard, mine)] if guarded else []
         try:
             enqueue(job)
         except Exception:
-            self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
+            try:
+                self.fail(job, "Could not queue the job", "the queue did not accept the job; try again")
+            finally:
+                self.store.round_trip(release)
             raise
-        finally:
-            if guarded:
-                self.store.delete_if(guard, mine)
+        except BaseException:
+            self.store.round_trip(release)
+            raise
+        self.store.round_trip([*then, *release])
 
     # -- the worker side -----------------------------------------------------------------------------
 
-    def start(self, job: Job) -> Job:
-        return self.update(job, status="running", started_at=time.time())
+    def start(self, job: Job, *, writes: Writes | None = None) -> Job:
+        return self.update(job, writes=writes, status="running", started_at=time.time())
 
     def progress(self, job: Job, done: int, total: int | None = None) -> Job:
         """Record ``done`` (of ``total``, when the work has learnt its size; else the job's total so far)."""
         return self.update(job, progress=Progress(done=done, total=job.progress.total if total is None else total))
 
-    def succeed(self, job: Job, result: bytes) -> Job:
-        """Store the result under the content key (the cache), then finish the job and drop the claim."""
-        self.put_result(job.content_key, result)
-        finished = self.update(
-            job,
-            status="succeeded",
-            finished_at=time.time(),
-            progress=Progress(done=job.progress.total, total=job.progress.total),
-            error=None,
-        )
-        self.release(finished)
+    def succeed(self, job: Job, result: bytes, *, writes: Writes | None = None, **changes: Any) -> Job:
+        """Store the result under the content key (the cache), then finish the job and drop the claim.
+
+        In that order, in one round trip (or on ``writes``); ``changes``: other fields of the
+        record set in the same copy (a batch's size).
+        """
+        with self._writing(writes) as block:
+            block.set(keys.RESULT + job.content_key, result, self.ttl_s)
+            finished = self.update(
+                job,
+                writes=block,
+                status="succeeded",
+                finished_at=time.time(),
+                progress=Progress(done=job.progress.total, total=job.progress.total),
+                error=None,
+                **changes,
+            )
+            block.delete_if(keys.INFLIGHT + job.content_key, job.id.encode())  # release(), on the block
         return finished
 
     def fail(self, job: Job, title: str, detail: str) -> Job:

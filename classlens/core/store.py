@@ -10,9 +10,11 @@ Redis (``REDIS_URL`` set) and embedded on one machine (SQLite under the data dir
   writes themselves, at most once a minute per process, so the file does not grow forever.
 
 Long polls wait on a :meth:`Store.listen` channel instead of re-reading a key on a timer:
-Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests; SQLite has
-no notifications, so there a listener simply sleeps a short interval (one machine, few
-clients).
+Redis delivers ``PUBLISH`` at once, which keeps the API's CPU for requests. One thread per
+process reads every notice from one pattern subscription and wakes the waiters of each
+channel, so a long poll costs no command and no connection of its own (:class:`_RedisListener`).
+SQLite has no notifications, so there a listener simply sleeps a short interval (one
+machine, few clients).
 
 Values are bytes: callers decide the encoding (JSON for records, raw bytes for images).
 Every back-end failure is a :class:`StoreError`, which the API answers with a 503.
@@ -27,11 +29,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -82,6 +84,20 @@ class Store(Protocol):
         """Remove and return up to ``count`` values from the head of the list at ``key`` (oldest first), atomically."""
         ...
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in order (None for each missing or expired one), in one round trip."""
+        ...
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """Run ``commands`` in order, in one round trip where the back-end can; each one's answer, in order.
+
+        Each command answers as the method of its name does (:class:`Set` None, :class:`SetIfAbsent`
+        and :class:`DeleteIf` a bool, :class:`Get` the value or None). In order, not atomically:
+        what one command decides cannot change what a later one does (a caller that needs that
+        looks at the answers and sends another trip).
+        """
+        ...
+
     def ping(self) -> None:
         """Return when the store answers; :class:`StoreError` otherwise."""
         ...
@@ -104,6 +120,105 @@ class Store(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Get:
+    key: str
+
+
+@dataclass(frozen=True)
+class Set:
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class SetIfAbsent:
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclass(frozen=True)
+class DeleteIf:
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Incr:
+    key: str
+    amount: int = 1
+
+
+@dataclass(frozen=True)
+class Push:
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class Notify:
+    channel: str
+
+
+@dataclass(frozen=True)
+class PutInRing:
+    """Add 1 to ``counter`` (n), then set ``slot_prefix + str((n - 1) % size)``: a ring of ``size`` slots.
+
+    Both in one step, since the slot depends on the counter's new value: the n-th value put in
+    the ring replaces the one put ``size`` values before it. Answers n.
+    """
+
+    counter: str
+    slot_prefix: str
+    size: int
+    value: bytes
+    ttl_s: float
+
+
+# One command of :meth:`Store.round_trip`: what the method of the same name does.
+Command = Get | Set | SetIfAbsent | Delete | DeleteIf | Incr | Push | Notify | PutInRing
+
+
+def run_each(store: Store, commands: Sequence[Command]) -> list[Any]:
+    """:meth:`Store.round_trip` by the store's own methods, one after the other (a back-end without pipelines)."""
+    answers: list[Any] = []
+    for command in commands:
+        match command:
+            case Get(key):
+                answers.append(store.get(key))
+            case Set(key, value, ttl_s):
+                store.set(key, value, ttl_s)
+                answers.append(None)
+            case SetIfAbsent(key, value, ttl_s):
+                answers.append(store.set_if_absent(key, value, ttl_s))
+            case Delete(key):
+                store.delete(key)
+                answers.append(None)
+            case DeleteIf(key, value):
+                answers.append(store.delete_if(key, value))
+            case Incr(key, amount):
+                answers.append(store.incr(key, amount))
+            case Push(key, value, ttl_s):
+                store.push(key, value, ttl_s)
+                answers.append(None)
+            case Notify(channel):
+                store.notify(channel)
+                answers.append(None)
+            case PutInRing(counter, slot_prefix, size, value, ttl_s):
+                n = store.incr(counter)
+                store.set(f"{slot_prefix}{(n - 1) % size}", value, ttl_s)
+                answers.append(n)
+    return answers
+
+
 class Listener(Protocol):
     def wait(self, timeout_s: float) -> None:
         """Return on a notice or after ``timeout_s``, whichever comes first (early returns are allowed)."""
@@ -119,15 +234,111 @@ class _SleepingListener:
         time.sleep(max(0.0, min(self.interval_s, timeout_s)))
 
 
-class _RedisListener:
-    def __init__(self, pubsub: redis.client.PubSub):
-        self._pubsub = pubsub
+class _Waiter:
+    """One :meth:`RedisStore.listen` in progress: its event is set by a notice on its channel."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
 
     def wait(self, timeout_s: float) -> None:
+        # Cleared after waking, before the caller looks again: a notice from then on sets it anew.
+        self.event.wait(max(0.0, timeout_s))
+        self.event.clear()
+
+
+class _RedisListener:
+    """Every notice to one process, through one PubSub connection that one daemon thread reads.
+
+    A long poll costs no Redis command of its own: the thread holds a pattern subscription to
+    every notice channel (``notice:*``) and wakes the waiters registered on a channel through
+    their events. A notice published while the subscription is not live (the first moments,
+    or a Redis restart until redis-py has reconnected and subscribed again) is lost, so each
+    confirmation of the subscription, and each failure, wakes every waiter to look again:
+    nobody sleeps through a change. The thread ends after :attr:`idle_s` without waiters, and
+    the next waiter starts another; a forked child starts its own.
+    """
+
+    poll_s = 1.0  # how often an idle thread looks up from the socket (to notice it may stop)
+    idle_s = 30.0
+    retry_s = 0.2  # after a failure, before connecting again
+
+    def __init__(self, client: redis.Redis):
+        self._client = client
+        self._pattern = keys.NOTICE + "*"
+        self._pid = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._waiters: dict[bytes, set[_Waiter]] = {}
+        self._thread: threading.Thread | None = None
+
+    def waiting(self) -> int:
+        """How many waiters are registered now (nothing is left behind by those that returned)."""
+        with self._lock:
+            return sum(len(waiters) for waiters in self._waiters.values())
+
+    @contextmanager
+    def listen(self, channel: str) -> Iterator[Listener]:
+        if self._pid != os.getpid():  # a forked child: the parent's thread and waiters are not here
+            self._reset()
+        name, waiter = (keys.NOTICE + channel).encode(), _Waiter()
+        with self._lock:
+            self._waiters.setdefault(name, set()).add(waiter)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="classlens-notices", daemon=True)
+                self._thread.start()
         try:
-            self._pubsub.get_message(ignore_subscribe_messages=True, timeout=max(0.0, timeout_s))
-        except redis.RedisError as error:
-            raise StoreError(f"redis: {error}") from error
+            yield waiter
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(name)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[name]
+
+    def _wake(self, name: bytes | None) -> None:
+        """Wake the waiters on channel ``name``, or every waiter (None)."""
+        with self._lock:
+            groups = self._waiters.values() if name is None else [self._waiters.get(name, set())]
+            for waiters in groups:
+                for waiter in waiters:
+                    waiter.event.set()
+
+    def _stop_if_idle(self, idle_since: float) -> bool:
+        """End the thread (True) after :attr:`idle_s` without waiters; decided under the lock that registers them."""
+        with self._lock:
+            if self._waiters or time.monotonic() - idle_since < self.idle_s:
+                return False
+            self._thread = None
+            return True
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.psubscribe(self._pattern)
+                while True:
+                    message = pubsub.get_message(timeout=self.poll_s)
+                    if message is not None:
+                        if message["type"] == "pmessage":
+                            self._wake(bytes(message["channel"]))
+                        elif message["type"] == "psubscribe":  # live from now on (also after a reconnect)
+                            self._wake(None)
+                    if self.waiting():
+                        idle_since = time.monotonic()
+                    elif self._stop_if_idle(idle_since):
+                        return
+            except Exception:  # never let the thread die with waiters on it; they look again and see the error
+                self._wake(None)
+                if self._stop_if_idle(idle_since):
+                    return
+                time.sleep(self.retry_s)
+            finally:
+                pubsub.close()
 
 
 # Compare-and-delete in one step on the server: a claim is dropped only by (or for) the holder it names.
@@ -144,6 +355,12 @@ def _reconnecting() -> Retry:
     return Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=5, supported_errors=(redis.ConnectionError,))
 
 
+def _bytes(value: object) -> bytes | None:
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)  # type: ignore[call-overload]
+
+
 def _milliseconds(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
@@ -157,15 +374,14 @@ class RedisStore:
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=_reconnecting()
         )
+        self._listener = _RedisListener(self._client)
 
     def get(self, key: str) -> bytes | None:
         try:
             value = self._client.get(key)
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
-        if value is None:
-            return None
-        return value.encode() if isinstance(value, str) else bytes(value)
+        return _bytes(value)
 
     def set(self, key: str, value: bytes, ttl_s: float) -> None:
         try:
@@ -220,6 +436,28 @@ class RedisStore:
             raise StoreError(f"redis: {error}") from error
         return [v.encode() if isinstance(v, str) else bytes(v) for v in values or []]
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            values = self._client.mget(list(keys))
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        return [_bytes(value) for value in values]
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline (no MULTI: commands in order, one round trip)."""
+        if not commands:
+            return []
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    _queue(pipe, command)
+                replies = pipe.execute()  # retried on a refused connection like every command (_reconnecting)
+        except redis.RedisError as error:
+            raise StoreError(f"redis: {error}") from error
+        return [_answer(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
     def ping(self) -> None:
         try:
             self._client.ping()
@@ -232,28 +470,47 @@ class RedisStore:
         except redis.RedisError as error:
             raise StoreError(f"redis: {error}") from error
 
-    @contextmanager
-    def listen(self, channel: str) -> Iterator[Listener]:
-        pubsub = self._client.pubsub()
-        try:
-            try:
-                # Subscribed once this returns: a notice published after it is delivered.
-                pubsub.subscribe(keys.NOTICE + channel)
-                pubsub.get_message(timeout=self.timeout_s)
-            except redis.RedisError as error:
-                raise StoreError(f"redis: {error}") from error
-            yield _RedisListener(pubsub)
-        finally:
-            pubsub.close()
+    def listen(self, channel: str) -> AbstractContextManager[Listener]:
+        return self._listener.listen(channel)
 
-    @contextmanager
-    def writes(self) -> Iterator[Writes]:
-        with self._client.pipeline(transaction=False) as pipe:
-            yield _RedisWrites(pipe)
-            try:
-                pipe.execute()  # retried on a refused connection like every other command (_reconnecting)
-            except redis.RedisError as error:
-                raise StoreError(f"redis: {error}") from error
+    def writes(self) -> AbstractContextManager[Writes]:
+        return sent_together(self)
+
+
+def _queue(pipe: redis.client.Pipeline, command: Command) -> None:
+    """Put one command on a pipeline, as the :class:`RedisStore` method of its name sends it."""
+    match command:
+        case Get(key):
+            pipe.get(key)
+        case Set(key, value, ttl_s):
+            pipe.set(key, value, px=_milliseconds(ttl_s))
+        case SetIfAbsent(key, value, ttl_s):
+            pipe.set(key, value, px=_milliseconds(ttl_s), nx=True)
+        case Delete(key):
+            pipe.delete(key)
+        case DeleteIf(key, value):
+            pipe.eval(_DELETE_IF, 1, key, value)
+        case Incr(key, amount):
+            pipe.incrby(key, amount)
+        case Push(key, value, ttl_s):
+            pipe.eval(_PUSH, 1, key, value, _milliseconds(ttl_s))
+        case Notify(channel):
+            pipe.publish(keys.NOTICE + channel, b"")  # what notify() publishes
+        case PutInRing(counter, slot_prefix, size, value, ttl_s):
+            pipe.eval(_PUT_IN_RING, 1, counter, slot_prefix, size, value, _milliseconds(ttl_s))
+
+
+def _answer(command: Command, reply: Any) -> Any:
+    """A pipeline's reply to one command, as the method of its name answers."""
+    match command:
+        case Get():
+            return _bytes(reply)
+        case SetIfAbsent() | DeleteIf():
+            return bool(reply)
+        case Incr() | PutInRing():
+            return int(reply)
+        case _:
+            return None
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
@@ -397,6 +654,22 @@ class SqliteStore:
         ).fetchone()
         return int(row[0])
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        marks = ",".join("?" * len(keys))
+        rows = self._run(
+            f"SELECT key, value FROM kv WHERE key IN ({marks}) AND (expires IS NULL OR expires > ?)",
+            (*keys, time.time()),
+        ).fetchall()
+        found = {str(row[0]): row[1] for row in rows}
+        return [_bytes(found.get(key)) for key in keys]
+
+    def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """One process and a local file: no trip to save; each command runs as its method does, in one transaction."""
+        with self._transaction():  # the methods' own transactions (push, set_if_absent) join this one
+            return run_each(self, commands)
+
     def ping(self) -> None:
         self._run("SELECT 1", ())
 
@@ -413,13 +686,8 @@ class SqliteStore:
         lists = self._run("DELETE FROM lists WHERE expires <= ?", (now,)).rowcount
         return lists + self._run("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,)).rowcount
 
-    @contextmanager
-    def writes(self) -> Iterator[Writes]:
-        batch = _SqliteWrites(self)
-        yield batch
-        with self._transaction():  # the methods' own transactions (push) join this one
-            for write in batch.pending:
-                write()
+    def writes(self) -> AbstractContextManager[Writes]:
+        return sent_together(self)
 
 
 def open_store(settings: Settings) -> Store:
@@ -432,26 +700,38 @@ def open_store(settings: Settings) -> Store:
 # --- Writes sent together (Store.writes) ------------------------------------------------------------------
 
 
-class Writes(Protocol):
-    """The writes :meth:`Store.writes` collects, applied in order when its block ends; none answers."""
+class Writes:
+    """The writes :meth:`Store.writes` collects, sent by :meth:`Store.round_trip` when its block ends; none answers."""
 
-    def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
 
-    def incr(self, key: str, amount: int = 1) -> None: ...
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.commands.append(Set(key, value, ttl_s))
 
-    def push(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    def incr(self, key: str, amount: int = 1) -> None:
+        self.commands.append(Incr(key, amount))
 
-    def delete_if(self, key: str, value: bytes) -> None: ...
+    def push(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.commands.append(Push(key, value, ttl_s))
 
-    def notify(self, channel: str) -> None: ...
+    def delete_if(self, key: str, value: bytes) -> None:
+        self.commands.append(DeleteIf(key, value))
+
+    def notify(self, channel: str) -> None:
+        self.commands.append(Notify(channel))
 
     def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
-        """Add 1 to ``counter`` (n), then set ``slot_prefix + str((n - 1) % size)``: a ring of ``size`` slots.
+        """:class:`PutInRing`: the counter's next value chooses the slot the value replaces."""
+        self.commands.append(PutInRing(counter, slot_prefix, size, value, ttl_s))
 
-        Both in one step, since the slot depends on the counter's new value: the n-th value put
-        in the ring replaces the one put ``size`` values before it.
-        """
-        ...
+
+@contextmanager
+def sent_together(store: Store) -> Iterator[Writes]:
+    """The body of :meth:`Store.writes`: collect, then one :meth:`Store.round_trip` (nothing when the block raises)."""
+    writes = Writes()
+    yield writes
+    store.round_trip(writes.commands)
 
 
 # The ring's two steps on the server. The slot's key is made from the counter, so it cannot be among KEYS
@@ -461,59 +741,5 @@ _PUT_IN_RING = (
     "redis.call('SET', ARGV[1] .. ((n - 1) % tonumber(ARGV[2])), ARGV[3], 'PX', ARGV[4]) "
     "return n"
 )
-
-
-class _RedisWrites:
-    """Commands queued on a pipeline: the same commands as :class:`RedisStore`'s methods, sent at once."""
-
-    def __init__(self, pipe: redis.client.Pipeline):
-        self._pipe = pipe
-
-    def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._pipe.set(key, value, px=_milliseconds(ttl_s))
-
-    def incr(self, key: str, amount: int = 1) -> None:
-        self._pipe.incrby(key, amount)
-
-    def push(self, key: str, value: bytes, ttl_s: float) -> None:
-        self._pipe.rpush(key, value)
-        self._pipe.pexpire(key, _milliseconds(ttl_s))
-
-    def delete_if(self, key: str, value: bytes) -> None:
-        self._pipe.eval(_DELETE_IF, 1, key, value)
-
-    def notify(self, channel: str) -> None:
-        self._pipe.publish(keys.NOTICE + channel, b"")  # the notice RedisStore.notify publishes
-
-    def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
-        self._pipe.eval(_PUT_IN_RING, 1, counter, slot_prefix, size, value, _milliseconds(ttl_s))
-
-
-class _SqliteWrites:
-    """Writes kept until the block ends, then made by :class:`SqliteStore`'s own methods in one transaction."""
-
-    def __init__(self, store: SqliteStore):
-        self._store = store
-        self.pending: list[Callable[[], object]] = []
-
-    def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        self.pending.append(partial(self._store.set, key, value, ttl_s))
-
-    def incr(self, key: str, amount: int = 1) -> None:
-        self.pending.append(partial(self._store.incr, key, amount))
-
-    def push(self, key: str, value: bytes, ttl_s: float) -> None:
-        self.pending.append(partial(self._store.push, key, value, ttl_s))
-
-    def delete_if(self, key: str, value: bytes) -> None:
-        self.pending.append(partial(self._store.delete_if, key, value))
-
-    def notify(self, channel: str) -> None:
-        self.pending.append(partial(self._store.notify, channel))
-
-    def put_in_ring(self, counter: str, slot_prefix: str, size: int, value: bytes, ttl_s: float) -> None:
-        def put() -> None:
-            n = self._store.incr(counter)
-            self._store.set(f"{slot_prefix}{(n - 1) % size}", value, ttl_s)
-
-        self.pending.append(put)
+# push()'s two commands as one: append, and the list expires ttl after the last push.
+_PUSH = "redis.call('RPUSH', KEYS[1], ARGV[1]) redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 0"

@@ -19,7 +19,7 @@ from classlens.core import batching
 from classlens.core.capabilities import EXPLAIN_NEEDS
 from classlens.core.contract import BASELINE_MAPS, BASELINE_TITLES, Job
 from classlens.core.images import ImageError, fit_to_input
-from classlens.core.jobs import Submission, content_key, sha256_hex
+from classlens.core.jobs import Lookup, Submission, content_key, sha256_hex
 from classlens.core.queue import EXPLAIN_TASK, enqueue
 from classlens.core.render import render_overlay, to_png_bytes
 from classlens.core.requests import ClassNames, RequestError, parse_class
@@ -43,10 +43,10 @@ def create_explanation() -> Response:
     """Answer from the cache, join the equal job in flight, or queue a new job."""
     parts = services()
     submission = submit_explanation(parts, check_explanation(parts, read_input(from_json, from_form)))
-    job = submission.job
+    job, result = submission.job, submission.result
     if submission.outcome != "cached":
-        job = parts.jobs.wait(job, wait_seconds(parts))
-    return EXPLANATIONS.respond(parts, job, cached=submission.cached, result=submission.result)
+        job, result = parts.jobs.wait_for_result(job, wait_seconds(parts))
+    return EXPLANATIONS.respond(parts, job, cached=submission.cached, result=result)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,12 @@ class CheckedExplanation:
     parameters: dict[str, Any]
     key: str
     image_key: str
-    seen_before: bool
+    looked_up: Lookup  # the cache under ``key`` as the check found it
+
+    @property
+    def seen_before(self) -> bool:
+        """A stored result means these exact bytes were decoded and explained before."""
+        return self.looked_up.result is not None
 
 
 def check_explanation(parts: Services, submitted: ExplainInput) -> CheckedExplanation:
@@ -75,14 +80,15 @@ def check_explanation(parts: Services, submitted: ExplainInput) -> CheckedExplan
     key = content_key(entry.result_fingerprint, image_key, parameters)
     # A stored result means these exact bytes were decoded and explained before: a cache hit
     # skips decoding and re-storing the image (measured: the bulk of a hit's time for 224x224 PNGs).
-    seen_before = parts.jobs.result(key) is not None
-    if not seen_before:
+    # The submission goes by this look-up too, so the cache is read once per request.
+    looked_up = parts.jobs.lookup(key)
+    if looked_up.result is None:
         try:
             check_decodable(submitted.image, parts.settings.max_image_pixels)
         except ImageError as error:
             parts.metrics.rejected_images.labels(error.problem).inc()
             raise
-    return CheckedExplanation(submitted, entry, parameters, key, image_key, seen_before)
+    return CheckedExplanation(submitted, entry, parameters, key, image_key, looked_up)
 
 
 def submit_explanation(parts: Services, checked: CheckedExplanation) -> Submission:
@@ -107,6 +113,7 @@ def submit_explanation(parts: Services, checked: CheckedExplanation) -> Submissi
         image_key=checked.image_key,
         enqueue=enqueue_job,
         fingerprints={checked.entry.reference: checked.entry.result_fingerprint},
+        looked_up=checked.looked_up,
     )
     parts.metrics.submissions.labels("explanation", submission.outcome).inc()
     return submission

@@ -6,7 +6,7 @@ each job still ends on its own terms.
 
 The store is asked as little as the work allows: the batch's jobs are started in one round trip,
 and their successes, counters and monitoring signals are written in one more
-(:meth:`~classlens.core.store.Store.writes`, :mod:`worker.jobs.records`).
+(:meth:`~classlens.core.store.Store.writes`, on which :class:`~classlens.core.jobs.JobStore` queues them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from classlens.core.contract import TERMINAL_STATUSES, ExplainRequest, Explanati
 from classlens.core.images import decode_image
 from classlens.core.store import StoreError
 from model_store.catalog import ModelChangedError, ModelEntry
-from worker.jobs import records
 from worker.jobs.failures import record_failure
 from worker.jobs.runtime import Runtime, look_up, resume
 from worker.lens.explain import ExplainError
@@ -69,7 +68,7 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
     store = rt.jobs
     started = time.monotonic()
     with store.store.writes() as writes:
-        running = [records.start(writes, store, job) for job in jobs]
+        running = [store.start(job, writes=writes) for job in jobs]
     finished: dict[str, Job] = {}
     ready, images = [], []
     for job in running:
@@ -112,7 +111,7 @@ def _explain_together(rt: Runtime, jobs: list[Job]) -> list[Job]:
             stats.record_job(writes, kind=job.kind, model=job.model, status=status, duration_s=duration_s)
         for job, explanation in explained:
             result = explanation.model_dump_json().encode()
-            finished[job.id] = records.succeed(writes, store, job, result, batch_size=len(explained))
+            finished[job.id] = store.succeed(job, result, writes=writes, batch_size=len(explained))
     return [finished[job.id] for job in jobs]
 
 

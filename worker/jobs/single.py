@@ -10,7 +10,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from classlens.core import stats
 from classlens.core.contract import TERMINAL_STATUSES, Job, Progress
 from classlens.core.store import StoreError
-from worker.jobs import records
 from worker.jobs.failures import record_failure
 from worker.jobs.runtime import Runtime, look_up, resume
 
@@ -36,7 +35,7 @@ def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: 
         with jobs.store.writes() as writes:
             # What jobs.progress(jobs.start(job), 0) writes, as one record.
             progress = Progress(done=0, total=job.progress.total)
-            job = records.update(writes, jobs, job, status="running", started_at=time.time(), progress=progress)
+            job = jobs.update(job, writes=writes, status="running", started_at=time.time(), progress=progress)
         started = time.monotonic()
         result: bytes | None = None
         try:
@@ -57,7 +56,7 @@ def run_single(rt: Runtime, job_id: str, noun: str, soft_limit_s: int, compute: 
             status = job.status if result is None else "succeeded"
             stats.record_job(writes, kind=job.kind, model=job.model, status=status, duration_s=duration_s)
             if result is not None:
-                job = records.succeed(writes, jobs, job, result)
+                job = jobs.succeed(job, result, writes=writes)
         return job
     finally:
         rt.batches.release([job_id])
