@@ -93,7 +93,7 @@ def test_bench_memory_writes_rss_over_explanations_and_peaks_over_images(tmp_pat
     assert figures["base_rss_mib"] > 0
     assert figures["forward_peak_mib"] >= 0
     assert figures["workspace_mib"] > 0
-    assert set(record["analysis_peak"]) == {"forward", "cka"}
+    assert set(record["analysis_peak"]) == {"forward", "cka", "attention-distance", "skip-ratio"}
     for rows in record["analysis_peak"].values():
         [row] = rows
         assert row["images"] == 8

@@ -104,12 +104,20 @@ def explain_rss(architecture: str, img_size: int, count: int, every: int) -> dic
     }
 
 
+# The plain forward passes (the bound's base), then the analyses that stream over batches and keep
+# only running sums, whose peak must therefore not grow with the number of images. The probes keep one
+# feature row per image by design (they are fitted afterwards), so they are not among them.
+ANALYSES = ("forward", "cka", "attention-distance", "skip-ratio")
+
+
 def analysis_peak(architecture: str, img_size: int, images: int, batch: int, method: str) -> dict[str, Any]:
-    """In this process: the peak RSS of ``method`` (``cka`` or ``forward``) over ``images`` random images."""
+    """In this process: the peak RSS of ``method`` (one of :data:`ANALYSES`) over ``images`` random images."""
     import torch
 
     from classlens.bench.analyses import image_batches
+    from worker.analyses.attention_distance import mean_attention_distance
     from worker.analyses.layer_cka import cka_within
+    from worker.analyses.skip_ratio import skip_ratios
     from worker.random_models import random_vit
 
     torch.set_num_threads(1)
@@ -118,11 +126,16 @@ def analysis_peak(architecture: str, img_size: int, images: int, batch: int, met
     device = torch.device("cpu")
 
     def run(count: int) -> None:
+        batches = image_batches(count, batch, shape, device)
         if method == "cka":
-            cka_within(model, image_batches(count, batch, shape, device), "tokens")
+            cka_within(model, batches, "tokens")
+        elif method == "attention-distance":
+            mean_attention_distance(model, batches)
+        elif method == "skip-ratio":
+            skip_ratios(model, batches)
         else:
             with torch.no_grad():
-                for chunk in image_batches(count, batch, shape, device):
+                for chunk in batches:
                     model(chunk)
 
     base = resident_mib()
@@ -170,7 +183,7 @@ def bench_memory(
                 )
                 for n in image_counts
             ]
-            for method in ("forward", "cka")
+            for method in ANALYSES
         },
     }
     record["setup"] = {
