@@ -163,3 +163,18 @@ def test_a_cnn_is_a_loaded_model_and_only_a_vit_explains(bundled_catalog):
     assert isinstance(vit, LoadedViT)
     assert vit.spec.depth == len(vit.timm_vit.blocks)
     assert cache.get("fmnist-vit@1") is vit
+
+
+def test_the_buffers_a_models_explanations_keep_count_towards_max_bytes(store, caplog):
+    caplog.set_level(logging.INFO, logger="worker.runtime")
+    probe = _cache(store)
+    small = ModelCache.footprint(probe.get("a"))
+    cache = _cache(store, max_models=10, max_bytes=2 * small + small // 2)  # two small ones fit, as above
+    grown = cache.get("a")
+    assert isinstance(grown, LoadedViT)
+    grown.workspace.empty("streams", (small,), torch.uint8, CPU)  # as a large request would have grown it
+    assert cache.bytes_held == 2 * small
+    cache.get("b")  # a's weights and buffers and b's weights: more than the budget, so a goes
+    assert cache.references == ["b@1"]
+    assert "evicted a@1" in _evictions(caplog)[-1]
+    assert cache.bytes_held == small

@@ -143,8 +143,8 @@ class LoadedViT(LoadedModel):
     onnx: OnnxExplainer | None = None
     # The half-precision forward pass (CUDA with settings.precision other than float32; see half_tracer).
     half: Tracer | None = None
-    # The buffers and projections its explain calls reuse (bounded: worker.lens.workspace; not counted
-    # in ModelCache.footprint, which counts weights).
+    # The buffers and projections its explain calls reuse (bounded: worker.lens.workspace; counted by
+    # ModelCache beside the weights, as it grows).
     workspace: Workspace = field(default_factory=Workspace)
 
     @property
@@ -265,12 +265,13 @@ class ModelCache:
     ``device`` may be a setting (``"auto"``, ``"cpu"``, ``"cuda"``): it is resolved when the
     first model loads, not when the cache is built, so building one touches no CUDA.
 
-    At most ``max_models`` models and ``max_bytes`` bytes of parameters and buffers (a half-precision
-    copy counted too) are kept; the least recently used goes first, and every eviction is logged
-    with the model, its size and why. Room is made before a model loads (estimated from its weights
-    file) and checked again with its real size after, so that the old models and the new one are not
-    all held at once. A model larger than ``max_bytes`` on its own is still served, alone. A model
-    whose catalog entry changed (registered again with ``--overwrite``, an ONNX graph added) is
+    At most ``max_models`` models and ``max_bytes`` bytes are kept: their parameters and buffers (a
+    half-precision copy counted too) and the workspace each ViT's explanations keep, at its size when
+    room is made. The least recently used goes first, and every eviction is logged with the model, its
+    size and why. Room is made before a model loads (estimated from its weights file) and checked again
+    with its real size after, so that the old models and the new one are not all held at once. A model
+    larger than ``max_bytes`` on its own is still served, alone. A model whose catalog entry changed
+    (registered again with ``--overwrite``, an ONNX graph added) is
     loaded again, and one that was disabled or removed is dropped.
     """
 
@@ -311,7 +312,12 @@ class ModelCache:
     @property
     def bytes_held(self) -> int:
         with self._lock:
-            return sum(self._sizes.values())
+            return self._held()
+
+    def _held(self) -> int:
+        """The models' weights (as loaded) and the buffers their explanations keep (as they are now)."""
+        kept = sum(model.workspace.bytes_held for model in self._models.values() if isinstance(model, LoadedViT))
+        return sum(self._sizes.values()) + kept
 
     @staticmethod
     def footprint(loaded: LoadedModel) -> int:
@@ -392,7 +398,7 @@ class ModelCache:
     def _make_room(self, incoming: int, reference: str) -> None:
         """Evict the least recently used models until ``reference`` (``incoming`` bytes, not yet held) fits."""
         while self._models:
-            held = sum(self._sizes.values())
+            held = self._held()
             if len(self._models) < self.max_models and held + incoming <= self.max_bytes:
                 return
             if len(self._models) >= self.max_models:
