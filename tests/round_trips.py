@@ -35,7 +35,8 @@ class Traffic:
         return sum(self.commands.values())
 
 
-def _command_calls(client: redis.Redis) -> Counter[str]:
+def command_calls(client: redis.Redis) -> Counter[str]:
+    """Calls of each command the server has run since its start (or its last ``CONFIG RESETSTAT``)."""
     stats: dict[str, Any] = client.info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()})
 
@@ -64,9 +65,9 @@ def measured(store: RedisStore) -> Iterator[Traffic]:
     try:
         store.ping()
         traffic.round_trips = 0
-        before = _command_calls(observer)
+        before = command_calls(observer)
         yield traffic
-        after = _command_calls(observer)
+        after = command_calls(observer)
         traffic.commands = Counter({name: n - before[name] for name, n in after.items() if name != "info"})
         traffic.commands = +traffic.commands  # drop the zeros
     finally:

@@ -20,6 +20,7 @@ from classlens.core import keys
 from classlens.core.settings import Settings
 from classlens.core.store import RedisStore
 from service.openapi import VerdictMemo
+from tests.round_trips import command_calls
 from tests.service_fixtures import TINY_MODEL, b64, problem, sample_png
 
 DB = 15  # a Redis database of this module's own
@@ -78,14 +79,9 @@ def round_trips(monkeypatch) -> RoundTrips:
 def commands_during(url: str, action: Callable[[], object]) -> Counter[str]:
     """The commands the server ran while ``action`` ran (by name: ``get``, ``set``, ``psubscribe``...)."""
     client = redis.Redis.from_url(url)
-
-    def calls() -> Counter[str]:
-        stats = client.info("commandstats")
-        return Counter({name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()})
-
-    before = calls()
+    before = command_calls(client)
     action()
-    after = calls()
+    after = command_calls(client)
     return Counter(
         {name: after[name] - before[name] for name in after if name not in _OWN and after[name] > before[name]}
     )
