@@ -291,19 +291,12 @@ class LensModel(ABC):
         blocks = self.blocks()
         if workspace is not None and not torch.is_grad_enabled():
             return self._trace_into(workspace, images, sublayers=sublayers, attention_probs=attention_probs)
-        embedded: list[torch.Tensor] = []
-        outputs: list[torch.Tensor] = []
+        residual: list[torch.Tensor] = []
         attention: list[torch.Tensor] = []
         mlp: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         with ExitStack() as stack:
-            stack.enter_context(_hooked_with_kwargs(blocks[0], _save_input(embedded)))
-            for block in blocks:
-                stack.enter_context(hooked(block, save_output(outputs)))
-                if sublayers:
-                    attention_branch, mlp_branch = self.branches(block)
-                    stack.enter_context(hooked(attention_branch, save_output(attention)))
-                    stack.enter_context(hooked(mlp_branch, save_output(mlp)))
+            self._hook_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
             if attention_probs or for_attention_gradients:
                 stack.enter_context(self.attention_probabilities(probs, as_leaves=for_attention_gradients))
             if for_attention_gradients:
@@ -312,11 +305,31 @@ class LensModel(ABC):
             logits = self.logits(images)
         return Trace(
             logits=logits,
-            residual=torch.stack([embedded[0], *outputs], dim=1),
+            residual=torch.stack(residual, dim=1),
             attention=torch.stack(attention, dim=1) if sublayers else None,
             mlp=torch.stack(mlp, dim=1) if sublayers else None,
             attention_probs=probs or None,
         )
+
+    def _hook_streams(
+        self,
+        stack: ExitStack,
+        blocks: Sequence[nn.Module],
+        residual: TensorSink,
+        attention: TensorSink,
+        mlp: TensorSink,
+        *,
+        sublayers: bool,
+    ) -> None:
+        """Hooks that append each stream as the pass produces it: ``x_0`` (block 1's input), then each block's
+        output to ``residual``; each attention and MLP branch's output to ``attention`` and ``mlp``."""
+        stack.enter_context(_hooked_with_kwargs(blocks[0], _save_input(residual)))
+        for block in blocks:
+            stack.enter_context(hooked(block, save_output(residual)))
+            if sublayers:
+                attention_branch, mlp_branch = self.branches(block)
+                stack.enter_context(hooked(attention_branch, save_output(attention)))
+                stack.enter_context(hooked(mlp_branch, save_output(mlp)))
 
     def _trace_into(
         self, workspace: Workspace, images: torch.Tensor, *, sublayers: bool, attention_probs: bool
@@ -330,14 +343,7 @@ class LensModel(ABC):
         mlp = _Slots(streams, 2 * depth + 1, depth)
         probs: list[torch.Tensor] = []
         with ExitStack() as stack:
-            # Appended in the order the pass runs: x_0 as block 1's input, then each block's output.
-            stack.enter_context(_hooked_with_kwargs(blocks[0], _save_input(residual)))
-            for block in blocks:
-                stack.enter_context(hooked(block, save_output(residual)))
-                if sublayers:
-                    attention_branch, mlp_branch = self.branches(block)
-                    stack.enter_context(hooked(attention_branch, save_output(attention)))
-                    stack.enter_context(hooked(mlp_branch, save_output(mlp)))
+            self._hook_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
             if attention_probs:
                 stack.enter_context(self.attention_probabilities(probs))
             logits = self.logits(images)
