@@ -29,7 +29,7 @@ pytest: $(VENV)/.installed
 
 # The unit tier: no redis-server, Chromium, dataset or worker processes needed (a few minutes).
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not integration" -n 2
+	$(BIN)/python -m pytest -m "not integration and not slow" -n 2
 
 format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .

@@ -102,6 +102,7 @@ def test_a_constant_patch_has_no_cka_and_never_wins():
     assert not (maps.best_patches() == 0).any()
 
 
+@pytest.mark.integration  # Fashion-MNIST test images
 def test_a_ragged_last_batch_stays_within_0_01_of_one_batch_on_fmnist_vit(bundled_catalog):
     """100 Fashion-MNIST test images through the ``cka`` analysis: batches of 32 (32+32+32+4) against one of 100.
 

@@ -104,6 +104,7 @@ def _samples() -> list[Image.Image]:
     return images
 
 
+@pytest.mark.slow
 def test_cli_export_records_the_graph_and_verify_passes(rgb_root: Path) -> None:
     code, output = _cli(rgb_root, "models", "export-onnx", f"{RGB_MODEL}@1", "--opset", "18")
     assert code == 0, output
@@ -160,6 +161,7 @@ def _both(entry: ModelEntry) -> tuple[LoadedViT, LoadedViT]:
     return with_onnx, dataclasses.replace(with_onnx, onnx=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("map_kind", ["logit", "identifiability"])
 def test_fmnist_vit_onnxruntime_agrees_with_torch_on_the_samples(fmnist_entry: ModelEntry, map_kind: str) -> None:
     with_onnx, with_torch = _both(fmnist_entry)
@@ -189,6 +191,7 @@ def test_random_vit_onnxruntime_agrees_with_torch(rgb_root: Path) -> None:
 TIE_BAND = 1e-5
 
 
+@pytest.mark.slow
 def test_random_vit_small_onnxruntime_agrees_with_torch(tmp_path: Path) -> None:
     """The issue's second subject: a random-initialised ``vit_small_patch16_224`` (1,000 classes, 197 tokens).
 
@@ -298,6 +301,7 @@ def test_a_tampered_graph_is_refused_before_onnxruntime_reads_it(
     assert load(catalog.resolve("fmnist-vit@2"), CPU, onnx="off").onnx is None  # torch still serves it
 
 
+@pytest.mark.slow
 def test_a_disagreeing_graph_is_not_recorded(tmp_path: Path, monkeypatch) -> None:
     root = _add_rgb_vit(tmp_path)
     entry = Catalog([root]).resolve(f"{RGB_MODEL}@1")

@@ -394,6 +394,7 @@ def test_the_api_reads_the_options_from_form_fields():
     }
 
 
+@pytest.mark.integration  # the CLI reads Fashion-MNIST test images
 def test_the_cli_passes_the_options_to_the_worker(tmp_path, tiny_model_root):
     def cli(*args):
         return CliRunner().invoke(main, ["analyze", *args], env={"CLASSLENS_MODEL_DIRS": str(tiny_model_root)})
