@@ -33,14 +33,20 @@ def surviving_store_outages(rt: Runtime, job_id: str, run: Callable[[], Job | No
             if time.monotonic() > deadline:
                 raise
             log.warning("the store is unreachable (%s); job %s starts again once it answers", error, job_id)
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 5.0)
-            try:
-                # Claimed in the try that failed, whether still held or already released.
-                for other in sorted((claims.recent | claims.held) - {job_id}):
-                    requeue(rt, other)
-                    rt.batches.release([other])
-                rt.batches.release([job_id])
-                claims.recent.clear()
-            except Exception as still_away:  # the store or the broker: the next try hands them over again
-                log.warning("could not hand back the jobs of job %s's batch yet: %s", job_id, still_away)
+            # Not again before the claims are handed back: a try that found its own job still claimed
+            # by this (live) worker would take it for another's and leave the job running forever.
+            while True:
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+                try:
+                    # Claimed in the try that failed, whether still held or already released.
+                    for other in sorted((claims.recent | claims.held) - {job_id}):
+                        requeue(rt, other)
+                        rt.batches.release([other])
+                    rt.batches.release([job_id])
+                    claims.recent.clear()
+                    break
+                except Exception as still_away:  # the store or the broker: hand them back once it answers
+                    if time.monotonic() > deadline:
+                        raise error from still_away
+                    log.warning("could not hand back the jobs of job %s's batch yet: %s", job_id, still_away)
