@@ -144,13 +144,15 @@ def explain(
         else:
             targets = run.logits.topk(min(request.top_k, spec.num_classes), dim=-1).indices
         last = run.residual[:, -1:]  # [B, 1, T, D]: the cached-scale reference
-        stream_logits = projection.of_trace(run, request.sublayers, buffers)
-        token_ranks = stream_logits.ranks(targets)  # [B, K, S, T]
+        stream_logits = projection.of_trace(run, request.sublayers, buffers, targets=targets)
+        token_ranks = stream_logits.target_ranks  # [B, K, S, T]
+        assert token_ranks is not None
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
         emergence = emergence_layer(pooled_ranks)
         output_ranks = class_rank(run.logits, targets)  # [B, K]
-        residual_logits = stream_logits.residual[:, :, prefix:]  # [B, L + 1, N, C]
-        map_values = _projection_maps(request, residual_logits[:, layers], token_ranks[:, :, layers, prefix:], targets)
+        rows = _rows(layers)
+        residual_logits = stream_logits.residual[:, rows, prefix:]  # [B, layers, N, C]
+        map_values = _projection_maps(request, residual_logits, token_ranks[:, :, rows, prefix:], targets)
         token_classes = _token_classes(stream_logits, prefix, request.token_classes)
     try:
         gradient = gradient_relevance(images, targets, projection) if request.gradient_map else None
@@ -234,6 +236,13 @@ def explain(
             )
         )
     return explanations
+
+
+def _rows(layers: list[int]) -> slice | list[int]:
+    """The layers as an index: a slice when they run without gaps, so that selecting them is a view, not a copy."""
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return slice(layers[0], layers[-1] + 1)
+    return layers
 
 
 @contextmanager

@@ -33,13 +33,14 @@ running sum of ``E_c x_0`` and the sublayers' ``E_c a_j + E_c m_j``, so only
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Self, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.lens import finishing
 from worker.lens.adapter import LensModel, Readout, Trace, UnsupportedModelError
 from worker.lens.families import open_model
 from worker.lens.ranks import class_rank
@@ -93,6 +94,9 @@ class CentredStreams(Streams):
 @dataclass(frozen=True)
 class StreamLogits(Streams):
     """The logits ``[B, S_kind, T, C]`` at every token of each kind of stream, under a projection's settings."""
+
+    # [B, K, S, T]: the ranks of the targets they were finished with (ClassProjection.of_trace), when given.
+    target_ranks: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def ranks(self, targets: torch.Tensor) -> torch.Tensor:
         """The ranks of ``targets`` ``[B, K]`` at every stream and token: ``[B, K, S, T]`` (:func:`class_rank`).
@@ -165,27 +169,61 @@ class ClassProjection:
         centred, scales = self.centred(residual, attention, mlp, workspace, whole)
         return self.finish(centred, scales, scales[:, self.spec.depth : self.spec.depth + 1])
 
-    def of_trace(self, run: Trace, sublayers: bool = True, workspace: Workspace | None = None) -> StreamLogits:
+    def of_trace(
+        self,
+        run: Trace,
+        sublayers: bool = True,
+        workspace: Workspace | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> StreamLogits:
         """The stream logits of a trace; finished from the graph's centred products when it has them.
 
         Those products are finished in place (:meth:`finish`), so the trace gives them up: its
         ``centred`` is None afterwards, and its memory is the returned logits'. Finishing one
         trace twice is an error rather than an answer computed from logits taken for ``E_c v``.
+        With ``targets`` ``[B, K]`` the result carries their ranks (``target_ranks``); on the CPU
+        they are counted in the same pass that finishes the logits (:mod:`worker.lens.finishing`).
         """
+        depth = self.spec.depth
         if run.centred is None:
             if run.scales is not None:
                 raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
+            traced = sublayers and run.attention is not None and run.mlp is not None
+            if targets is not None and traced and self._finished_compiled(run.residual):
+                assert run.attention is not None
+                assert run.mlp is not None
+                products, own_scales = self.centred(
+                    run.residual, run.attention, run.mlp, workspace, run.streams, running_sums=False
+                )
+                divisors = self._divisors(own_scales, own_scales[:, depth : depth + 1])
+                ranks = finishing.finish_and_rank(products, divisors, self.offset, targets, depth)
+                return replace(StreamLogits.split(products, depth), target_ranks=ranks)
             attention, mlp = (run.attention, run.mlp) if sublayers else (None, None)
             whole = run.streams if sublayers else None
-            return StreamLogits.split(self.streams(run.residual, attention, mlp, workspace, whole), self.spec.depth)
+            logits = StreamLogits.split(self.streams(run.residual, attention, mlp, workspace, whole), depth)
+            return logits if targets is None else replace(logits, target_ranks=logits.ranks(targets))
         if run.scales is None:
             raise ValueError("a trace with E_c v products needs their scales s(v)")
         centred, run.centred = run.centred, None
-        depth = self.spec.depth
         last = run.scales[:, depth : depth + 1]
         parts = centred.parts() if sublayers else [centred.residual]
         scales = Streams.split(run.scales, depth).parts()[: len(parts)]
-        return StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
+        if targets is not None and all(finishing.fits(part) for part in parts):
+            counted = [
+                finishing.finish_and_rank(part, self._divisors(own, last), self.offset, targets)
+                for part, own in zip(parts, scales, strict=True)
+            ]
+            return replace(StreamLogits(*parts), target_ranks=torch.cat(counted, dim=2))
+        logits = StreamLogits(*(self.finish(part, own, last) for part, own in zip(parts, scales, strict=True)))
+        return logits if targets is None else replace(logits, target_ranks=logits.ranks(targets))
+
+    def _finished_compiled(self, residual: torch.Tensor) -> bool:
+        """Whether the streams take the closed form (a LayerNorm) and the compiled last pass (:mod:`.finishing`)."""
+        return isinstance(self.final_norm, nn.LayerNorm) and finishing.fits(residual)
+
+    def _divisors(self, scales: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Each row's divisor ``[B, S', T]``: its own scale ``scales``, or ``x_L``'s ``last`` (cached)."""
+        return scales if self.settings.norm == "fresh" else last.expand_as(scales)
 
     def centred(
         self,
@@ -194,6 +232,8 @@ class ClassProjection:
         mlp: torch.Tensor,
         workspace: Workspace | None = None,
         whole: torch.Tensor | None = None,
+        *,
+        running_sums: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The settings-free half of :meth:`streams`: ``E_c v`` ``[B, S, T, C]`` and ``s(v)`` ``[B, S, T]``.
 
@@ -201,6 +241,8 @@ class ClassProjection:
         the same arithmetic for torch, written into preallocated memory: the workspace's
         ``"logits"`` buffer when there is one. ``whole`` (``[B, S, T, D]``, the streams of which
         the others are views) lets the scales be one reduction rather than three and a copy.
+        Without ``running_sums`` the residual rows ``1 .. L`` are left unwritten, for the pass that
+        builds them while it finishes every row (:func:`worker.lens.finishing.finish_and_rank`).
         """
         batch, depth, tokens, _ = attention.shape
         weight = self.centred_embedding
@@ -219,6 +261,8 @@ class ClassProjection:
             product(residual[b, 0], out[b, 0])
             product(attention[b], out[b, 1 + depth : 1 + 2 * depth])
             product(mlp[b], out[b, 1 + 2 * depth :])
+            if not running_sums:
+                continue
             torch.add(out[b, 1 + depth : 1 + 2 * depth], out[b, 1 + 2 * depth :], out=out[b, 1 : 1 + depth])
             out[b, : 1 + depth].cumsum_(0)
         scales = stream_scales(residual, attention, mlp, self.eps) if whole is None else _scale(whole, self.eps)

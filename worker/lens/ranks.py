@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -46,19 +47,25 @@ def _count_greater(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     as torch uses (the loop releases the GIL).
     """
     counts = np.empty((values.shape[0], thresholds.shape[-1], values.shape[1]), dtype=np.int64)
-    chunks = [
-        (start, min(start + _ROWS_PER_TASK, values.shape[1])) for start in range(0, values.shape[1], _ROWS_PER_TASK)
-    ]
 
-    def count(chunk: tuple[int, int]) -> None:
-        _count_rows(values, thresholds, counts, *chunk)
+    def count(start: int, stop: int) -> None:
+        _count_rows(values, thresholds, counts, start, stop)
 
-    if len(chunks) == 1 or torch.get_num_threads() == 1:
-        for chunk in chunks:
-            count(chunk)
-    else:
-        list(_pool(torch.get_num_threads()).map(count, chunks))
+    run_in_chunks(count, values.shape[1], ROWS_PER_TASK)
     return counts
+
+
+def run_in_chunks(task: Callable[[int, int], None], length: int, chunk: int) -> None:
+    """``task(start, stop)`` over ``0 .. length`` in chunks of ``chunk``, on as many threads as torch uses.
+
+    For compiled loops that release the GIL (``nogil``): each chunk writes its own part of the output.
+    """
+    chunks = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+    if len(chunks) == 1 or torch.get_num_threads() == 1:
+        for start, stop in chunks:
+            task(start, stop)
+    else:
+        list(_pool(torch.get_num_threads()).map(lambda bounds: task(*bounds), chunks))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -74,7 +81,7 @@ def _count_rows(values: np.ndarray, thresholds: np.ndarray, counts: np.ndarray, 
                 counts[b, k, m] = greater
 
 
-_ROWS_PER_TASK = 512  # rows of logits per task: 2 MB of float32 for 1,000 classes
+ROWS_PER_TASK = 512  # rows of logits per task: 2 MB of float32 for 1,000 classes
 
 
 @functools.cache
