@@ -128,12 +128,19 @@ class _StreamBuffer:
     def __init__(self, workspace: Workspace | None, streams: int):
         self.workspace, self.streams = workspace, streams
         self.buffer: torch.Tensor | None = None
+        self.slots: tuple[torch.Tensor, ...] = ()
 
-    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+    def slot(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Stream ``index`` of the buffer, ``[B, T, D]``; the buffer is shaped after ``like`` when it first arrives.
+
+        The views of all streams are taken at once (one ``unbind``), not one indexing per hook call:
+        on a small model the hooks' own Python work is a visible share of the pass.
+        """
         if self.buffer is None:
-            shape = (tensor.shape[0], self.streams, *tensor.shape[1:])
-            self.buffer = empty(self.workspace, "streams", shape, tensor.dtype, tensor.device)
-        return self.buffer
+            shape = (like.shape[0], self.streams, *like.shape[1:])
+            self.buffer = empty(self.workspace, "streams", shape, like.dtype, like.device)
+            self.slots = self.buffer.unbind(1)
+        return self.slots[index]
 
 
 class _Slots:
@@ -148,7 +155,7 @@ class _Slots:
         self.filled = 0
 
     def append(self, tensor: torch.Tensor) -> None:
-        self.streams.of(tensor)[:, self.start + self.filled].copy_(tensor)
+        self.streams.slot(self.start + self.filled, tensor).copy_(tensor)
         self.filled += 1
 
     def result(self) -> torch.Tensor:
