@@ -259,8 +259,11 @@ class ClassProjection:
 
         for b in range(batch):  # per image, so that every product writes a contiguous slice
             product(residual[b, 0], out[b, 0])
-            product(attention[b], out[b, 1 + depth : 1 + 2 * depth])
-            product(mlp[b], out[b, 1 + 2 * depth :])
+            if whole is None:
+                product(attention[b], out[b, 1 + depth : 1 + 2 * depth])
+                product(mlp[b], out[b, 1 + 2 * depth :])
+            else:  # the sublayers are next to each other in the whole: one product for both
+                product(whole[b, 1 + depth :], out[b, 1 + depth :])
             if not running_sums:
                 continue
             torch.add(out[b, 1 + depth : 1 + 2 * depth], out[b, 1 + 2 * depth :], out=out[b, 1 : 1 + depth])
