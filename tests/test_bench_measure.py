@@ -2,7 +2,14 @@
 
 import torch
 
-from classlens.bench.measure import LOADED_SHARE, Round, busy_cpu_seconds, measure_rounds, summarise
+from classlens.bench.measure import (
+    LOADED_SHARE,
+    Round,
+    busy_cpu_seconds,
+    calls_per_reading,
+    measure_rounds,
+    summarise,
+)
 
 CPU = torch.device("cpu")
 
@@ -65,3 +72,19 @@ def test_the_machine_busy_counter_moves_when_this_process_works():
     for value in range(3_000_000):
         total += value
     assert busy_cpu_seconds() > before
+
+
+def test_a_reading_is_the_mean_of_its_calls_and_fast_methods_get_more_calls():
+    counts = {"a": 0, "b": 0}
+
+    def method(name):
+        def run():
+            counts[name] += 1
+
+        return run
+
+    readings = measure_rounds({1: {"a": method("a"), "b": method("b")}}, rounds=2, device=CPU, warmup=0, calls=5)
+    assert counts == {"a": 10, "b": 10}
+    assert all(r.calls == 5 for r in readings)
+    assert calls_per_reading(lambda: None, CPU, threads=1) == 1000  # a free call: the cap
+    assert calls_per_reading(lambda: sum(range(2_000_000)), CPU, threads=1, at_least_s=0.01) == 1

@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from classlens.bench.floor import forward_and_products
 from classlens.bench.measure import (
     Round,
+    calls_per_reading,
     figure_cells,
     measure_rounds,
     peak_memory,
@@ -148,7 +149,8 @@ def bench_model(
         count: methods | (onnxruntime_methods(subject, images, request, device, count) if with_onnx else {})
         for count in threads
     }
-    readings = measure_rounds(by_threads, rounds, device, repeats)
+    calls = calls_per_reading(forward, device, threads[0])  # so that a small model's readings last long enough
+    readings = measure_rounds(by_threads, rounds, device, repeats, calls=calls)
     figures = summarise(readings, "forward", device)
     peaks = peak_memory(by_threads[threads[0]], device)
     record: dict[str, Any] = {
@@ -163,6 +165,7 @@ def bench_model(
             }
             for name, by_count in figures.items()
         },
+        "calls_per_reading": calls,
         "rounds": round_records(readings),
     }
     record["explain_above_floor"] = explain_above_floor(readings, device)

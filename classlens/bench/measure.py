@@ -112,20 +112,40 @@ class Round:
     wall_s: dict[str, float]
     load_average: float
     others_share: float
+    calls: int = 1  # calls of each method in a row, the reading being their mean
 
     @property
     def loaded(self) -> bool:
         return self.others_share > LOADED_SHARE
 
 
-def _timed(method: Callable[[], object], device: torch.device) -> tuple[float, float]:
+def _timed(method: Callable[[], object], device: torch.device, calls: int = 1) -> tuple[float, float]:
+    """CPU and wall seconds of one call of ``method``: the mean of ``calls`` calls in a row."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     cpu, wall = time.process_time(), time.perf_counter()
-    method()
+    for _ in range(calls):
+        method()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.process_time() - cpu, time.perf_counter() - wall
+    return (time.process_time() - cpu) / calls, (time.perf_counter() - wall) / calls
+
+
+def calls_per_reading(method: Callable[[], object], device: torch.device, threads: int, at_least_s: float = 0.2) -> int:
+    """How many calls of ``method`` in a row, at ``threads`` torch threads, make a reading last ``at_least_s``.
+
+    One call of a small model's forward pass takes a few milliseconds, shorter than the
+    scheduler's time slice on shared cores, so a single call's CPU time swings several-fold with
+    whatever else ran on the core; the mean of enough calls in a row does not. 1 for a slow method.
+    """
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        method()  # warm
+        seconds, _ = _timed(method, device, 3)
+    finally:
+        torch.set_num_threads(before)
+    return max(1, min(1000, round(at_least_s / max(seconds, 1e-6))))
 
 
 def measure_rounds(
@@ -134,6 +154,7 @@ def measure_rounds(
     device: torch.device,
     repeats: Mapping[str, int] | None = None,
     warmup: int = 1,
+    calls: int = 1,
 ) -> list[Round]:
     """Time every method in ``rounds`` rounds per thread count, interleaved, in rotating order.
 
@@ -143,7 +164,8 @@ def measure_rounds(
     at every thread count, meets the machine's changing load in every position; a ratio is then
     taken within a round (:func:`summarise`). A method timed in fewer rounds (``repeats``, for
     the slow ones) sits out the rest. Time is the process's CPU time (all its threads: what the
-    work costs, whatever else the machine runs) beside wall-clock time.
+    work costs, whatever else the machine runs) beside wall-clock time. Each method's reading in a
+    round is the mean of ``calls`` calls in a row (:func:`calls_per_reading`), the same for all.
     """
     repeats = repeats or {}
     before = torch.get_num_threads()
@@ -163,11 +185,11 @@ def measure_rounds(
                 busy, own, start = busy_cpu_seconds(), time.process_time(), time.perf_counter()
                 cpu_s, wall_s = {}, {}
                 for name in order:
-                    cpu_s[name], wall_s[name] = _timed(chosen[name], device)
+                    cpu_s[name], wall_s[name] = _timed(chosen[name], device, calls)
                 wall = time.perf_counter() - start
                 others = (busy_cpu_seconds() - busy) - (time.process_time() - own)
                 share = max(0.0, others) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
-                readings.append(Round(threads, order, cpu_s, wall_s, os.getloadavg()[0], round(share, 3)))
+                readings.append(Round(threads, order, cpu_s, wall_s, os.getloadavg()[0], round(share, 3), calls))
         return readings
     finally:
         torch.set_num_threads(before)
@@ -226,6 +248,7 @@ def round_records(readings: Sequence[Round]) -> list[dict[str, Any]]:
             "load_average": round(r.load_average, 2),
             "others_share": r.others_share,
             "loaded": r.loaded,
+            "calls": r.calls,
         }
         for r in readings
     ]
