@@ -15,8 +15,9 @@ another model, another labelling or an older method.
 
 The API's side reads and writes what one job needs in as few store round trips as the
 semantics allow (:meth:`Store.round_trip`, :meth:`Store.get_many`): the cache is looked up
-once (result and owner together), a new job's record, its in-flight claim and its hand-over
-claim go in one trip, and a long poll reads the record and the result together.
+once (result and owner together, and a cache hit's own record saved in that same trip when the
+caller made it ahead: :func:`cache_hit_record`), a new job's record, its in-flight claim and its
+hand-over claim go in one trip, and a long poll reads the record and the result together.
 """
 
 from __future__ import annotations
