@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, jsonify, request, url_for
+import orjson
+from flask import Response, request, url_for
 
 from classlens.core.contract import TERMINAL_STATUSES, Job, JobKind
 from model_store.catalog import ModelDisabledError, ModelEntry, ModelNotFoundError
@@ -100,10 +101,15 @@ def job_response(
     status: int | None = None,
     result: bytes | None = None,
 ) -> Response:
-    """The job as JSON; ``result`` is its stored result when the caller holds it already (a cache hit)."""
+    """The job as JSON; ``result`` is its stored result when the caller holds it already (a cache hit).
+
+    The stored result goes into the body as it is stored (the view splices it), and orjson encodes
+    the rest: keys sorted as Flask's own encoder sorts them, UTF-8 as JSON is.
+    """
     if result is None:
         result = stored_result(parts, job, noun)
-    response = jsonify(view(job, result, cached=cached))
+    body = orjson.dumps(view(job, result, cached=cached, spliced=True), option=orjson.OPT_SORT_KEYS)
+    response = Response(body, mimetype="application/json")
     response.status_code = status or (200 if job.status in TERMINAL_STATUSES else 202)
     response.headers["Location"] = url_for(endpoint, id=job.id)
     return response

@@ -122,6 +122,11 @@ def in_flight_slot(parts: Services) -> Iterator[Callable[[Job], None]]:
         parts.store.set(listed, json.dumps(ids).encode(), parts.settings.result_ttl_s)
 
 
+def refuses_nothing() -> bool:
+    """Whether :func:`submit` can refuse nothing for the current caller: without a key there is no cap to reach."""
+    return caller() is None
+
+
 def submit(parts: Services, **fields: Any) -> Submission:
     """:meth:`JobStore.submit` as the caller: the job is owned by the caller's key and counts against its cap."""
     with in_flight_slot(parts) as record:

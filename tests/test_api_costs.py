@@ -280,6 +280,26 @@ def test_a_new_explanation_costs_six_round_trips(app, client, round_trips):
     assert trips == 6
 
 
+def test_a_cache_hit_through_the_api_costs_one_round_trip(app, client, settings, round_trips):
+    """The look-up saves the hit's record in the same trip (the result is there, so the record is written)."""
+    from classlens.core.jobs import JobStore
+
+    [image] = _images(1)
+    queued = client.post("/v1/explanations", json={"image": image, "model": TINY_MODEL, "top_k": 1})
+    assert queued.status_code == 202
+    worker = JobStore(RedisStore(settings.redis_url), ttl_s=60, inflight_ttl_s=60)  # not counted
+    worker.succeed(worker.get(queued.get_json()["id"]), b'{"targets": [{"index": 3}]}')
+    answers = []
+    trips = round_trips.during(
+        lambda: answers.append(client.post("/v1/explanations", json={"image": image, "model": TINY_MODEL, "top_k": 1}))
+    )
+    [hit] = answers
+    assert hit.status_code == 200
+    assert hit.get_json()["cached"] is True
+    assert worker.get(hit.get_json()["id"]).status == "succeeded"
+    assert trips == 1
+
+
 def _jobs(store: RedisStore):
     from classlens.core.jobs import JobStore
 

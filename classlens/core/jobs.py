@@ -15,8 +15,9 @@ another model, another labelling or an older method.
 
 The API's side reads and writes what one job needs in as few store round trips as the
 semantics allow (:meth:`Store.round_trip`, :meth:`Store.get_many`): the cache is looked up
-once (result and owner together), a new job's record, its in-flight claim and its hand-over
-claim go in one trip, and a long poll reads the record and the result together.
+once (result and owner together, and a cache hit's own record saved in that same trip when the
+caller made it ahead: :func:`cache_hit_record`), a new job's record, its in-flight claim and its
+hand-over claim go in one trip, and a long poll reads the record and the result together.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 
 from classlens.core import contract, keys, leases
 from classlens.core.contract import TERMINAL_STATUSES, Job, JobError, JobKind, Progress
-from classlens.core.store import Command, Delete, DeleteIf, Get, Set, SetIfAbsent, Store, Writes
+from classlens.core.store import Command, Delete, DeleteIf, Get, Set, SetIfAbsent, SetIfFound, Store, Writes
 
 Outcome = Literal["cached", "joined", "queued"]
 
@@ -83,12 +84,53 @@ def _queued(job_id: str, kind: JobKind, model: str, parameters: Mapping[str, Any
     )
 
 
+def _answered_from_cache(job: Job) -> Job:
+    """``job`` (just made by :func:`_queued`) as a cache hit leaves it: succeeded at once, all done."""
+    total = job.progress.total
+    return job.model_copy(
+        update={"status": "succeeded", "finished_at": job.created_at, "progress": Progress(done=total, total=total)}
+    )
+
+
+def cache_hit_record(
+    *,
+    kind: JobKind,
+    model: str,
+    parameters: Mapping[str, Any],
+    key: str,
+    image_key: str | None,
+    total: int = 1,
+    fingerprints: Mapping[str, str] | None = None,
+    owner: str | None = None,
+) -> Job:
+    """The record :meth:`JobStore.submit` saves for a cache hit with these arguments, made ahead of the look-up.
+
+    Given to :meth:`JobStore.lookup` (``record``), it is saved in the look-up's own trip when the
+    result is there, so that a hit costs one round trip instead of two.
+    """
+    return _answered_from_cache(
+        _queued(
+            new_job_id(),
+            kind,
+            model,
+            parameters,
+            key,
+            image_key=image_key,
+            progress=Progress(done=0, total=total),
+            fingerprints=dict(fingerprints or {}),
+            owner=owner,
+        )
+    )
+
+
 @dataclass(frozen=True)
 class Lookup:
     """What the cache held under a content key when it was looked up: the result, and whose submission made it."""
 
     result: bytes | None
     made_for: str  # the owner ('' for none) whose submission first computed it
+    # The cache hit's record, saved with the look-up (``JobStore.lookup(record=...)``) since the result was there.
+    recorded: Job | None = None
 
 
 @dataclass(frozen=True)
@@ -180,10 +222,20 @@ class JobStore:
             return running
         return self._followed(self.save(fresh.model_copy(update={"follows": running.id})))
 
-    def lookup(self, key: str) -> Lookup:
-        """The cache under ``key``: its result and whose submission computed it, in one trip."""
-        result, made_for = self.store.get_many([keys.RESULT + key, keys.MADE_FOR + key])
-        return Lookup(result, made_for.decode() if made_for is not None else "")
+    def lookup(self, key: str, *, record: Job | None = None) -> Lookup:
+        """The cache under ``key``: its result and whose submission computed it, in one trip.
+
+        ``record`` (:func:`cache_hit_record`) is saved in that same trip, and only if the result is
+        there (:class:`~classlens.core.store.SetIfFound`): the hit's record then costs no trip of
+        its own, and a miss leaves nothing behind.
+        """
+        if record is None:
+            result, made_for = self.store.get_many([keys.RESULT + key, keys.MADE_FOR + key])
+        else:
+            saved = SetIfFound(keys.RESULT + key, keys.JOB + record.id, record.model_dump_json().encode(), self.ttl_s)
+            result, made_for = self.store.round_trip([saved, Get(keys.MADE_FOR + key)])
+        owner = made_for.decode() if made_for is not None else ""
+        return Lookup(result, owner, record if record is not None and result is not None else None)
 
     def save(self, job: Job) -> Job:
         self.store.set(keys.JOB + job.id, job.model_dump_json().encode(), self.ttl_s)
@@ -309,7 +361,9 @@ class JobStore:
         ``owner`` (the API key's id) owns the job record returned, whatever the outcome: a cache hit or a
         join across owners gives the caller a record of its own (:meth:`_join_as`), never another's job.
         ``looked_up`` is :meth:`lookup` of ``key`` when the caller has just made it (to decide whether to
-        decode the image): the first attempt goes by it instead of looking again.
+        decode the image): the first attempt goes by it instead of looking again, and a hit whose record
+        it saved already (:attr:`Lookup.recorded`, made for this same ``owner`` and ``key``) is answered
+        with that record, without another trip.
 
         In round trips: the record, the claim on ``key`` and the job's hand-over claim (see
         :meth:`_enqueue`; nobody else knows the new id, so it is always this job's) are written in one;
@@ -317,6 +371,10 @@ class JobStore:
         job is queued. A cache hit in between finds no owner, so a caller with a key is told ``cached: false``
         (never another key's ``true``).
         """
+        recorded = looked_up.recorded if looked_up is not None else None
+        if looked_up is not None and recorded is not None and recorded.owner == owner and recorded.content_key == key:
+            # Saved by the look-up already: nothing left to write.
+            return Submission(recorded, "cached", looked_up.result, foreign=looked_up.made_for != (owner or ""))
         job = _queued(
             new_job_id(),
             kind,
@@ -328,17 +386,13 @@ class JobStore:
             fingerprints=dict(fingerprints or {}),
             owner=owner,
         )
-        now = job.created_at
         claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
         record, guard = job.model_dump_json().encode(), keys.CLAIM + job.id
         for _ in range(3):
             found, looked_up = looked_up or self.lookup(key), None
             if found.result is not None:
-                done = job.model_copy(
-                    update={"status": "succeeded", "finished_at": now, "progress": Progress(done=total, total=total)}
-                )
                 foreign = found.made_for != (owner or "")
-                return Submission(self.save(done), "cached", found.result, foreign=foreign)
+                return Submission(self.save(_answered_from_cache(job)), "cached", found.result, foreign=foreign)
             handover = leases.handover_holder().encode()
             _, claimed_key, guarded = self.store.round_trip(
                 [

@@ -92,9 +92,9 @@ class Store(Protocol):
         """Run ``commands`` in order, in one round trip where the back-end can; each one's answer, in order.
 
         Each command answers as the method of its name does (:class:`Set` None, :class:`SetIfAbsent`
-        and :class:`DeleteIf` a bool, :class:`Get` the value or None). In order, not atomically:
-        what one command decides cannot change what a later one does (a caller that needs that
-        looks at the answers and sends another trip).
+        and :class:`DeleteIf` a bool, :class:`Get` the value or None, :class:`SetIfFound` the value it
+        found). In order, not atomically: what one command decides cannot change what a later one
+        does (a caller that needs that looks at the answers and sends another trip).
         """
         ...
 
@@ -151,6 +151,20 @@ class DeleteIf:
 
 
 @dataclass(frozen=True)
+class SetIfFound:
+    """Set ``key`` only while ``found`` holds a value, in one step; answers ``found``'s value (None: nothing set).
+
+    A record that is worth writing only when what it refers to exists (a cache hit's job and its
+    result) goes with the read that finds it: one trip, and never a record of a result that expired.
+    """
+
+    found: str
+    key: str
+    value: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
 class Incr:
     key: str
     amount: int = 1
@@ -184,7 +198,7 @@ class PutInRing:
 
 
 # One command of :meth:`Store.round_trip`: what the method of the same name does.
-Command = Get | Set | SetIfAbsent | Delete | DeleteIf | Incr | Push | Notify | PutInRing
+Command = Get | Set | SetIfAbsent | Delete | DeleteIf | SetIfFound | Incr | Push | Notify | PutInRing
 
 
 def run_each(store: Store, commands: Sequence[Command]) -> list[Any]:
@@ -204,6 +218,8 @@ def run_each(store: Store, commands: Sequence[Command]) -> list[Any]:
                 answers.append(None)
             case DeleteIf(key, value):
                 answers.append(store.delete_if(key, value))
+            case SetIfFound():
+                answers.append(_set_if_found(store, command))
             case Incr(key, amount):
                 answers.append(store.incr(key, amount))
             case Push(key, value, ttl_s):
@@ -217,6 +233,14 @@ def run_each(store: Store, commands: Sequence[Command]) -> list[Any]:
                 store.set(f"{slot_prefix}{(n - 1) % size}", value, ttl_s)
                 answers.append(n)
     return answers
+
+
+def _set_if_found(store: Store, command: SetIfFound) -> bytes | None:
+    """:class:`SetIfFound` by the store's own methods (one step where the caller's transaction makes it one)."""
+    present = store.get(command.found)
+    if present is not None:
+        store.set(command.key, command.value, command.ttl_s)
+    return present
 
 
 class Listener(Protocol):
@@ -490,6 +514,8 @@ def _queue(pipe: redis.client.Pipeline, command: Command) -> None:
             pipe.delete(key)
         case DeleteIf(key, value):
             pipe.eval(_DELETE_IF, 1, key, value)
+        case SetIfFound(found, key, value, ttl_s):
+            pipe.eval(_SET_IF_FOUND, 2, found, key, value, _milliseconds(ttl_s))
         case Incr(key, amount):
             pipe.incrby(key, amount)
         case Push(key, value, ttl_s):
@@ -503,7 +529,7 @@ def _queue(pipe: redis.client.Pipeline, command: Command) -> None:
 def _answer(command: Command, reply: Any) -> Any:
     """A pipeline's reply to one command, as the method of its name answers."""
     match command:
-        case Get():
+        case Get() | SetIfFound():
             return _bytes(reply)
         case SetIfAbsent() | DeleteIf():
             return bool(reply)
@@ -740,6 +766,12 @@ _PUT_IN_RING = (
     "local n = redis.call('INCR', KEYS[1]) "
     "redis.call('SET', ARGV[1] .. ((n - 1) % tonumber(ARGV[2])), ARGV[3], 'PX', ARGV[4]) "
     "return n"
+)
+# SetIfFound: read KEYS[1]; only when it holds a value, set KEYS[2]. Answers the value read (nil: none).
+_SET_IF_FOUND = (
+    "local found = redis.call('GET', KEYS[1]) "
+    "if found then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end "
+    "return found"
 )
 # push()'s two commands as one: append, and the list expires ttl after the last push.
 _PUSH = "redis.call('RPUSH', KEYS[1], ARGV[1]) redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 0"
