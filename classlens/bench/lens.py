@@ -40,6 +40,7 @@ from classlens.bench.measure import (
 from classlens.core.contract import ExplainRequest, ModelRef
 from worker.lens.baselines import grad_cam
 from worker.lens.explain import explain
+from worker.lens.families import open_model
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import ClassProjection
 from worker.lens.workspace import Workspace
@@ -94,11 +95,11 @@ def onnxruntime_methods(
         plain = open_session(plain_path.read_bytes(), subject.label, device, threads)
         explainer = OnnxExplainer.unregistered(explainer_path.read_bytes(), subject.label, device, threads)
     feed = {INPUT_NAME: np.ascontiguousarray(images.cpu().numpy(), dtype=np.float32)}
-    workspace = Workspace()
+    lens, workspace = open_model(model), Workspace()
     return {
         "onnx_forward": lambda: plain.run(None, feed),
         "onnx_explain": lambda: explain(
-            model, images, subject.labels, request, subject.ref, tracer=explainer.trace, workspace=workspace
+            lens, images, subject.labels, request, subject.ref, tracer=explainer.trace, workspace=workspace
         ),
     }
 
@@ -123,6 +124,7 @@ def bench_model(
     depth = len(model.blocks)
     request = ExplainRequest(top_k=3, layers=list(range(depth + 1)), sublayers=True)
     projection = ClassProjection(model)
+    lens = open_model(model)  # opened once, as a loaded model holds it
     workspace = Workspace()
     with torch.no_grad():
         top3 = model(images).topk(3, dim=-1).indices
@@ -133,8 +135,8 @@ def bench_model(
 
     methods: dict[str, Callable[[], object]] = {
         "forward": forward,
-        # As a worker explains: the buffers and the projection kept from call to call.
-        "explain": lambda: explain(model, images, subject.labels, request, subject.ref, workspace=workspace),
+        # As a worker explains: the model opened, the buffers and the projection kept from call to call.
+        "explain": lambda: explain(lens, images, subject.labels, request, subject.ref, workspace=workspace),
         "gradient_map": lambda: gradient_relevance(images, top3, projection),
         "grad_cam": lambda: grad_cam(model, images, top3),
         # The floor: what an explanation would cost if only its class products were added to the forward.
@@ -149,7 +151,7 @@ def bench_model(
         count: methods | (onnxruntime_methods(subject, images, request, device, count) if with_onnx else {})
         for count in threads
     }
-    calls = calls_per_reading(forward, device, threads[0])  # so that a small model's readings last long enough
+    calls = calls_per_reading(forward, device, threads[0])  # enough that a small model's readings are not noise
     readings = measure_rounds(by_threads, rounds, device, repeats, calls=calls)
     figures = summarise(readings, "forward", device)
     peaks = peak_memory(by_threads[threads[0]], device)

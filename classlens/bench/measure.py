@@ -120,7 +120,7 @@ class Round:
 
 
 def _timed(method: Callable[[], object], device: torch.device, calls: int = 1) -> tuple[float, float]:
-    """CPU and wall seconds of one call of ``method``: the mean of ``calls`` calls in a row."""
+    """CPU and wall seconds of one call of ``method``, the mean of ``calls`` calls in a row."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -165,7 +165,8 @@ def measure_rounds(
     taken within a round (:func:`summarise`). A method timed in fewer rounds (``repeats``, for
     the slow ones) sits out the rest. Time is the process's CPU time (all its threads: what the
     work costs, whatever else the machine runs) beside wall-clock time. Each method's reading in a
-    round is the mean of ``calls`` calls in a row (:func:`calls_per_reading`), the same for all.
+    round is the mean of ``calls`` calls (:func:`calls_per_reading`), the methods called in turn,
+    one call each, so that the machine's speed changing during the round changes them all alike.
     """
     repeats = repeats or {}
     before = torch.get_num_threads()
@@ -183,9 +184,12 @@ def measure_rounds(
                 shift = index % len(names)
                 order = tuple(names[shift:] + names[:shift])
                 busy, own, start = busy_cpu_seconds(), time.process_time(), time.perf_counter()
-                cpu_s, wall_s = {}, {}
-                for name in order:
-                    cpu_s[name], wall_s[name] = _timed(chosen[name], device, calls)
+                cpu_s, wall_s = dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0)
+                for _ in range(calls):  # call by call in turn: a drift in the machine's speed meets every method
+                    for name in order:
+                        cpu, wall = _timed(chosen[name], device)
+                        cpu_s[name] += cpu / calls
+                        wall_s[name] += wall / calls
                 wall = time.perf_counter() - start
                 others = (busy_cpu_seconds() - busy) - (time.process_time() - own)
                 share = max(0.0, others) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
