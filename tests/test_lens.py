@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from classlens.core.contract import ExplainRequest, Explanation, ModelRef
 from worker import random_models
 from worker.analyses.memories import class_directions
+from worker.lens.adapter import recorded
 from worker.lens.explain import ExplainError, explain, resolve_targets
 from worker.lens.gradient import gradient_relevance
 from worker.lens.projection import (
@@ -252,7 +253,28 @@ def test_hooks_and_fused_attention_are_restored_even_when_the_pass_fails():
     for module in model.modules():
         assert not module._forward_hooks
         assert not module._forward_pre_hooks
+        assert "forward" not in module.__dict__, "a recording wrapper was left on the module"
     assert [block.attn.fused_attn for block in model.blocks] == fused
+
+
+def test_recording_wrappers_nest_record_in_order_and_leave_the_module_as_it_was():
+    layer = torch.nn.Linear(3, 3)
+    own = layer.forward
+    layer.forward = own  # an instance forward of its own, as another tool may have set
+    inputs, outputs = [], []
+    x = torch.randn(2, 3)
+    with recorded(layer, inputs=inputs), recorded(layer, outputs=outputs):
+        y = layer(x)
+        assert "forward" in layer.__dict__
+    assert inputs == [x]
+    assert len(outputs) == 1
+    assert torch.equal(outputs[0], y)
+    assert layer.__dict__["forward"] is own
+    del layer.forward
+    with pytest.raises(RuntimeError), recorded(layer, outputs=outputs):
+        layer(torch.randn(2, 4))  # the wrong width: the call fails inside the wrapper
+    assert "forward" not in layer.__dict__
+    assert len(outputs) == 1
 
 
 @pytest.mark.parametrize(
