@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -199,7 +200,8 @@ def test_class_rank_counts_strictly_greater_logits():
     [([3, 0, 1, 0, 0], 3), ([0, 0, 0], 0), ([0, 0, 1], -1), ([2, 1, 0], 2), ([0, 1, 0, 0], 2)],
 )
 def test_emergence_layer(ranks, emerged):
-    assert emergence_layer(torch.tensor(ranks)).item() == emerged
+    assert emergence_layer(np.array(ranks)).item() == emerged
+    assert emergence_layer(np.array([ranks, ranks])).tolist() == [emerged, emerged]
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_wee_patch16_reg1_gap_256"])

@@ -148,7 +148,6 @@ def explain(
         token_ranks = stream_logits.target_ranks  # [B, K, S, T]
         assert token_ranks is not None
         pooled_ranks = class_rank(projection.pooled(run.residual, last), targets)  # [B, K, L + 1]
-        emergence = emergence_layer(pooled_ranks)
         output_ranks = class_rank(run.logits, targets)  # [B, K]
         rows = _rows(layers)
         residual_logits = stream_logits.residual[:, rows, prefix:]  # [B, layers, N, C]
@@ -178,8 +177,9 @@ def explain(
     top = probabilities.topk(min(5, spec.num_classes)).indices.cpu().tolist()
     target_lists = targets.cpu().tolist()
     output_rank_lists = output_ranks.tolist()
-    pooled_rank_lists = pooled_ranks.tolist()
-    emergence_lists = emergence.tolist()
+    pooled_ranks_np = pooled_ranks.cpu().numpy()
+    pooled_rank_lists = pooled_ranks_np.tolist()
+    emergence_lists = emergence_layer(pooled_ranks_np).tolist()
     streams = {"residual": slice(0, depth + 1)}
     if request.sublayers:
         streams |= {"attention": slice(depth + 1, 2 * depth + 1), "mlp": slice(2 * depth + 1, 3 * depth + 1)}

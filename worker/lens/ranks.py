@@ -27,11 +27,13 @@ def class_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     batch, classes = logits.shape[0], logits.shape[-1]
     middle = logits.shape[1:-1]
     flat = logits.reshape(batch, -1, classes)  # [B, M, C]
-    index = targets[:, None, :].expand(-1, flat.shape[1], -1)  # [B, M, K]
-    target_logits = flat.gather(-1, index)  # [B, M, K]
     if flat.device.type == "cpu" and not flat.requires_grad:
-        ranks = torch.from_numpy(_count_greater(flat.numpy(), target_logits.numpy()))
+        # In numpy up to the compiled count: on the small tensors of a read-out, each torch call costs more.
+        values = flat.numpy()
+        index = np.broadcast_to(targets.cpu().numpy()[:, None, :], (batch, values.shape[1], targets.shape[1]))
+        ranks = torch.from_numpy(_count_greater(values, np.take_along_axis(values, index, axis=-1)))
     else:
+        target_logits = flat.gather(-1, targets[:, None, :].expand(-1, flat.shape[1], -1))  # [B, M, K]
         ranks = torch.stack([(flat > target_logits[..., k : k + 1]).sum(-1) for k in range(targets.shape[1])], dim=1)
     return ranks.reshape(batch, targets.shape[1], *middle)  # [B, K, M] -> [B, K, ...]
 
@@ -94,14 +96,16 @@ def identifiability(ranks: torch.Tensor, num_classes: int) -> torch.Tensor:
     return 1.0 - ranks.to(torch.float32) / num_classes
 
 
-def emergence_layer(pooled_ranks: torch.Tensor) -> torch.Tensor:
+def emergence_layer(pooled_ranks: np.ndarray) -> np.ndarray:
     """First layer from which the class stays top-1 at the pooled representation; -1 if it is not top-1 at the end.
 
-    ``pooled_ranks``: ``[..., L + 1]`` ranks per layer (index 0 = the embedding ``x_0``).
+    ``pooled_ranks``: ``[..., L + 1]`` ranks per layer (index 0 = the embedding ``x_0``). In numpy:
+    it runs on the few ranks of a result about to be converted to Python values, where each torch
+    operation would cost more than the whole reduction.
     """
     layers = pooled_ranks.shape[-1]
-    positions = torch.arange(layers, device=pooled_ranks.device)
+    positions = np.arange(layers)
     # The class stays top-1 from the layer after the last one where it is not; -1 means it is top-1 everywhere.
-    last_miss = torch.where(pooled_ranks != 0, positions, -1).amax(-1)
+    last_miss = np.where(pooled_ranks != 0, positions, -1).max(-1)
     first = last_miss + 1
-    return torch.where(first == layers, -1, first)
+    return np.where(first == layers, -1, first)
