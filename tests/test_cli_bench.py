@@ -99,3 +99,19 @@ def test_bench_memory_writes_rss_over_explanations_and_peaks_over_images(tmp_pat
         assert row["images"] == 8
         assert row["peak_extra_mib"] >= row["one_batch_peak_mib"] >= 0
     assert "cka peak extra MiB" in result.stdout
+
+
+def test_bench_with_integrated_gradients_says_what_to_install_when_captum_is_missing(monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from classlens.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "captum" else find_spec(name, *a))
+    result = CliRunner().invoke(main, ["bench", "--no-vit-small", "--no-vit-base", "--no-analyses"])
+    assert result.exit_code == 1
+    assert "needs Captum" in result.output
+    assert "--no-ig" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ def _bench_lens(settings: Settings, reference: str, options: dict[str, Any]) -> 
     from classlens.bench.lens import BenchModel, bench_model, environment, format_table, random_imagenet_vit
     from worker.runtime import default_device, load
 
+    if not options["no_ig"] and importlib.util.find_spec("captum") is None:
+        raise click.ClickException(
+            "Integrated Gradients needs Captum, in the bench extra: pip install -c constraints.txt -e '.[bench]' "
+            "(or pass --no-ig)"
+        )
     device = default_device()
     loaded = load(resolve(open_catalog(settings), reference), device)
     subjects = [BenchModel(loaded.entry.reference, loaded.timm_vit, loaded.labels, loaded.ref)]
