@@ -108,18 +108,30 @@ def cache_hit_record(
     Given to :meth:`JobStore.lookup` (``record``), it is saved in the look-up's own trip when the
     result is there, so that a hit costs one round trip instead of two.
     """
-    return _answered_from_cache(
-        _queued(
-            new_job_id(),
-            kind,
-            model,
-            parameters,
-            key,
-            image_key=image_key,
-            progress=Progress(done=0, total=total),
-            fingerprints=dict(fingerprints or {}),
-            owner=owner,
-        )
+    return _answered_from_cache(_new_job(kind, model, parameters, key, image_key, total, fingerprints, owner))
+
+
+def _new_job(
+    kind: JobKind,
+    model: str,
+    parameters: Mapping[str, Any],
+    key: str,
+    image_key: str | None,
+    total: int,
+    fingerprints: Mapping[str, str] | None,
+    owner: str | None,
+) -> Job:
+    """A submission's own record, queued, under a new id (:meth:`JobStore.submit`'s arguments)."""
+    return _queued(
+        new_job_id(),
+        kind,
+        model,
+        parameters,
+        key,
+        image_key=image_key,
+        progress=Progress(done=0, total=total),
+        fingerprints=dict(fingerprints or {}),
+        owner=owner,
     )
 
 
@@ -375,17 +387,7 @@ class JobStore:
         if looked_up is not None and recorded is not None and recorded.owner == owner and recorded.content_key == key:
             # Saved by the look-up already: nothing left to write.
             return Submission(recorded, "cached", looked_up.result, foreign=looked_up.made_for != (owner or ""))
-        job = _queued(
-            new_job_id(),
-            kind,
-            model,
-            parameters,
-            key,
-            image_key=image_key,
-            progress=Progress(done=0, total=total),
-            fingerprints=dict(fingerprints or {}),
-            owner=owner,
-        )
+        job = _new_job(kind, model, parameters, key, image_key, total, fingerprints, owner)
         claim_ttl_s = inflight_ttl_s if inflight_ttl_s is not None else self.inflight_ttl_s
         record, guard = job.model_dump_json().encode(), keys.CLAIM + job.id
         for _ in range(3):
