@@ -377,3 +377,23 @@ def test_resolve_targets_is_case_insensitive_and_rejects_booleans():
 
 def test_resolve_targets_strips_whitespace_as_the_api_does():
     assert resolve_targets([" bag ", "\tcoat"], ["Bag", "Coat"]) == [0, 1]
+
+
+def test_two_threads_tracing_one_model_each_get_their_own_streams():
+    """A worker of the threads pool explains one loaded model in two threads: neither records the other's pass."""
+    import concurrent.futures
+
+    model = tiny_vit()
+    lens = ClassProjection(model).lens
+    images = [images_for(model, batch) for batch in (1, 2)]  # two shapes: a stream recorded across would show
+    with torch.no_grad():
+        expected = [lens.trace(batch).residual for batch in images]
+
+        def run(index):
+            return [lens.trace(images[index]).residual for _ in range(5)]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(run, [0, 1]))
+    for index, traces in enumerate(results):
+        assert all(torch.equal(residual, expected[index]) for residual in traces)
+    assert all("forward" not in module.__dict__ for module in model.modules())

@@ -18,6 +18,8 @@ model's own forward pass.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -196,6 +198,19 @@ def hooked(module: nn.Module, hook: Callable[..., Any], *, pre: bool = False) ->
         handle.remove()
 
 
+_TRACING: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_TRACING_GUARD = threading.Lock()
+
+
+@contextmanager
+def tracing(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s trace lock: a worker of the threads pool may explain one loaded model in two threads."""
+    with _TRACING_GUARD:
+        lock = _TRACING.setdefault(model, threading.Lock())
+    with lock:
+        yield
+
+
 @contextmanager
 def recorded(
     module: nn.Module, *, inputs: TensorSink | None = None, outputs: TensorSink | None = None
@@ -320,7 +335,21 @@ class LensModel(ABC):
         With a ``workspace`` (and without gradients) the streams are copied, as the pass
         produces them, into its buffers (:mod:`worker.lens.workspace`): the same values, in
         memory that the next call reuses, valid while the caller holds the workspace's lease.
+
+        One trace of a model at a time (:func:`tracing`): what records a pass is set on the
+        model's modules, so two threads tracing one model at once would record each other's.
         """
+        with tracing(self.model):
+            return self._trace(images, sublayers, attention_probs, for_attention_gradients, workspace)
+
+    def _trace(
+        self,
+        images: torch.Tensor,
+        sublayers: bool,
+        attention_probs: bool,
+        for_attention_gradients: bool,
+        workspace: Workspace | None,
+    ) -> Trace:
         blocks = self.blocks()
         if workspace is not None and not torch.is_grad_enabled():
             return self._trace_into(workspace, images, sublayers=sublayers, attention_probs=attention_probs)
