@@ -185,57 +185,52 @@ def test_set_if_found_sets_only_while_the_other_key_holds_a_value(any_store):
     assert any_store.round_trip([SetIfFound(found, target, b"record", 60), Get(target)]) == [b"result", b"record"]
 
 
-def test_a_lookup_with_a_record_saves_it_only_on_a_hit(any_store):
+def hit_record(key):
+    """A cache hit's record for ``key``, made ahead of the look-up as the explanation route makes it."""
     from classlens.core.jobs import cache_hit_record
 
-    jobs = JobStore(any_store, ttl_s=60, inflight_ttl_s=60)
-    key = uuid.uuid4().hex
+    return cache_hit_record(kind="explanation", model="m@1", parameters={}, key=key, image_key=None)
 
-    def record():
-        return cache_hit_record(kind="explanation", model="m@1", parameters={}, key=key, image_key=None)
 
-    missed = record()
-    assert jobs.lookup(key, record=missed).recorded is None
-    assert jobs.get(missed.id) is None, "a miss leaves no record behind"
-
-    jobs.put_result(key, b'{"done": true}')
-    hit = record()
-    found = jobs.lookup(key, record=hit)
-    assert (found.result, found.recorded) == (b'{"done": true}', hit)
-    assert jobs.get(hit.id) == hit
-    submission = jobs.submit(
+def submit_looked_up(jobs, key, found, owner=None):
+    """The submission that follows the look-up ``found`` of ``key``, for ``owner``."""
+    return jobs.submit(
         kind="explanation",
         model="m@1",
         parameters={},
         key=key,
         image_key=None,
         enqueue=lambda job: None,
+        owner=owner,
         looked_up=found,
     )
+
+
+def test_a_lookup_with_a_record_saves_it_only_on_a_hit(any_store):
+    jobs = JobStore(any_store, ttl_s=60, inflight_ttl_s=60)
+    key = uuid.uuid4().hex
+
+    missed = hit_record(key)
+    assert jobs.lookup(key, record=missed).recorded is None
+    assert jobs.get(missed.id) is None, "a miss leaves no record behind"
+
+    jobs.put_result(key, b'{"done": true}')
+    hit = hit_record(key)
+    found = jobs.lookup(key, record=hit)
+    assert (found.result, found.recorded) == (b'{"done": true}', hit)
+    assert jobs.get(hit.id) == hit
+    submission = submit_looked_up(jobs, key, found)
     assert (submission.outcome, submission.job, submission.result) == ("cached", hit, b'{"done": true}')
     assert submission.cached, "no owner made it and no owner asks: the same caller"
     assert any_store.get(keys.JOB + hit.id) is not None
 
 
 def test_a_record_made_for_another_owner_is_not_taken_for_the_caller_s(any_store):
-    from classlens.core.jobs import cache_hit_record
-
     jobs = JobStore(any_store, ttl_s=60, inflight_ttl_s=60)
     key = uuid.uuid4().hex
     jobs.put_result(key, b"{}")
-    found = jobs.lookup(
-        key, record=cache_hit_record(kind="explanation", model="m@1", parameters={}, key=key, image_key=None)
-    )
-    submission = jobs.submit(
-        kind="explanation",
-        model="m@1",
-        parameters={},
-        key=key,
-        image_key=None,
-        enqueue=lambda job: None,
-        owner="alice",
-        looked_up=found,
-    )
+    found = jobs.lookup(key, record=hit_record(key))
+    submission = submit_looked_up(jobs, key, found, owner="alice")
     assert submission.job.owner == "alice"
     assert found.recorded is not None
     assert submission.job.id != found.recorded.id

@@ -112,7 +112,7 @@ class Round:
     wall_s: dict[str, float]
     load_average: float
     others_share: float
-    calls: int = 1  # calls of each method in a row, the reading being their mean
+    calls: int = 1  # calls of each method in the round (the methods in turn), the reading being their mean
 
     @property
     def loaded(self) -> bool:

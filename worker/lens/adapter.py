@@ -11,8 +11,8 @@ attention probabilities, the final norm ``F``, the read-out (pooling and head) a
 the logits. Adding a family never touches the projection.
 
 :meth:`LensModel.trace` runs the model once: ``x_0`` is the first block's input,
-``x_b`` block ``b``'s output, ``a_b`` and ``m_b`` the sublayer outputs, all through
-hooks that are always removed, even when the pass fails. The logits are the
+``x_b`` block ``b``'s output, ``a_b`` and ``m_b`` the sublayer outputs, all recorded
+by wrappers (:func:`recorded`) and hooks that are always removed, even when the pass fails. The logits are the
 model's own forward pass.
 """
 
@@ -115,7 +115,7 @@ class Trace:
 
 
 class TensorSink(Protocol):
-    """Where hooks put what they capture: a list, or anything that reduces tensors as they come."""
+    """Where hooks and wrappers put what they capture: a list, or anything that reduces tensors as they come."""
 
     def append(self, tensor: torch.Tensor, /) -> None: ...
 
@@ -135,8 +135,8 @@ class _StreamBuffer:
     def slot(self, index: int, like: torch.Tensor) -> torch.Tensor:
         """Stream ``index`` of the buffer, ``[B, T, D]``; the buffer is shaped after ``like`` when it first arrives.
 
-        The views of all streams are taken at once (one ``unbind``), not one indexing per hook call:
-        on a small model the hooks' own Python work is a visible share of the pass.
+        The views of all streams are taken at once (one ``unbind``), not one indexing per recorded
+        tensor: on a small model the recording's own Python work is a visible share of the pass.
         """
         if self.buffer is None:
             shape = (like.shape[0], self.streams, *like.shape[1:])
@@ -358,7 +358,7 @@ class LensModel(ABC):
         mlp: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         with ExitStack() as stack:
-            self._hook_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
+            self._record_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
             if attention_probs or for_attention_gradients:
                 stack.enter_context(self.attention_probabilities(probs, as_leaves=for_attention_gradients))
             if for_attention_gradients:
@@ -373,7 +373,7 @@ class LensModel(ABC):
             attention_probs=probs or None,
         )
 
-    def _hook_streams(
+    def _record_streams(
         self,
         stack: ExitStack,
         blocks: Sequence[nn.Module],
@@ -383,8 +383,8 @@ class LensModel(ABC):
         *,
         sublayers: bool,
     ) -> None:
-        """Hooks that append each stream as the pass produces it: ``x_0`` (block 1's input), then each block's
-        output to ``residual``; each attention and MLP branch's output to ``attention`` and ``mlp``."""
+        """Record each stream as the pass produces it (:func:`recorded`): ``x_0`` (block 1's input), then each
+        block's output to ``residual``; each attention and MLP branch's output to ``attention`` and ``mlp``."""
         stack.enter_context(recorded(blocks[0], inputs=residual))
         for block in blocks:
             stack.enter_context(recorded(block, outputs=residual))
@@ -405,7 +405,7 @@ class LensModel(ABC):
         mlp = _Slots(streams, 2 * depth + 1, depth)
         probs: list[torch.Tensor] = []
         with ExitStack() as stack:
-            self._hook_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
+            self._record_streams(stack, blocks, residual, attention, mlp, sublayers=sublayers)
             if attention_probs:
                 stack.enter_context(self.attention_probabilities(probs))
             logits = self.logits(images)

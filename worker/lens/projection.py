@@ -188,10 +188,13 @@ class ClassProjection:
         if run.centred is None:
             if run.scales is not None:
                 raise ValueError("this trace's E_c v products were already finished into logits (of_trace)")
-            traced = sublayers and run.attention is not None and run.mlp is not None
-            if targets is not None and traced and self._finished_compiled(run.residual):
-                assert run.attention is not None
-                assert run.mlp is not None
+            if (
+                targets is not None
+                and sublayers
+                and run.attention is not None
+                and run.mlp is not None
+                and self._finished_compiled(run.residual)
+            ):
                 products, own_scales = self.centred(
                     run.residual, run.attention, run.mlp, workspace, run.streams, running_sums=False
                 )
@@ -277,7 +280,7 @@ class ClassProjection:
         ``fresh`` divides each vector by its own scale (``scales``, ``[B, S', T]``);
         ``cached`` by the scale of ``x_L`` at the same token (``last``, ``[B, 1, T]``).
         """
-        divisor = last if self.settings.norm == "cached" else scales
+        divisor = self._divisors(scales, last)
         # One fused pass (offset + centred / scale) written over ``centred``: half the memory traffic of div_ then add_.
         return torch.addcdiv(self.offset, centred, divisor.unsqueeze(-1), out=centred)
 
